@@ -1,0 +1,192 @@
+"""A bidirectional transformer for masked diffusion, the forward (masking) process and the
+MDLM loss.
+
+The FFN of every layer accepts optional per-sequence fast weights (MemDLM's parametric
+memory, see memory.py) as plain tensors passed into the forward: for a layer i,
+fast[i] maps "gate_proj" / "up_proj" / "down_proj" to either a LoRA pair
+(A: [B, r, d_in], B: [B, d_out, r]) or a full-rank delta (D: [B, d_out, d_in]).
+Nothing is patched into the modules; with no fast weights, or with B = 0, the output is
+exactly the base model's.
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MASK_EPS = 1e-3  # t ~ U(eps, 1)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 320      # embedding rows: the tokenizer's n_vocab rounded up to 64
+    n_vocab: int = 258         # real tokens (the sampler never proposes the padding rows)
+    mask_id: int = 257
+    eot_id: int = 256
+    block_size: int = 256      # training context; RoPE lets the model run longer
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    ffn_mult: float = 8 / 3    # SwiGLU hidden = ffn_mult * n_embd, rounded up to 64
+    rope_theta: float = 10000.0
+    lora_scale: float = 2.0    # alpha / r of the fast weights (memory.py sets it)
+
+    @property
+    def ffn_hidden(self):
+        return 64 * math.ceil(self.ffn_mult * self.n_embd / 64)
+
+
+def rope_tables(T, head_dim, theta, device):
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    ang = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x, cos, sin):
+    # x: [B, H, T, D]; rotate pairs (first half, second half)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+def fast_linear(x, lin, fw, scale):
+    """lin(x) plus a per-sequence delta: scale * x A^T B^T (LoRA) or x D^T (full rank)."""
+    y = lin(x)
+    if fw is None:
+        return y
+    if len(fw) == 2:
+        A, B = fw
+        return y + scale * torch.bmm(torch.bmm(x, A.mT.to(x.dtype)), B.mT.to(x.dtype))
+    return y + torch.bmm(x, fw[0].mT.to(x.dtype))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # bidirectional: every position sees every (non-padding) position
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=False)
+        self.scale = cfg.lora_scale
+
+    def forward(self, x, fast=None):
+        f = fast or {}
+        g = fast_linear(x, self.gate_proj, f.get("gate_proj"), self.scale)
+        u = fast_linear(x, self.up_proj, f.get("up_proj"), self.scale)
+        return fast_linear(F.silu(g) * u, self.down_proj, f.get("down_proj"), self.scale)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.n_embd)
+        self.attn = Attention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.n_embd)
+        self.ffn = SwiGLU(cfg)
+
+    def forward(self, x, cos, sin, attn_mask, fast=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask)
+        return x + self.ffn(self.ffn_norm(x), fast)
+
+
+class DiffusionLM(nn.Module):
+    """Bidirectional transformer, no time conditioning: the mask tokens say how noisy x_t is."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = nn.RMSNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.apply(self._init)
+        for n, p in self.named_parameters():  # GPT-2 style scaled init of residual projections
+            if n.endswith(("attn.proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, x, fast=None, key_pad=None, lo=0, hi=None):
+        """Hidden states after layers [lo, hi).
+
+        x: token ids [B, T] when lo == 0, else the hidden states [B, T, C] entering layer lo.
+        Running (lo=0, hi=k) then (lo=k) equals one full run: the inner loop uses this to
+        reuse the bottom layers' output. key_pad: bool [B, T], True at padding (never
+        attended to). The final norm is applied when hi reaches the top.
+        """
+        hi = self.cfg.n_layer if hi is None else hi
+        h = self.tok_emb(x) if lo == 0 else x
+        T = h.shape[1]
+        cos, sin = rope_tables(T, self.cfg.n_embd // self.cfg.n_head, self.cfg.rope_theta, h.device)
+        attn_mask = None if key_pad is None else ~key_pad[:, None, None, :]
+        for i in range(lo, hi):
+            h = self.layers[i](h, cos, sin, attn_mask, None if fast is None else fast.get(i))
+        return self.norm(h) if hi == self.cfg.n_layer else h
+
+    def logits(self, h):
+        """Vocabulary logits of final hidden states; callers pass only the scored positions."""
+        return self.lm_head(h)
+
+
+# ---------------------------------------------------------------------------------------
+# Forward process and MDLM loss (paper Eq. 1-2)
+
+def forward_process(x0, maskable, mask_id, t=None, generator=None):
+    """Absorbing-state masking with a linear schedule: each maskable token becomes <|mask|>
+    with probability t, t ~ U(eps, 1) per sequence (Eq. 1). Returns x_t, mask M_t, t."""
+    B = x0.shape[0]
+    if t is None:
+        t = MASK_EPS + (1 - MASK_EPS) * torch.rand(B, device=x0.device, generator=generator)
+    mask = (torch.rand(x0.shape, device=x0.device, generator=generator) < t[:, None]) & maskable
+    return torch.where(mask, mask_id, x0), mask, t
+
+
+def masked_ce(model, h, x0, mask, weight):
+    """sum over masked positions of weight[b] * -log p(x0_i | .), per sequence: [B].
+    Logits are computed only at the masked positions."""
+    logits = model.logits(h[mask]).float()
+    ce = F.cross_entropy(logits, x0[mask], reduction="none")
+    b = mask.nonzero()[:, 0]
+    return torch.zeros(x0.shape[0], device=x0.device).index_add(0, b, ce * weight[b])
+
+
+def mdlm_loss(model, h, x0, mask, t, maskable):
+    """L_mdlm = sum_{i in M_t} (1/t) * -log p(x0_i | x_t) / N, N = maskable tokens in the
+    batch (Eq. 2, token normalisation). h: final hidden states of x_t."""
+    return masked_ce(model, h, x0, mask, 1.0 / t).sum() / maskable.sum().clamp(min=1)
+
+
+def load_model(out_dir, device="cpu"):
+    """The model of out_dir/ckpt.pt (as train.py writes it) in eval mode, and its train config."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        raise SystemExit(f"no checkpoint at {path}: train one first (python train.py --out_dir={out_dir})")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    try:
+        model = DiffusionLM(ModelConfig(**ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise SystemExit(f"{path} is not a checkpoint of this model ({type(e).__name__}: {str(e)[:200]})") from None
+    return model.to(device).eval(), ckpt["config"]
