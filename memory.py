@@ -54,7 +54,7 @@ def memory_layers(n_layer, layer_frac):
 def init_fast(model, batch_size, mcfg, generator=None):
     """phi_0 for a batch: A ~ Kaiming-uniform(a=sqrt(5)) i.e. U(-1/sqrt(d_in), 1/sqrt(d_in)),
     B = 0 (LoRA), or D = 0 (full). Float32 leaves that require grad; {layer: {proj: tensors}}."""
-    dev = model.lm_head.weight.device
+    dev, dt = model.lm_head.weight.device, model.lm_head.weight.dtype
     fast = {}
     for i in memory_layers(model.cfg.n_layer, mcfg.layer_frac):
         fast[i] = {}
@@ -62,11 +62,11 @@ def init_fast(model, batch_size, mcfg, generator=None):
             d_out, d_in = getattr(model.layers[i].ffn, name).weight.shape
             if mcfg.adapter == "lora":
                 bound = 1.0 / math.sqrt(d_in)
-                A = (torch.rand(batch_size, mcfg.rank, d_in, device=dev, generator=generator) * 2 - 1) * bound
-                B = torch.zeros(batch_size, d_out, mcfg.rank, device=dev)
+                A = (torch.rand(batch_size, mcfg.rank, d_in, device=dev, generator=generator, dtype=dt) * 2 - 1) * bound
+                B = torch.zeros(batch_size, d_out, mcfg.rank, device=dev, dtype=dt)
                 fast[i][name] = (A.requires_grad_(), B.requires_grad_())
             else:
-                fast[i][name] = (torch.zeros(batch_size, d_out, d_in, device=dev, requires_grad=True),)
+                fast[i][name] = (torch.zeros(batch_size, d_out, d_in, device=dev, dtype=dt, requires_grad=True),)
     return fast
 
 
@@ -170,6 +170,8 @@ def inner_loop(model, x0, masks, maskable, fast, mcfg, key_pad=None, anchor=None
             grads = torch.autograd.grad(loss.sum(), flat(fast), create_graph=create_graph)
         fast = sgd_step(fast, grads, mcfg, create_graph)
         losses.append(loss.detach())
+    if not create_graph:  # first-order (Eq. 10): phi_K is a constant for the outer pass
+        fast = unflat(fast, [p.detach() for p in flat(fast)])
     return fast, losses
 
 
@@ -183,7 +185,7 @@ def memdlm_loss(model, x0, maskable, mcfg, key_pad=None, generator=None, bottom=
     x_t, mask_t, t = forward_process(x0, maskable, model.cfg.mask_id, generator=generator)
     fast = init_fast(model, x0.shape[0], mcfg, generator)
     split = min(fast)
-    h_bottom = (bottom or model)(x_t, key_pad=key_pad, hi=split)
+    h_bottom = (model if bottom is None else bottom)(x_t, key_pad=key_pad, hi=split)
     masks = trajectory(mask_t, maskable, mcfg, generator)
     fast, inner = inner_loop(model, x0, masks, maskable, fast, mcfg, key_pad, (mask_t, h_bottom), create_graph)
     h = model(h_bottom, fast=fast, key_pad=key_pad, lo=split)

@@ -188,6 +188,20 @@ def evaluate(raw, data, cfg, mcfg, device, ctx):
     return out
 
 
+def summarize(log_path, start, ev, wall, device):
+    """One record for the results table: the last log steps' mean train loss, the final eval
+    losses, the median tokens/s (the first log step, with compilation, left out), peak memory."""
+    with open(log_path) as f:
+        # this run's steps; a step logged twice (a crash, then resume) counts once, the last time
+        recs = list({r["step"]: r for r in map(json.loads, f) if "loss" in r and r["step"] > start}.values())
+    tail = recs[-4:]
+    tps = sorted(r["tokens_per_s"] for r in recs[1:]) or [float("nan")]
+    return {"train_loss": sum(r["loss"] for r in tail) / max(1, len(tail)), **ev,
+            "tokens_per_s": tps[len(tps) // 2], "wall_s": wall,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
+            "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"}
+
+
 def main(argv):
     cfg = parse_config(argv)
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -258,7 +272,7 @@ def main(argv):
         if not on_gpu and cfg["max_iters"] > start:
             # a rough CPU rate; tqdm's estimate takes over after the first steps
             flops = 6 * raw.num_params() * tokens_per_step * (cfg["max_iters"] - start) * (1.5 if cfg["mem"] else 1)
-            print(f"note: no GPU, training on the CPU; roughly {flops / (2e10 * torch.get_num_threads()) / 60:.0f} "
+            print(f"note: no GPU, training on the CPU; roughly {flops / (2e10 * torch.get_num_threads()) / 60:.1f} "
                   f"minutes for {cfg['max_iters'] - start} steps")
     log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") if master else None
 
@@ -272,7 +286,7 @@ def main(argv):
 
     bar = tqdm(range(start, cfg["max_iters"]), initial=start, total=cfg["max_iters"], disable=not master,
                dynamic_ncols=True)
-    t_log = time.time()
+    t_start = t_log = time.time()
     for step in bar:
         if step % cfg["eval_interval"] == 0 and master:
             ev = evaluate(raw, data, cfg, mcfg, device, ctx)
@@ -280,6 +294,7 @@ def main(argv):
             bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
             if step > start:
                 checkpoint(step)
+            t_log = time.time()  # keep eval time out of tokens/s
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         g_dev, g_cpu = step_generator(cfg["seed"], step, rank, device)
@@ -301,9 +316,11 @@ def main(argv):
             bar.set_postfix(loss=f"{lossf:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
     if master:
         if cfg["max_iters"] > start:
+            wall = time.time() - t_start
             ev = evaluate(raw, data, cfg, mcfg, device, ctx)
             write({"step": cfg["max_iters"], **ev})
             print(f"step {cfg['max_iters']}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+            write({"summary": summarize(log.name, start, ev, wall, device)})
         checkpoint(max(start, cfg["max_iters"]))
         log.close()
     if ddp:

@@ -1,0 +1,457 @@
+"""A synthetic needle-in-a-haystack suite in the spirit of RULER and BABILong, generated
+with no download: training rows for train.py (NiahData) and an evaluation CLI.
+
+    python niah.py --out_dir=out-mdlm out-memdlm --lengths=256,512 --n=50
+
+Tasks (TASKS): single (a key's magic number), multikey (the asked key among distractor
+keys), multivalue (every value of one key), vartrack (the variables a chain of assignments
+gives one value, beside a distractor chain), cwe (the most common words of a numbered list),
+babi (where a person is after people moved between rooms). Facts sit in a haystack of
+RULER's "noise" filler sentences or of prose from the documentation text that ships with
+CPython (pydoc_data.topics), at sentence boundaries; the question comes last and the answer
+follows it. A length counts prompt + answer window, so a model sees its training layout.
+Scoring as RULER: the fraction of the reference answers found in the output.
+"""
+import argparse
+import functools
+import json
+import os
+import random
+import re
+
+import numpy as np
+import torch
+
+TASKS = ("single", "multikey", "multivalue", "vartrack", "cwe", "babi")
+HAYSTACKS = ("noise", "prose")
+# the keys NiahData reads from the train config, with their defaults
+NIAH_DEFAULTS = dict(niah_tasks="all", niah_min_len=0, niah_full_frac=0.25, niah_answer_len=32,
+                     niah_haystack="noise")
+
+NOISE = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
+# a small vocabulary, so a small byte-level model can learn the format in minutes
+WORDS = """apple anchor arrow badge basket beach berry blade block bloom board bottle branch brick
+bridge brush bucket button cable camera candle canvas carpet castle cedar chain chalk cherry circle
+cliff clock cloud coast coffee comet copper coral cotton crown crystal desert dollar dragon drum
+eagle engine falcon feather fiddle flame forest fossil fountain frost galaxy glove grape harbor
+helmet honey island jacket jungle kettle ladder lantern lemon marble meadow mirror monkey nickel
+ocean olive orange palace panda pepper pillow planet pocket pumpkin rabbit radio ribbon rocket
+saddle salmon shadow silver spider sponge statue tiger tomato tunnel turtle violin wagon walnut
+window winter wizard""".split()
+NAMES = ("Mary", "John", "Daniel", "Sandra", "Bill", "Fred", "Julie", "Jeff")  # bAbI's people and rooms
+ROOMS = ("kitchen", "garden", "hallway", "bathroom", "bedroom", "office")
+VERBS = ("went to", "moved to", "journeyed to", "travelled to", "went back to")
+N_KEYS, N_VALUES = 3, 3              # needles of multikey (1 asked + distractors) and multivalue
+VT_CHAINS, VT_VARS = 2, 3            # chains (1 asked + distractors) and variables per chain
+CWE_TOP, CWE_MIN_ITEMS = 3, 9        # common words asked for; the shortest list
+BABI_PEOPLE, BABI_MOVES = 3, 4
+
+
+def check_task(name):
+    if name not in TASKS:
+        raise ValueError(f"unknown task '{name}': choose from {', '.join(TASKS)}")
+    return name
+
+
+def parse_tasks(spec):
+    """'all' or a comma list of task names."""
+    return list(TASKS) if spec == "all" else [check_task(t.strip()) for t in spec.split(",")]
+
+
+@functools.lru_cache(maxsize=None)
+def byte_encoding():
+    from data.tokenizer import get_encoding
+    return get_encoding("byte")
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _tok(enc, text):
+    # bounded: words and list numbers stay cached, one-off facts cycle through
+    return tuple(enc.encode_ordinary(text))
+
+
+@functools.lru_cache(maxsize=None)
+def _source(enc, kind):
+    """A haystack source: its tokens, a flag at each sentence start, and the starts.
+    Sentences are tokenised one by one and joined as tokens, so examples never re-tokenise
+    long strings."""
+    if kind == "noise":
+        pieces = [" " + s for s in NOISE]
+    else:
+        import pydoc_data.topics
+        topics = pydoc_data.topics.topics
+        text = " ".join(" ".join(topics[k] for k in sorted(topics)).split())
+        # a sentence, or at most 100 characters cut at a space: a needle lands near any depth
+        pieces = re.findall(r" \S.{0,98}?[.!?](?= )| \S.{0,98}(?= )", f" {text} ")
+    toks = enc.encode_ordinary_batch(pieces)
+    is_start = np.zeros(sum(map(len, toks)), dtype=bool)
+    is_start[np.cumsum([0] + [len(t) for t in toks[:-1]])] = True
+    return np.array([i for t in toks for i in t], dtype=np.int64), is_start, np.flatnonzero(is_start)
+
+
+# ---------------------------------------------------------------------------------------
+# Tasks: each draws its facts as (text, position in [0, 1]) with the needle first, the
+# question, the answer text the window holds (target) and the reference answers.
+
+def _needle(key, value):
+    return f" The magic number of {key} is {value}."
+
+
+def _values(rng, n, digits):
+    return [str(v) for v in rng.sample(range(10 ** (digits - 1), 10 ** digits), n)]
+
+
+def _in_order(items, fracs):
+    """items in the order they appear in the context (by position, ties by list order)."""
+    return [items[i] for i in sorted(range(len(items)), key=lambda i: (fracs[i], i))]
+
+
+def _single(rng, d):
+    key, (value,) = rng.choice(WORDS), _values(rng, 1, 7)
+    return [(_needle(key, value), d)], f"\nWhat is the magic number of {key}? Answer:", f" {value}", [value]
+
+
+def _multikey(rng, d):
+    keys, values = rng.sample(WORDS, N_KEYS), _values(rng, N_KEYS, 7)
+    facts = [(_needle(k, v), d if i == 0 else rng.random()) for i, (k, v) in enumerate(zip(keys, values))]
+    return facts, f"\nWhat is the magic number of {keys[0]}? Answer:", f" {values[0]}", values[:1]
+
+
+def _multivalue(rng, d):
+    key, values = rng.choice(WORDS), _values(rng, N_VALUES, 7)
+    fracs = [d] + [rng.random() for _ in values[1:]]
+    facts = [(_needle(key, v), f) for v, f in zip(values, fracs)]
+    return (facts, f"\nWhat are all the magic numbers of {key}? Answer:",
+            " " + ", ".join(_in_order(values, fracs)), values)
+
+
+def _vartrack(rng, d):
+    names = []
+    while len(names) < VT_CHAINS * VT_VARS:
+        v = "".join(rng.choices("ABCDEFGHIJKLMNOPQRSTUVWXYZ", k=3))
+        names += [v] * (v not in names)
+    values, facts = _values(rng, VT_CHAINS, 5), []
+    for c in range(VT_CHAINS):  # the asked chain starts at the depth; each chain's hops follow it in order
+        chain = names[c * VT_VARS:(c + 1) * VT_VARS]
+        start = d if c == 0 else rng.random()
+        fracs = [start] + sorted(rng.uniform(start, 1) for _ in chain[1:])
+        facts += [(f" VAR {chain[0]} = {values[c]}.", start)]
+        facts += [(f" VAR {v} = VAR {u}.", f) for u, v, f in zip(chain, chain[1:], fracs[1:])]
+    asked = names[:VT_VARS]
+    return facts, f"\nWhich variables hold the value {values[0]}? Answer:", " " + " ".join(asked), asked
+
+
+def _babi(rng, d):
+    people, room = rng.sample(NAMES, BABI_PEOPLE), rng.choice(ROOMS)
+    facts = [(f" {people[0]} {rng.choice(VERBS)} the {room}.", d)]  # the asked person's last move
+    for _ in range(BABI_MOVES - 1):
+        f = rng.random()  # only moves before the last one may be the asked person's
+        who = rng.choice(people if f < d else people[1:])
+        facts.append((f" {who} {rng.choice(VERBS)} the {rng.choice(ROOMS)}.", f))
+    return facts, f"\nWhere is {people[0]}? Answer:", f" {room}", [room]
+
+
+def _cwe(rng, d):
+    # no facts: the common words (the list is drawn once the length is known), no target yet
+    common = rng.sample(WORDS, CWE_TOP)
+    return common, f"\nWhich {CWE_TOP} words appear most often in the list? Answer:", None, common
+
+
+BUILDERS = dict(single=_single, multikey=_multikey, multivalue=_multivalue, vartrack=_vartrack, cwe=_cwe, babi=_babi)
+
+
+def _cwe_list(common, budget, rng, enc):
+    """A numbered list " 1. word 2. word ..." of at most `budget` tokens (within one item):
+    each common word appears f ~ n/10 times (at least twice), the other words fill the rest,
+    cycling, so each appears fewer times. Returns the tokens and the common words in order of
+    first appearance."""
+    rare = [w for w in WORDS if w not in common]
+    rng.shuffle(rare)
+    avg = sum(len(_tok(enc, " " + w)) for w in WORDS) / len(WORDS) + len(_tok(enc, f" {budget // 8}."))
+    f = max(2, int(budget / avg) // 10)
+    words = [w for w in common for _ in range(f)]
+    used = sum(len(_tok(enc, f" {i + 1}.")) + len(_tok(enc, " " + w)) for i, w in enumerate(words))
+    while True:
+        w = rare[(len(words) - len(common) * f) % len(rare)]
+        item = len(_tok(enc, f" {len(words) + 1}.")) + len(_tok(enc, " " + w))
+        if used + item > budget:
+            break
+        words.append(w)
+        used += item
+    rng.shuffle(words)
+    out = [t for i, w in enumerate(words) for t in _tok(enc, f" {i + 1}.") + _tok(enc, " " + w)]
+    return out, sorted(common, key=words.index)
+
+
+def _place(facts, budget, rng, enc, haystack):
+    """Facts (tokens, frac) inserted into `budget` haystack tokens, each at the sentence
+    boundary nearest frac * budget (ties in list order): frac is the share of the haystack
+    before the fact, as RULER's depth. Returns the context and the needle's (facts[0]) offset."""
+    tokens, is_start, starts = _source(enc, haystack)
+    idx = (starts[rng.randrange(len(starts))] + np.arange(budget)) % len(tokens)  # wraps around
+    filler = tokens[idx].tolist()
+    bounds = np.append(np.flatnonzero(is_start[idx]), budget)
+    out, last = [], 0
+    for i in sorted(range(len(facts)), key=lambda i: (facts[i][1], i)):
+        toks, frac = facts[i]
+        j = int(np.searchsorted(bounds, frac * budget))
+        near = bounds[max(j - 1, 0):j + 1]
+        p = int(near[np.abs(near - frac * budget).argmin()])  # never before `last`: fracs are sorted
+        out += filler[last:p]
+        if i == 0:
+            pos = len(out)
+        out += toks
+        last = p
+    return out + filler[last:], pos
+
+
+def make_example(task, length, depth, rng, enc=None, haystack="noise", answer_len=0):
+    """One example: dict(prompt=token ids, answers=reference strings, target=the answer text
+    a model should write, needle_pos=token index of the needle, or None for cwe).
+
+    length: prompt + answer_len tokens (the prompt fills it, cwe's within one list item), or
+    a (lo, hi) range drawn from uniformly, starting at least at the task's minimum.
+    depth: the share of the haystack before the needle in percent (0 start, 100 end). rng: a
+    random.Random or a seed. enc: a tiktoken Encoding (default: the byte-level one).
+    haystack: "noise" or "prose" (cwe has none: its list fills the context).
+    """
+    rng = rng if isinstance(rng, random.Random) else random.Random(rng)
+    enc = enc or byte_encoding()
+    if haystack not in HAYSTACKS:
+        raise ValueError(f"unknown haystack '{haystack}': choose from {', '.join(HAYSTACKS)}")
+    facts, question, target, answers = BUILDERS[check_task(task)](rng, depth / 100)
+    question = _tok(enc, question)
+    if task == "cwe":  # the shortest list: CWE_MIN_ITEMS items of the longest word
+        fixed = CWE_MIN_ITEMS * (len(_tok(enc, f" {CWE_MIN_ITEMS}.")) + max(len(_tok(enc, " " + w)) for w in WORDS))
+    else:
+        facts = [(_tok(enc, text), frac) for text, frac in facts]
+        fixed = sum(len(t) for t, _ in facts)
+    need = answer_len + len(question) + fixed
+    if isinstance(length, tuple):
+        lo, hi = length
+        length = rng.randint(min(max(lo, need), hi), hi)
+    if length < need:
+        raise ValueError(f"length {length} is too short for task {task}: needs at least {need} tokens")
+    if task == "cwe":
+        context, common = _cwe_list(facts, length - answer_len - len(question), rng, enc)
+        target, pos = " " + " ".join(common), None
+    else:
+        context, pos = _place(facts, length - need, rng, enc, haystack)
+    if answer_len and len(_tok(enc, target)) >= answer_len:
+        raise ValueError(f"the answer of task {task} ({target!r}) needs {len(_tok(enc, target)) + 1} tokens "
+                         f"with <|endoftext|>: raise answer_len={answer_len}")
+    return dict(prompt=context + list(question), answers=answers, target=target, needle_pos=pos)
+
+
+def score(output_text, answers):
+    """RULER's metric: the fraction of the reference answers found (case-insensitive) in the output."""
+    out = output_text.lower()
+    return sum(a.lower() in out for a in answers) / len(answers)
+
+
+# ---------------------------------------------------------------------------------------
+# Training data with TextData's interface (train.py)
+
+class NiahData:
+    """Rows of prompt (not maskable), answer window (niah_answer_len tokens: the answer, then
+    <|endoftext|> to the end, maskable: the model learns to stop), padding to block_size
+    (key_pad, not maskable). With probability niah_full_frac the whole row is maskable, so the
+    model keeps learning the haystack text too. Lengths (prompt + window) are uniform over
+    [max(niah_min_len, the task's minimum), block_size], depths over 0-100, tasks over niah_tasks."""
+
+    def __init__(self, cfg, device):
+        from data.tokenizer import get_encoding
+        cfg = {**NIAH_DEFAULTS, **cfg}
+        self.enc, self.device = get_encoding(cfg["tokenizer"]), device
+        self.T, self.B, self.A, self.seed = cfg["block_size"], cfg["batch_size"], cfg["niah_answer_len"], cfg["seed"]
+        self.min_len, self.full_frac, self.haystack = cfg["niah_min_len"], cfg["niah_full_frac"], cfg["niah_haystack"]
+        try:
+            self.tasks = parse_tasks(cfg["niah_tasks"])
+            for t in self.tasks:  # fail now, not at some step: every task must fit block_size
+                make_example(t, self.T, 50, 0, self.enc, self.haystack, self.A)
+        except ValueError as e:
+            raise SystemExit(f"niah: {e} (block_size={self.T}, niah_answer_len={self.A})") from None
+
+    def batch(self, split, gen):
+        """(x0, maskable, key_pad) [B, T] each; the rows are drawn from a python RNG seeded by gen
+        and the split, so batches are reproducible and val rows come from their own stream."""
+        rng = random.Random(f"niah:{split}:{self.seed}:{torch.randint(2 ** 62, (1,), generator=gen).item()}")
+        eot = self.enc.eot_token
+        x = np.full((self.B, self.T), eot, dtype=np.int64)
+        maskable = np.zeros((self.B, self.T), dtype=bool)
+        key_pad = np.ones((self.B, self.T), dtype=bool)
+        for b in range(self.B):
+            ex = make_example(rng.choice(self.tasks), (self.min_len, self.T), rng.uniform(0, 100), rng,
+                              self.enc, self.haystack, self.A)
+            ans = _tok(self.enc, ex["target"])
+            row = ex["prompt"] + list(ans) + [eot] * (self.A - len(ans))
+            x[b, :len(row)] = row
+            key_pad[b, :len(row)] = False
+            maskable[b, 0 if rng.random() < self.full_frac else len(ex["prompt"]):len(row)] = True
+        out = tuple(torch.from_numpy(a) for a in (x, maskable, key_pad))
+        if self.device.startswith("cuda"):
+            return tuple(a.pin_memory().to(self.device, non_blocking=True) for a in out)
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation: the paper's Table 1 in miniature
+
+def int_list(s):
+    return [int(v) for v in s.split(",")]
+
+
+def row_label(cfg, adapt, out_dir):
+    if cfg["mem"]:
+        name = "MemDLM (Train & Inference)" if adapt else "MemDLM (Train-Only)"
+    else:
+        name = "Standard MDLM + adapt" if adapt else "Standard MDLM"
+    return f"{name} {out_dir}"
+
+
+def summarise(scores):
+    """mean and standard error (sample std / sqrt(n)) of a list of scores."""
+    n = len(scores)
+    m = sum(scores) / n
+    se = (sum((s - m) ** 2 for s in scores) / (n - 1) / n) ** 0.5 if n > 1 else 0.0
+    return dict(mean=m, stderr=se, n=n)
+
+
+def cells(samples, tasks, lengths):
+    """{task: {length: summary and its per-depth summaries}} of a row's samples."""
+    out = {}
+    for t in tasks:
+        out[t] = {}
+        for L in lengths:
+            sel = [s for s in samples if s["task"] == t and s["length"] == L]
+            depths = sorted({s["depth"] for s in sel if s["depth"] is not None})
+            out[t][str(L)] = {**summarise([s["score"] for s in sel]), "depths": {
+                str(dep): summarise([s["score"] for s in sel if s["depth"] == dep]) for dep in depths}}
+    return out
+
+
+def plot(row, lengths, depths, path):
+    """Heatmap of the mean score over the needle tasks (cwe has no depth), length x depth."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    grid = np.full((len(lengths), len(depths)), np.nan)
+    for i, L in enumerate(lengths):
+        for j, d in enumerate(depths):
+            s = [s["score"] for s in row["samples"] if s["length"] == L and s["depth"] == d]
+            grid[i, j] = 100 * sum(s) / len(s) if s else np.nan
+    fig, ax = plt.subplots(figsize=(1 + 0.8 * len(depths), 1 + 0.5 * len(lengths)))
+    im = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+    ax.set(xticks=range(len(depths)), xticklabels=depths, yticks=range(len(lengths)), yticklabels=lengths,
+           xlabel="needle depth (%)", ylabel="context length (tokens)", title=row["label"])
+    fig.colorbar(im, ax=ax, label="score (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Needle-in-a-haystack evaluation of train.py checkpoints.")
+    p.add_argument("--out_dir", nargs="+", required=True, help="checkpoint directories, evaluated on the same examples")
+    p.add_argument("more_dirs", nargs="*", help=argparse.SUPPRESS)  # --out_dir=a b c
+    p.add_argument("--adapt", choices=("off", "on", "both"), default="both", help="inference-time memory")
+    p.add_argument("--tasks", default="all", help=f"comma list of {', '.join(TASKS)}, or all")
+    p.add_argument("--lengths", type=int_list, default=[256, 512], help="context lengths: prompt + answer window")
+    p.add_argument("--depths", type=int_list, default=[0, 25, 50, 75, 100], help="needle depths in percent")
+    p.add_argument("--n", type=int, default=25, help="examples per task and length, spread over the depths")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--haystack", choices=HAYSTACKS, default="noise")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--answer_len", type=int, default=None, help="answer window (default: the first checkpoint's)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: answer_len)")
+    p.add_argument("--json", default=None, help="results file (default: niah.json in the first out_dir)")
+    p.add_argument("--plot", action="store_true", help="a length x depth heatmap PNG per row (matplotlib)")
+    a = p.parse_args(argv)
+    if a.n < 1 or a.batch_size < 1:
+        raise SystemExit("--n and --batch_size must be >= 1")
+    dirs = a.out_dir + a.more_dirs
+    try:
+        tasks = parse_tasks(a.tasks)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+    from tqdm import tqdm
+
+    from data.tokenizer import decode, get_encoding
+    from model import load_model
+    from sample import generate
+    from train import memory_config, pick_device
+    device = pick_device(a.device)
+    runs = [(d, *load_model(d, device)) for d in dirs]
+    tokenizers = {cfg["tokenizer"] for _, _, cfg in runs}
+    if len(tokenizers) > 1:
+        raise SystemExit(f"the checkpoints use different tokenizers ({', '.join(sorted(tokenizers))}): "
+                         f"evaluate them separately")
+    enc = get_encoding(tokenizers.pop())
+    answer_len = a.answer_len or runs[0][2].get("niah_answer_len", NIAH_DEFAULTS["niah_answer_len"])
+    steps = a.steps or answer_len
+
+    # the same examples for every checkpoint; an example depends only on (seed, task, length, i)
+    examples = []
+    try:
+        for L in a.lengths:
+            for t in tasks:
+                for i in range(a.n):
+                    d = a.depths[i % len(a.depths)]
+                    ex = make_example(t, L, d, random.Random(f"{a.seed}:{t}:{L}:{i}"), enc, a.haystack, answer_len)
+                    examples.append({**ex, "task": t, "length": L, "depth": None if t == "cwe" else d})
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    for d, model, _ in runs:
+        if max(a.lengths) > model.cfg.block_size:
+            print(f"note: {d} was trained at block_size={model.cfg.block_size}; longer lengths test extrapolation")
+
+    settings = {"off": [False], "on": [True], "both": [False, True]}[a.adapt]
+    bar = tqdm(total=len(runs) * len(settings) * len(examples), desc="niah", dynamic_ncols=True)
+    rows = []
+    for d, model, cfg in runs:
+        mcfg = memory_config(cfg)
+        for adapt in settings:
+            outputs, scores = [], []
+            for k in range(0, len(examples), a.batch_size):
+                chunk = examples[k:k + a.batch_size]
+                g = torch.Generator(device).manual_seed(a.seed * 1_000_003 + k)  # adapt's masks and phi_0
+                tokens, _ = generate(model, [e["prompt"] for e in chunk], gen_len=answer_len, steps=steps,
+                                     block_len=None, temperature=0.0, remasking="low_confidence", generator=g,
+                                     adapt=adapt, mcfg=mcfg)
+                for e, ids in zip(chunk, tokens.tolist()):
+                    outputs.append(decode(enc, ids))
+                    scores.append(score(outputs[-1], e["answers"]))
+                bar.update(len(chunk))
+            samples = [dict(task=e["task"], length=e["length"], depth=e["depth"], output=o, score=s)
+                       for e, o, s in zip(examples, outputs, scores)]
+            rows.append(dict(label=row_label(cfg, adapt, d), out_dir=d, adapt=adapt,
+                             cells=cells(samples, tasks, a.lengths), samples=samples))
+    bar.close()
+
+    cols = [(t, L) for t in tasks for L in a.lengths]
+    print("| model | " + " | ".join(f"{t} {L}" for t, L in cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for r in rows:
+        cell = [r["cells"][t][str(L)] for t, L in cols]
+        print(f"| {r['label']} | " + " | ".join(f"{100 * c['mean']:.1f} ± {100 * c['stderr']:.1f} ({c['n']})"
+                                                for c in cell) + " |")
+    path = a.json or os.path.join(dirs[0], "niah.json")
+    with open(path, "w") as f:
+        json.dump(dict(args=vars(a), answer_len=answer_len, steps=steps, rows=rows), f, indent=1)
+    print(f"wrote {path}")
+    if a.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("note: --plot needs matplotlib (pip install matplotlib); no heatmaps written")
+            return
+        for r in rows:
+            png = os.path.join(r["out_dir"], f"niah_{'adapt' if r['adapt'] else 'base'}.png")
+            plot(r, a.lengths, a.depths, png)
+            print(f"wrote {png}")
+
+
+if __name__ == "__main__":
+    main()

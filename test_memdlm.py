@@ -1,0 +1,320 @@
+"""The core: model, MDLM loss, MemDLM inner loop, training. CPU, tiny models, seconds."""
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train
+from memory import (MemoryConfig, adapt, clip_per_sequence, extend_mask, flat, init_fast, inner_loop,
+                    memdlm_loss, memory_layers, trajectory, unflat)
+from model import DiffusionLM, ModelConfig, forward_process, load_model, masked_ce, mdlm_loss
+
+MASK = 257
+
+
+def tiny(n_layer=2, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return DiffusionLM(ModelConfig(n_layer=n_layer, n_head=2, n_embd=32, lora_scale=2.0)).to(dtype)
+
+
+def tokens(B=2, T=16, seed=1):
+    return torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, x, **kw):
+    return model.logits(model(x, **kw))
+
+
+# ---- model ------------------------------------------------------------------------------
+
+def test_bidirectional_attention():
+    m, x = tiny(), tokens(1)
+    y = x.clone()
+    y[0, -1] = (x[0, -1] + 1) % 256  # change the last token only
+    assert not torch.allclose(logits(m, x)[0, 0], logits(m, y)[0, 0])
+
+
+def test_zero_fast_weights_give_the_base_output_exactly():
+    m, x = tiny(), tokens()
+    fast = init_fast(m, 2, MemoryConfig(rank=4))  # A random, B = 0
+    assert torch.equal(logits(m, x), logits(m, x, fast=fast))
+    assert not torch.equal(logits(m, x), logits(m, x, fast={1: {k: (a, b + 0.1) for k, (a, b) in fast[1].items()}}))
+
+
+def test_bottom_then_top_equals_the_full_stack():
+    m, x = tiny(n_layer=4), tokens()
+    fast = {3: {k: (a, b + 0.05) for k, (a, b) in init_fast(m, 2, MemoryConfig(rank=4, layer_frac=0.25))[3].items()}}
+    full = m(x, fast=fast)
+    assert torch.allclose(m(m(x, hi=3), fast=fast, lo=3), full, atol=1e-6)
+
+
+def test_key_padding_leaves_the_real_tokens_unchanged():
+    m, x = tiny(), tokens(1, 12)
+    padded = torch.cat([x, torch.zeros(1, 5, dtype=torch.long)], 1)
+    pad = torch.zeros_like(padded, dtype=torch.bool)
+    pad[:, 12:] = True
+    assert torch.allclose(m(padded, key_pad=pad)[:, :12], m(x), atol=1e-5)
+
+
+def test_masking_rate_matches_t():
+    x0 = torch.zeros(4, 20000, dtype=torch.long)
+    t = torch.tensor([0.1, 0.3, 0.6, 0.9])
+    maskable = torch.ones_like(x0, dtype=torch.bool)
+    maskable[:, :100] = False  # e.g. a prompt: never masked
+    x_t, mask, _ = forward_process(x0, maskable, MASK, t=t, generator=torch.Generator().manual_seed(0))
+    assert not mask[:, :100].any() and (x_t[mask] == MASK).all() and (x_t[~mask] == 0).all()
+    assert torch.allclose(mask[:, 100:].float().mean(1), t, atol=0.01)
+    _, _, t_drawn = forward_process(x0[:, :1].repeat(1000, 1), maskable[:, :1].repeat(1000, 1), MASK)
+    assert t_drawn.min() >= 1e-3 and t_drawn.max() <= 1 and abs(t_drawn.mean() - 0.5) < 0.05
+
+
+def test_mdlm_loss_matches_a_hand_computation():
+    m, x0 = tiny(), tokens(2, 6)
+    mask = torch.tensor([[1, 0, 1, 0, 0, 0], [0, 0, 0, 1, 0, 0]], dtype=torch.bool)
+    maskable = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]], dtype=torch.bool)  # row 1: 2-token prompt
+    t = torch.tensor([0.4, 0.25])
+    x_t = torch.where(mask, MASK, x0)
+    logp = F.log_softmax(logits(m, x_t), -1)
+    hand = (-(logp[0, 0, x0[0, 0]] + logp[0, 2, x0[0, 2]]) / 0.4 - logp[1, 3, x0[1, 3]] / 0.25) / 10
+    assert torch.allclose(mdlm_loss(m, m(x_t), x0, mask, t, maskable), hand, atol=1e-6)
+
+
+# ---- memory: trajectories ---------------------------------------------------------------
+
+def test_pre_anchor_is_a_superset_with_the_specified_ratio():
+    g = torch.Generator().manual_seed(0)
+    maskable = torch.ones(64, 100, dtype=torch.bool)
+    maskable[:, :20] = False
+    _, mask_t, _ = forward_process(torch.zeros(64, 100, dtype=torch.long), maskable, MASK, generator=g)
+    pre, anchor = trajectory(mask_t, maskable, MemoryConfig(), g)
+    assert anchor is mask_t and (pre >= mask_t).all() and not pre[:, :20].any()
+    r_t = mask_t.sum(1) / 80
+    want = torch.floor(torch.clamp(1.5 * r_t, max=1.0) * 80 + 0.5)
+    assert torch.equal(pre.sum(1).float(), want)
+
+
+def test_longer_trajectories_are_nested_and_end_at_the_anchor():
+    g = torch.Generator().manual_seed(0)
+    maskable = torch.ones(8, 200, dtype=torch.bool)
+    _, mask_t, _ = forward_process(torch.zeros(8, 200, dtype=torch.long), maskable, MASK, generator=g)
+    masks = trajectory(mask_t, maskable, MemoryConfig(inner_steps=4), g)
+    assert len(masks) == 4 and masks[-1] is mask_t
+    counts = [m.sum(1) for m in masks]
+    for a, b in zip(masks, masks[1:]):
+        assert (a >= b).all()
+    steps = torch.stack([c - d for c, d in zip(counts, counts[1:])])  # reveals evenly, +-1
+    assert (steps.max(0).values - steps.min(0).values <= 1).all()
+    prog = trajectory(mask_t, maskable, MemoryConfig(inner_steps=2, trajectory="progressive"), g)
+    assert (prog[0].sum(1) == 160).all() and (prog[1].sum(1) == 80).all() and (prog[0] >= prog[1]).all()
+    assert all(m is mask_t for m in trajectory(mask_t, maskable, MemoryConfig(trajectory="anchor_only"), g))
+
+
+def test_extend_mask_reaches_the_target_count_among_maskable_tokens():
+    maskable = torch.tensor([[1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    m = extend_mask(torch.tensor([[1, 0, 0, 0, 0, 0]], dtype=torch.bool), maskable, torch.tensor([3]))
+    assert m.sum() == 3 and m[0, 0] and not m[0, 4:].any()
+
+
+def test_memory_layers_are_the_last_tenth_and_at_least_one():
+    assert memory_layers(4, 0.1) == [3] and memory_layers(20, 0.1) == [18, 19] and memory_layers(8, 0.25) == [6, 7]
+
+
+# ---- memory: the inner step -------------------------------------------------------------
+
+def test_clipping_is_per_sequence_and_per_tensor():
+    g = torch.stack([torch.full((3, 4), 1.0), torch.full((3, 4), 0.01)])  # norms sqrt(12) and 0.0346
+    c = clip_per_sequence(g, 1.0)
+    assert math.isclose(c[0].norm().item(), 1.0, rel_tol=1e-6) and torch.equal(c[1], g[1])
+
+
+def _inner_setup(B=2, dtype=torch.float64):
+    m = tiny(dtype=dtype)
+    x0 = tokens(B, 12)
+    maskable = torch.ones_like(x0, dtype=torch.bool)
+    g = torch.Generator().manual_seed(3)
+    _, mask_t, _ = forward_process(x0, maskable, MASK, t=torch.full((B,), 0.5), generator=g)
+    return m, x0, maskable, mask_t
+
+
+def test_one_inner_step_is_sgd_on_the_clipped_gradient_checked_by_finite_differences():
+    m, x0, maskable, mask_t = _inner_setup()
+    mc = MemoryConfig(rank=4, inner_steps=1, inner_lr=0.1, clip=1.0)
+    fast0 = init_fast(m, 2, mc, torch.Generator().manual_seed(0))
+    fast0[1]["up_proj"][1].data.normal_(0, 0.1)  # B != 0, so every tensor gets a gradient
+    fast1, _ = inner_loop(m, x0, [mask_t], maskable, fast0, mc)
+    p0 = [p.detach().clone() for p in flat(fast0)]
+
+    def loss0(params):  # sequence 0's stage loss as a function of the fast weights
+        h = m(torch.where(mask_t, MASK, x0), fast=unflat(fast0, params))
+        n = maskable.sum(1).double()
+        return (masked_ce(m, h, x0, mask_t, n / mask_t.sum(1)) / n)[0]
+
+    q = [p.clone().requires_grad_() for p in p0]
+    grads = torch.autograd.grad(loss0(q), q)
+    eps = 1e-6
+    for j, (g, p_new) in enumerate(zip(grads, flat(fast1))):
+        for idx in [(0, 0, 0), (0, 1, 2), (0, 2, 1)]:
+            plus, minus = [x.clone() for x in p0], [x.clone() for x in p0]
+            plus[j][idx] += eps
+            minus[j][idx] -= eps
+            fd = (loss0(plus) - loss0(minus)) / (2 * eps)
+            assert torch.isclose(g[idx], fd, rtol=1e-5, atol=1e-9), (j, idx)
+        assert torch.allclose(p_new[0], p0[j][0] - 0.1 * clip_per_sequence(g, 1.0)[0], atol=1e-12)
+
+
+def test_a_sequence_update_in_a_batch_equals_its_update_alone():
+    m, x0, maskable, mask_t = _inner_setup(B=3, dtype=torch.float32)
+    mc = MemoryConfig(rank=4)
+    fast = init_fast(m, 3, mc, torch.Generator().manual_seed(0))
+    masks = trajectory(mask_t, maskable, mc, torch.Generator().manual_seed(1))
+    batched, losses = inner_loop(m, x0, masks, maskable, fast, mc)
+    alone_fast = {i: {k: tuple(p[1:2].detach().clone().requires_grad_() for p in v) for k, v in d.items()}
+                  for i, d in fast.items()}
+    alone, alone_losses = inner_loop(m, x0[1:2], [mk[1:2] for mk in masks], maskable[1:2], alone_fast, mc)
+    for p, q in zip(flat(batched), flat(alone)):
+        assert torch.allclose(p[1:2], q, atol=1e-6)
+    assert torch.allclose(losses[1][1:2], alone_losses[1], atol=1e-6)
+
+
+def test_outer_backward_updates_the_base_weights_only():
+    m, x0, maskable, _ = _inner_setup(dtype=torch.float32)
+    mc = MemoryConfig(rank=4)
+    captured = {}
+    import memory
+    real = memory.inner_loop
+
+    def spy(*a, **k):
+        captured["fast"], losses = real(*a, **k)
+        return captured["fast"], losses
+    memory.inner_loop = spy
+    try:
+        loss, inner = memdlm_loss(m, x0, maskable, mc, generator=torch.Generator().manual_seed(0))
+    finally:
+        memory.inner_loop = real
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in m.named_parameters()
+               if "layers.1" in n or "lm_head" in n or "tok_emb" in n)
+    assert all(p.grad is None and not p.requires_grad for p in flat(captured["fast"]))  # phi_K: a constant
+    assert len(inner) == 2 and all(x.shape == (2,) for x in inner)
+
+
+def test_exact_bilevel_gradient_matches_finite_differences():
+    """create_graph=True gives the true hypergradient of the outer loss through the inner updates."""
+    m, x0, maskable, _ = _inner_setup(dtype=torch.float64)
+    mc = MemoryConfig(rank=4, inner_lr=0.5, clip=100.0)  # no clipping: a smooth function of theta
+    w = m.layers[1].ffn.up_proj.weight
+
+    def outer(create_graph):
+        return memdlm_loss(m, x0, maskable, mc, generator=torch.Generator().manual_seed(0), create_graph=create_graph)[0]
+
+    exact = torch.autograd.grad(outer(True), w)[0]
+    first_order = torch.autograd.grad(outer(False), w)[0]
+    eps, idx = 1e-5, (3, 5)
+    with torch.no_grad():
+        w[idx] += eps
+        up = outer(False)
+        w[idx] -= 2 * eps
+        down = outer(False)
+        w[idx] += eps
+    fd = (up - down) / (2 * eps)
+    assert torch.isclose(exact[idx], fd, rtol=1e-4)
+    assert not torch.allclose(exact, first_order)  # the first-order gradient is an approximation
+
+
+def test_adapt_writes_one_fresh_memory_per_prompt():
+    m = tiny()
+    prompts = tokens(2, 20)
+    fast, losses = adapt(m, prompts, MemoryConfig(rank=4), generator=torch.Generator().manual_seed(0))
+    assert len(losses) == 2 and not torch.equal(logits(m, prompts), logits(m, prompts, fast=fast))
+    # the second prompt's memory is the same whether or not the first was adapted beside it
+    g = torch.Generator().manual_seed(0)
+    fast_b, _ = adapt(m, prompts, MemoryConfig(rank=4), generator=g)
+    assert all(torch.equal(p, q) for p, q in zip(flat(fast), flat(fast_b)))
+
+
+# ---- training ---------------------------------------------------------------------------
+
+def run_train(tmp_path, *args):
+    train.main(["--config", "tiny", f"--out_dir={tmp_path}", *args])
+    with open(os.path.join(tmp_path, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("mem", [False, True])
+def test_a_tiny_run_lowers_the_loss(tmp_path, mem):
+    log = run_train(tmp_path, f"--mem={mem}", "--max_iters=60", "--eval_interval=30")
+    evals = [r for r in log if "eval_loss" in r and "summary" not in r]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.5
+    train_losses = [r["loss"] for r in log if "loss" in r]
+    assert sum(train_losses[-2:]) < sum(train_losses[:2])
+    if mem:
+        assert all("inner_loss_1" in r and "inner_loss_2" in r for r in log if "loss" in r)
+        assert "eval_loss_mem" in evals[-1]
+
+
+def test_a_crash_keeps_the_last_checkpoint_and_resume_gives_the_same_losses(tmp_path, monkeypatch):
+    full = run_train(tmp_path / "a", "--max_iters=30", "--eval_interval=10")
+    real, calls = train.save_checkpoint, []
+
+    def crash_on_third(path, obj):  # the final save dies half-way through writing
+        calls.append(obj["step"])
+        if len(calls) == 3:
+            open(path + ".tmp", "wb").write(b"partial")
+            raise KeyboardInterrupt
+        real(path, obj)
+    monkeypatch.setattr(train, "save_checkpoint", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tmp_path / "b", "--max_iters=30", "--eval_interval=10")
+    monkeypatch.setattr(train, "save_checkpoint", real)
+    assert calls == [10, 20, 30] and torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 20
+    resumed = run_train(tmp_path / "b", "--max_iters=30", "--eval_interval=10", "--resume=True")
+    loss_at = lambda log, s: [r["loss"] for r in log if r.get("step") == s and "loss" in r][-1]
+    assert math.isclose(loss_at(full, 30), loss_at(resumed, 30), rel_tol=1e-5)
+    model, cfg = load_model(str(tmp_path / "b"))
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 30 and isinstance(model, DiffusionLM)
+
+
+def test_init_from_loads_weights_and_resets_the_step(tmp_path):
+    run_train(tmp_path / "a", "--max_iters=20", "--mem=False")
+    log = run_train(tmp_path / "b", "--max_iters=10", f"--init_from={tmp_path / 'a'}", "--eval_interval=5")
+    first = [r for r in log if "eval_loss" in r][0]
+    scratch = run_train(tmp_path / "c", "--max_iters=10", "--eval_interval=5")
+    assert first["step"] == 0 and first["eval_loss"] < [r for r in scratch if "eval_loss" in r][0]["eval_loss"] - 0.3
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 10
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bogus=1"], "unknown config key 'bogus'"),
+    (["--max_iters=ten"], "expected a int"),
+    (["--mem=maybe"], "expected a bool"),
+    (["--config", "huge"], "unknown config 'huge'"),
+    (["max_iters=3"], "write --key=value"),
+    (["--dataset=nowhere"], "run python data/nowhere/prepare.py"),
+    (["--resume=True"], "does not exist"),
+    (["--mem_trajectory=sideways"], "trajectory must be one of"),
+])
+def test_bad_input_gives_a_clear_error(tmp_path, args, message):
+    argv = ["--config", "tiny", f"--out_dir={tmp_path / 'x'}"] + [a for a in args if a != "--config"]
+    if args[0] == "--config":
+        argv = ["--config", args[1], f"--out_dir={tmp_path / 'x'}"]
+    with pytest.raises((SystemExit, ValueError), match=message):
+        train.main(argv)
+
+
+def test_no_gpu_when_one_is_asked_for(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA GPU"):
+        train.pick_device("cuda")
+
+
+def test_resume_or_init_from_another_config_is_refused(tmp_path):
+    run_train(tmp_path / "a", "--max_iters=2")
+    with pytest.raises(SystemExit, match="n_layer=2, not 3"):
+        run_train(tmp_path / "a", "--max_iters=4", "--resume=True", "--n_layer=3")
+    with pytest.raises(SystemExit, match="differs from this config"):
+        run_train(tmp_path / "b", "--max_iters=2", f"--init_from={tmp_path / 'a'}", "--n_embd=32")
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        load_model(str(tmp_path / "nothing"))

@@ -1,0 +1,173 @@
+"""Tests of niah.py: every example is solvable from its prompt, lengths and depths are as asked,
+examples are reproducible, RULER scoring, NiahData rows, errors, and the evaluation CLI end to end.
+CPU only: python -m pytest -q test_niah.py"""
+import json
+import re
+from collections import Counter
+
+import pytest
+import torch
+
+import niah
+from data.tokenizer import decode
+
+ENC = niah.byte_encoding()
+A = 32  # answer window
+
+
+def solve(task, text):
+    """A rule-based reader of a prompt: the answers the generator meant."""
+    context, question = text.rsplit("\n", 1)
+    if task in ("single", "multikey", "multivalue"):
+        key = re.search(r"magic numbers? of (\w+)\?", question).group(1)
+        found = re.findall(rf"The magic number of {key} is (\d+)\.", context)
+        return found if task == "multivalue" else found[-1:]
+    if task == "vartrack":
+        value = re.search(r"value (\d+)\?", question).group(1)
+        held = {}
+        for var, src in re.findall(r"VAR (\w+) = (VAR \w+|\d+)\.", context):
+            held[var] = held.get(src[4:]) if src.startswith("VAR ") else src
+        return [v for v, h in held.items() if h == value]
+    if task == "cwe":
+        k = int(re.search(r"Which (\d+) words", question).group(1))
+        counts = Counter(re.findall(r"\d+\. (\w+)", context)).most_common()
+        assert counts[k - 1][1] > counts[k][1]  # the common words are strictly more common
+        return [w for w, _ in counts[:k]]
+    name = re.search(r"Where is (\w+)\?", question).group(1)
+    return re.findall(rf"{name} (?:{'|'.join(niah.VERBS)}) the (\w+)\.", context)[-1:]
+
+
+@pytest.mark.parametrize("task", niah.TASKS)
+@pytest.mark.parametrize("haystack", niah.HAYSTACKS)
+def test_answer_recoverable_and_length(task, haystack):
+    for seed in range(40):
+        length, depth = 200 + 37 * seed, (seed * 13) % 101
+        ex = niah.make_example(task, length, depth, seed, ENC, haystack, A)
+        assert sorted(solve(task, decode(ENC, ex["prompt"]))) == sorted(ex["answers"])
+        assert niah.score(ex["target"], ex["answers"]) == 1.0
+        assert len(ENC.encode_ordinary(ex["target"])) < A  # the window ends with <|endoftext|>
+        gap = length - A - len(ex["prompt"])
+        assert gap == 0 if task != "cwe" else 0 <= gap <= 12  # cwe: within one list item
+        assert ENC.eot_token not in ex["prompt"]
+
+
+FACT = re.compile(rf" The magic number of \w+ is \d+\.| VAR \w+ = (?:VAR \w+|\d+)\."
+                  rf"| \w+ (?:{'|'.join(niah.VERBS)}) the \w+\.")
+
+
+@pytest.mark.parametrize("task", [t for t in niah.TASKS if t != "cwe"])
+@pytest.mark.parametrize("haystack,tol", [("noise", 11), ("prose", 50)])  # half the longest sentence
+def test_needle_depth(task, haystack, tol):
+    """depth = the share of the haystack (the context less the facts) before the needle."""
+    for seed, length in enumerate((256, 512, 1024, 2048)):
+        for depth in (0, 10, 25, 50, 75, 90, 100):
+            ex = niah.make_example(task, length, depth, seed, ENC, haystack)
+            # in tokens (prose has multi-byte characters); facts and question are ASCII: 1 char = 1 token
+            context, question = decode(ENC, ex["prompt"]).rsplit("\n", 1)
+            pos = ex["needle_pos"]
+            needle = FACT.match(decode(ENC, ex["prompt"][pos:])).group()
+            assert ex["answers"][0] in needle  # the needle is the fact that answers the question
+            haystack_len = len(ex["prompt"]) - len(question) - 1 - sum(map(len, FACT.findall(context)))
+            before = pos - sum(map(len, FACT.findall(decode(ENC, ex["prompt"][:pos]))))
+            assert abs(before - depth / 100 * haystack_len) <= tol
+    assert niah.make_example("cwe", 512, 50, 0, ENC)["needle_pos"] is None
+
+
+def test_reproducible():
+    for task in niah.TASKS:
+        a = niah.make_example(task, 400, 30, 7, ENC, "prose")
+        assert a == niah.make_example(task, 400, 30, 7, ENC, "prose")
+        assert a == niah.make_example(task, 400, 30, niah.random.Random(7), ENC, "prose")
+        assert a["prompt"] != niah.make_example(task, 400, 30, 8, ENC, "prose")["prompt"]
+    assert niah.make_example("single", 300, 50, 1) == niah.make_example("single", 300, 50, 1, ENC)  # default enc
+
+
+def test_score():
+    assert niah.score("The numbers are 123, 456 and 789.", ["123", "456", "789"]) == 1.0
+    assert niah.score("kitchen", ["Kitchen"]) == 1.0
+    assert niah.score("ABC def", ["abc", "DEF", "GHI"]) == pytest.approx(2 / 3)
+    assert niah.score("", ["1234567"]) == 0.0
+    assert niah.score("123456", ["1234567"]) == 0.0
+
+
+def test_errors():
+    with pytest.raises(ValueError, match=r"unknown task 'x': choose from single, multikey"):
+        niah.make_example("x", 256, 50, 0)
+    with pytest.raises(ValueError, match=r"unknown task 'nope'"):
+        niah.parse_tasks("single,nope")
+    with pytest.raises(ValueError, match=r"length 60 is too short for task multikey: needs at least \d+ tokens"):
+        niah.make_example("multikey", 60, 50, 0)
+    with pytest.raises(ValueError, match="unknown haystack"):
+        niah.make_example("single", 256, 50, 0, haystack="essay")
+    with pytest.raises(ValueError, match="raise answer_len"):
+        niah.make_example("multivalue", 256, 50, 0, answer_len=8)
+    with pytest.raises(SystemExit, match="too short"):
+        niah.NiahData(dict(block_size=128, batch_size=2, seed=0, tokenizer="byte"), "cpu")
+    with pytest.raises(SystemExit, match="unknown task"):
+        niah.NiahData(dict(block_size=256, batch_size=2, seed=0, tokenizer="byte", niah_tasks="single,foo"), "cpu")
+
+
+def test_niah_data():
+    cfg = dict(block_size=320, batch_size=64, seed=3, tokenizer="byte")
+    data = niah.NiahData(cfg, "cpu")
+    eot, lengths, full = ENC.eot_token, [], 0
+    for step in range(6):
+        x, maskable, key_pad = data.batch("train", torch.Generator().manual_seed(step))
+        assert x.shape == maskable.shape == key_pad.shape == (64, 320)
+        assert x.dtype == torch.long and maskable.dtype == key_pad.dtype == torch.bool
+        for b in range(64):
+            n = int((~key_pad[b]).sum())
+            assert not key_pad[b, :n].any() and (x[b, n:] == eot).all() and not maskable[b, n:].any()
+            lengths.append(n)
+            if maskable[b, 0]:  # the whole row maskable
+                full += 1
+                assert maskable[b, :n].all()
+                continue
+            p = n - A  # prompt, then the answer window: all of it maskable, nothing before
+            assert maskable[b, p:n].all() and not maskable[b, :p].any()
+            assert decode(ENC, x[b, :p].tolist()).endswith("Answer:")
+            window = x[b, p:n].tolist()
+            k = window.index(eot)
+            assert k > 0 and all(t == eot for t in window[k:])
+    assert 0.15 < full / len(lengths) < 0.35  # niah_full_frac = 0.25
+    assert min(lengths) < 230 and max(lengths) == 320  # lengths spread up to block_size
+    # reproducible from the generator; val rows come from another stream
+    same = [data.batch("train", torch.Generator().manual_seed(9)) for _ in range(2)]
+    assert all(torch.equal(u, v) for u, v in zip(*same))
+    val = data.batch("val", torch.Generator().manual_seed(9))
+    assert not torch.equal(same[0][0], val[0])
+    # options: one task, no full rows, a longer shortest length, prose
+    data = niah.NiahData({**cfg, "niah_tasks": "babi", "niah_full_frac": 0.0, "niah_min_len": 300,
+                          "niah_haystack": "prose", "niah_answer_len": 16}, "cpu")
+    x, maskable, key_pad = data.batch("train", torch.Generator().manual_seed(0))
+    assert (maskable.sum(1) == 16).all() and ((~key_pad).sum(1) >= 300).all()
+    assert all("Where is" in decode(ENC, row.tolist()) for row in x)
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    import train
+    dirs = [str(tmp_path / "mem"), str(tmp_path / "mdlm")]
+    train.main(["--config", "tiny", "--out_dir=" + dirs[0], "--max_iters=2"])
+    train.main(["--config", "tiny", "--out_dir=" + dirs[1], "--max_iters=2", "--mem=False"])
+    capsys.readouterr()
+    out_json = tmp_path / "r.json"
+    niah.main(["--out_dir=" + dirs[0], dirs[1], "--tasks=single,vartrack", "--lengths=200,240",
+               "--depths=0,100", "--n=2", "--answer_len=16", "--steps=8", "--batch_size=3",
+               "--device=cpu", f"--json={out_json}", "--plot"])
+    out = capsys.readouterr().out
+    assert "| model | single 200 | single 240 | vartrack 200 | vartrack 240 |" in out
+    for label in ("MemDLM (Train-Only)", "MemDLM (Train & Inference)", "Standard MDLM |", "Standard MDLM + adapt"):
+        assert label in out.replace(dirs[1] + " |", "|")
+    assert re.search(r"\| \d+\.\d ± \d+\.\d \(2\) \|", out)
+    assert "matplotlib" in out or "niah_adapt.png" in out
+    res = json.loads(out_json.read_text())
+    assert [(r["out_dir"], r["adapt"]) for r in res["rows"]] == [(d, s) for d in dirs for s in (False, True)]
+    cell = res["rows"][0]["cells"]["single"]["200"]
+    assert cell["n"] == 2 and set(cell["depths"]) == {"0", "100"} and 0 <= cell["mean"] <= 1
+    assert len(res["rows"][0]["samples"]) == 8
+    with pytest.raises(SystemExit, match="too short for task single"):
+        niah.main(["--out_dir=" + dirs[0], "--tasks=single", "--lengths=64", "--device=cpu"])
+    with pytest.raises(SystemExit, match="unknown task 'foo'"):
+        niah.main(["--out_dir=" + dirs[0], "--tasks=foo"])
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        niah.main(["--out_dir=" + str(tmp_path / "none"), "--device=cpu"])

@@ -1,0 +1,227 @@
+"""Tests of sample.py: the unmasking schedule, blocks, determinism, batching, --adapt, the CLI.
+CPU only, a few seconds: python -m pytest -q test_sample.py"""
+import pytest
+import torch
+
+import train
+from memory import MemoryConfig, flat
+from model import DiffusionLM, ModelConfig, forward_process, mdlm_loss
+from sample import generate, main, pad_batch, plan, reveal_schedule, write_memory
+
+MCFG = MemoryConfig(rank=4, layer_frac=0.5)  # fast weights on layer 1 of 2
+PROMPTS = [list(b"the quick"), list(b"over the lazy dog"), list(b"a")]
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny model trained a few steps on one sentence, so its confidences are far from uniform."""
+    torch.manual_seed(0)
+    m = DiffusionLM(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64))
+    text = torch.tensor(list(b"the quick brown fox jumps over the lazy dog. " * 4))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-2)
+    for _ in range(60):
+        x0 = torch.stack([text[i:i + 32] for i in torch.randint(len(text) - 32, (8,)).tolist()])
+        maskable = torch.ones_like(x0, dtype=torch.bool)
+        x_t, mask, t = forward_process(x0, maskable, m.cfg.mask_id)
+        mdlm_loss(m, m(x_t), x0, mask, t, maskable).backward()
+        opt.step()
+        opt.zero_grad()
+    return m.eval()
+
+
+class Recorder(torch.nn.Module):
+    """The model, keeping the canvas of every forward (the trace of a decode); bias is added to
+    its logits."""
+
+    def __init__(self, model, bias=0.0):
+        super().__init__()
+        self.model, self.cfg, self.bias, self.canvases = model, model.cfg, bias, []
+
+    def forward(self, x, **kw):
+        self.canvases.append(x.clone())
+        return self.model(x, **kw)
+
+    def logits(self, h):
+        return self.model.logits(h) + self.bias
+
+
+def trace(model, prompts, bias=0.0, **kw):
+    """generate() and the generated part of the canvas before every forward and after the last."""
+    rec = Recorder(model, bias)
+    out, _ = generate(rec, prompts, **kw)
+    for c in rec.canvases:  # the prompt is never altered
+        for b, p in enumerate(prompts):
+            assert c[b, :len(p)].tolist() == p
+    states = [torch.stack([c[b, len(p):len(p) + out.shape[1]] for b, p in enumerate(prompts)]) for c in rec.canvases]
+    return out, states + [out]
+
+
+def gens(*seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def test_schedule_and_plan():
+    assert reveal_schedule(10, 4) == [3, 3, 2, 2]
+    assert reveal_schedule(8, 8) == [1] * 8
+    assert plan(16, 8, 4) == (4, [2, 2])
+    assert plan(16, 4) == (16, [4, 4, 4, 4])
+    for args, msg in [((16, 8, 5), "multiple of block_len"), ((16, 2, 4), "multiple of the 4 blocks"),
+                      ((16, 6, 4), "multiple of the 4 blocks"), ((16, 32, 4), "at most one step per token")]:
+        with pytest.raises(ValueError, match=msg):
+            plan(*args)
+
+
+def test_pad_batch():
+    ids, key_pad = pad_batch([[1, 2, 3], [], [4]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 0], [4, 0, 0]]
+    assert key_pad.tolist() == [[False] * 3, [True] * 3, [False, True, True]]
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=1.0, remasking="random", generator=gens(1, 2, 3, 4))])
+def test_blocks_reveal_on_schedule(model, kw):
+    prompts = PROMPTS + [[]]  # different lengths and an unconditional row
+    gen_len, block_len, steps = 16, 4, 8
+    out, states = trace(model, prompts, gen_len=gen_len, steps=steps, block_len=block_len, **kw)
+    mask_id = model.cfg.mask_id
+    assert len(states) == steps + 1 and (states[0] == mask_id).all()
+    per_block = steps // (gen_len // block_len)
+    for j, (before, after) in enumerate(zip(states, states[1:])):
+        blk = j // per_block
+        revealed = (before == mask_id) & (after != mask_id)
+        assert (revealed.sum(1) == reveal_schedule(block_len, per_block)[j % per_block]).all()
+        assert not revealed[:, :blk * block_len].any() and not revealed[:, (blk + 1) * block_len:].any()
+        assert (before[:, (blk + 1) * block_len:] == mask_id).all()  # later blocks wait
+        assert (before[:, :blk * block_len] != mask_id).all()  # earlier blocks are complete
+        kept = before != mask_id
+        assert (after[kept] == before[kept]).all()  # revealed tokens never change
+    assert (out != mask_id).all() and (out < model.cfg.n_vocab).all()
+
+
+def test_only_real_tokens(model):
+    """Even a model that favours them never proposes the mask or the embedding's padding rows."""
+    bias = torch.zeros(model.cfg.vocab_size)
+    bias[model.cfg.mask_id] = bias[model.cfg.n_vocab:] = 100.0
+    for kw in dict(), dict(temperature=1.0):
+        out, _ = trace(model, PROMPTS, bias, gen_len=8, steps=8, **kw)
+        assert (out != model.cfg.mask_id).all() and (out < model.cfg.n_vocab).all()
+
+
+def test_deterministic_and_seeded(model):
+    a, _ = generate(model, PROMPTS, gen_len=16, steps=8)
+    b, _ = generate(model, PROMPTS, gen_len=16, steps=8)
+    assert torch.equal(a, b)
+    kw = dict(gen_len=16, steps=16, temperature=1.0)
+    c, _ = generate(model, PROMPTS, generator=torch.Generator().manual_seed(7), **kw)
+    d, _ = generate(model, PROMPTS, generator=torch.Generator().manual_seed(7), **kw)
+    e, _ = generate(model, PROMPTS, generator=torch.Generator().manual_seed(8), **kw)
+    assert torch.equal(c, d) and not torch.equal(c, e)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.8), dict(remasking="random", block_len=4),
+                                dict(temperature=0.8, threshold=0.2, block_len=4),
+                                dict(temperature=0.8, adapt=True, mcfg=MCFG)])
+def test_batched_row_equals_alone(model, kw):
+    """Padding and batch-mates change nothing: with a generator per row, a row's draws are its own."""
+    seeds = [11, 12, 13]
+    batch, losses = generate(model, PROMPTS, gen_len=16, steps=16, generator=gens(*seeds), **kw)
+    for b, (p, s) in enumerate(zip(PROMPTS, seeds)):
+        alone, alone_losses = generate(model, [p], gen_len=16, steps=16, generator=gens(s), **kw)
+        assert torch.equal(batch[b], alone[0])
+        if kw.get("adapt"):
+            assert len(losses) == 2 and losses[0].shape == (3,)
+            assert all(torch.allclose(l[b], la[0], atol=1e-5) for l, la in zip(losses, alone_losses))
+
+
+def test_threshold(model):
+    kw = dict(gen_len=16, steps=16, block_len=8)
+    out, states = trace(model, PROMPTS, threshold=0.2, **kw)
+    mask_id = model.cfg.mask_id
+    assert (out != mask_id).all() and len(states) - 1 <= 16
+    for before, after in zip(states, states[1:]):
+        blk = (before != mask_id).sum(1).min() // 8  # the block of the least advanced row
+        left = (before[:, blk * 8:(blk + 1) * 8] == mask_id).sum(1)
+        revealed = ((before == mask_id) & (after != mask_id)).sum(1)
+        assert (revealed >= (left > 0).long()).all()  # at least one per row that has masks left
+    # everything is above 0: one forward per block; nothing is above 1: the plain schedule
+    assert len(trace(model, PROMPTS, threshold=0.0, **kw)[1]) - 1 == 2
+    assert torch.equal(generate(model, PROMPTS, threshold=1.0, **kw)[0], generate(model, PROMPTS, **kw)[0])
+
+
+def test_adapt_writes_a_fresh_memory(model):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([PROMPTS[1]])
+    fast, losses = write_memory(model, [PROMPTS[1]], MCFG, 0.2, 2, 0.1, gens(0))
+    assert len(losses) == 2 and losses[0].shape == (1,)
+    # phi_0 adds exactly 0 (B = 0), so any change is the memory's
+    assert (model.logits(model(ids, fast=fast)) - model.logits(model(ids))).abs().max() > 1e-5
+    # the base model is untouched and every call starts from phi_0: B after A equals B alone,
+    # and B in a batch with A (a generator per row) equals B alone
+    write_memory(model, [PROMPTS[0]], MCFG, 0.2, 2, 0.1, gens(5))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    again, _ = write_memory(model, [PROMPTS[1]], MCFG, 0.2, 2, 0.1, gens(0))
+    both, _ = write_memory(model, PROMPTS[:2], MCFG, 0.2, 2, 0.1, gens(5, 0))
+    for f, g, h in zip(flat(fast), flat(again), flat(both)):
+        assert torch.equal(f, g) and torch.allclose(f[0], h[1], atol=1e-6)
+
+
+def test_adapt_padded_batch_equals_alone(model):
+    """One padded batch (a shared generator, memory.adapt's batched path) against each row alone.
+    Its random draws depend on the batch, so take a setting whose outcome draws cannot change:
+    every prompt token masked (ratio 1) and a full-rank delta starting at 0."""
+    mcfg = MemoryConfig(adapter="full", layer_frac=0.5)
+    batch, losses = write_memory(model, PROMPTS, mcfg, 1.0, 2, 0.1, torch.Generator().manual_seed(0))
+    for b, p in enumerate(PROMPTS):
+        alone, alone_losses = write_memory(model, [p], mcfg, 1.0, 2, 0.1, torch.Generator().manual_seed(1))
+        assert all(torch.allclose(f[b], g[0], atol=1e-6) for f, g in zip(flat(batch), flat(alone)))
+        assert all(torch.allclose(l[b], la[0], atol=1e-6) for l, la in zip(losses, alone_losses))
+
+
+def test_adapt_needs_a_prompt(model):
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        generate(model, [PROMPTS[0], []], gen_len=8, steps=8, adapt=True, mcfg=MCFG)
+
+
+# ---------------------------------------------------------------------------------------
+# the command line
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    train.main(["--config", "tiny", f"--out_dir={d}", "--max_iters=2", "--eval_iters=1"])
+    return str(d)
+
+
+def test_cli_samples(ckpt, capsys):
+    main([f"--out_dir={ckpt}", "--prompt=Hello", "--num_samples=2", "--gen_len=8", "--adapt", "--temperature=1"])
+    out = capsys.readouterr().out
+    assert "adapt step 1/2: inner loss" in out and "adapt step 2/2" in out
+    assert "sample 2/2" in out and out.count("\nHello") == 2
+    main([f"--out_dir={ckpt}", "--gen_len=8", "--block_len=4", "--steps=4"])  # unconditional
+    assert "sample 1/1" in capsys.readouterr().out
+
+
+def test_cli_long_context_warns(ckpt, capsys):
+    main([f"--out_dir={ckpt}", "--prompt=" + "x" * 60, "--gen_len=8"])  # block_size is 64
+    cap = capsys.readouterr()
+    assert "exceeds the training context block_size=64" in cap.err and "sample 1/1" in cap.out
+
+
+def test_cli_errors(ckpt, tmp_path):
+    (tmp_path / "empty.txt").write_text("\n")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    torch.save({"model": {}}, bad / "ckpt.pt")
+    cases = [([f"--out_dir={tmp_path / 'none'}"], "no checkpoint at"),
+             ([f"--out_dir={bad}"], "not a checkpoint of this model"),
+             ([f"--out_dir={ckpt}", f"--prompt_file={tmp_path / 'empty.txt'}"], "is empty"),
+             ([f"--out_dir={ckpt}", f"--prompt_file={tmp_path / 'missing.txt'}"], "cannot read"),
+             ([f"--out_dir={ckpt}", "--gen_len=10", "--block_len=4"], "multiple of block_len"),
+             ([f"--out_dir={ckpt}", "--gen_len=16", "--block_len=4", "--steps=2"], "multiple of the 4 blocks"),
+             ([f"--out_dir={ckpt}", "--gen_len=16", "--block_len=4", "--steps=6"], "multiple of the 4 blocks"),
+             ([f"--out_dir={ckpt}", "--gen_len=16", "--steps=32"], "at most one step per token"),
+             ([f"--out_dir={ckpt}", "--adapt"], "--adapt writes the prompt")]
+    if not torch.cuda.is_available():
+        cases.append(([f"--out_dir={ckpt}", "--device=cuda"], "no CUDA GPU"))
+    for argv, msg in cases:
+        with pytest.raises(SystemExit, match=msg):
+            main(argv)
