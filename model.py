@@ -115,6 +115,10 @@ class DiffusionLM(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = nn.RMSNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        # RoPE tables for the training length, computed once; longer inputs get fresh ones
+        cos, sin = rope_tables(cfg.block_size, cfg.n_embd // cfg.n_head, cfg.rope_theta, None)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init)
         for n, p in self.named_parameters():  # GPT-2 style scaled init of residual projections
             if n.endswith(("attn.proj.weight", "down_proj.weight")):
@@ -139,7 +143,10 @@ class DiffusionLM(nn.Module):
         hi = self.cfg.n_layer if hi is None else hi
         h = self.tok_emb(x) if lo == 0 else x
         T = h.shape[1]
-        cos, sin = rope_tables(T, self.cfg.n_embd // self.cfg.n_head, self.cfg.rope_theta, h.device)
+        if T <= self.rope_cos.shape[0]:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:
+            cos, sin = rope_tables(T, self.cfg.n_embd // self.cfg.n_head, self.cfg.rope_theta, h.device)
         attn_mask = None if key_pad is None else ~key_pad[:, None, None, :]
         for i in range(lo, hi):
             h = self.layers[i](h, cos, sin, attn_mask, None if fast is None else fast.get(i))

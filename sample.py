@@ -18,7 +18,10 @@ from contextlib import nullcontext
 import torch
 from tqdm import tqdm
 
+from data.tokenizer import decode, get_encoding
 from memory import adapt as adapt_memory, flat, unflat
+from model import load_model
+from train import cast, memory_config, pick_device
 
 REMASKING = ("low_confidence", "random")
 
@@ -50,7 +53,7 @@ def plan(gen_len, steps, block_len=None):
     n_blocks = gen_len // block_len
     if steps < n_blocks or steps % n_blocks:
         raise ValueError(f"steps={steps} must be a multiple of the {n_blocks} blocks (gen_len / block_len), "
-                         f"every block gets steps / {n_blocks} steps: try steps={n_blocks * max(1, round(steps / n_blocks))}")
+                         f"as each block gets steps / {n_blocks} steps: try steps={n_blocks * max(1, round(steps / n_blocks))}")
     if steps // n_blocks > block_len:
         raise ValueError(f"steps={steps} gives {steps // n_blocks} steps to a block of {block_len} tokens: "
                          f"at most one step per token, use steps <= gen_len={gen_len}")
@@ -175,14 +178,15 @@ def main(argv=None):
     p.add_argument("--threshold", type=float, default=None, help="also reveal all above this confidence")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--adapt", action="store_true", help="write the prompt into fast weights first")
+    p.add_argument("--adapt", nargs="?", const=True, default=False, type=lambda v: cast("adapt", v, False),
+                   help="write the prompt into fast weights first (a flag; --adapt=True/False as train.py)")
     p.add_argument("--adapt_steps", type=int, default=2)
     p.add_argument("--adapt_lr", type=float, default=0.1)
     p.add_argument("--adapt_ratio", type=float, default=0.2)
     a = p.parse_args(argv)
     steps = a.gen_len if a.steps is None else a.steps
-    if a.num_samples < 1 or a.temperature < 0:
-        raise SystemExit("--num_samples must be >= 1 and --temperature >= 0")
+    if a.num_samples < 1 or a.temperature < 0 or a.adapt_steps < 1 or not 0 < a.adapt_ratio <= 1:
+        raise SystemExit("need --num_samples >= 1, --temperature >= 0, --adapt_steps >= 1 and 0 < --adapt_ratio <= 1")
     try:
         plan(a.gen_len, steps, a.block_len)
     except ValueError as e:
@@ -200,9 +204,6 @@ def main(argv=None):
     if a.adapt and not text:
         raise SystemExit("--adapt writes the prompt into the memory: give --prompt or --prompt_file")
 
-    from data.tokenizer import decode, get_encoding
-    from model import load_model
-    from train import memory_config, pick_device
     device = pick_device(a.device)
     model, cfg = load_model(a.out_dir, device)
     enc = get_encoding(cfg["tokenizer"])

@@ -170,6 +170,26 @@ def batch_loss(model, inner, batch, cfg, mcfg, gen):
     return mdlm_loss(inner, model(x_t, key_pad=key_pad), x0, mask, t, maskable), []
 
 
+def make_optimizer(raw, cfg, on_gpu):
+    """AdamW, weight decay on matrices only; fused on GPU."""
+    decay = [p for p in raw.parameters() if p.dim() >= 2]
+    no_decay = [p for p in raw.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), fused=on_gpu)
+
+
+def train_step(model, inner, raw, opt, batch, cfg, mcfg, gen, ctx):
+    """One optimizer step of theta; returns the (device) loss and inner losses, no host sync."""
+    with ctx:
+        loss, inner_losses = batch_loss(model, inner, batch, cfg, mcfg, gen)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"])
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss, inner_losses
+
+
 @torch.no_grad()
 def evaluate(raw, data, cfg, mcfg, device, ctx):
     """Eval losses on fixed batches and masks (the same in every run with the same seed):
@@ -250,11 +270,7 @@ def main(argv):
                              f"config's ({mconf}): set the same n_layer/n_head/n_embd/tokenizer")
         raw.load_state_dict(src.state_dict())
 
-    decay = [p for p in raw.parameters() if p.dim() >= 2]
-    no_decay = [p for p in raw.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), fused=on_gpu)
+    opt = make_optimizer(raw, cfg, on_gpu)
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
 
@@ -298,13 +314,7 @@ def main(argv):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         g_dev, g_cpu = step_generator(cfg["seed"], step, rank, device)
-        batch = data.batch("train", g_cpu)
-        with ctx:
-            loss, inner_losses = batch_loss(model, inner, batch, cfg, mcfg, g_dev)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss, inner_losses = train_step(model, inner, raw, opt, data.batch("train", g_cpu), cfg, mcfg, g_dev, ctx)
         if (step + 1) % cfg["log_interval"] == 0 and master:
             lossf = loss.item()  # the only host sync of the loop
             dt = (time.time() - t_log) / cfg["log_interval"]

@@ -1,0 +1,119 @@
+"""Benchmark training steps of MDLM and MemDLM in one process (and, with --sample, the sampler).
+
+    python bench.py --config small                       # any train.py key can be overridden
+    python bench.py --config small --block_size=8192 --batch_size=2
+    python bench.py --config small --profile=True        # top kernels of a MemDLM step
+
+Prints tokens/s, model FLOPs utilisation, peak memory and the step-time ratio MemDLM/MDLM.
+Steps are timed with CUDA events after a warm-up (compilation included there); the median
+of --steps steps is reported. MFU counts the model's useful work per token,
+6 N + 12 n_layer n_embd T (the second term: full bidirectional attention, forward and
+backward), for both modes, against the card's dense bf16 peak (989 TFLOP/s for H100/H200 SXM).
+"""
+import statistics
+from contextlib import nullcontext
+import sys
+import time
+
+import torch
+
+import train
+
+BENCH = dict(steps=30, warmup=8, profile=False, modes="mdlm,memdlm")
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
+
+
+def parse(argv):
+    bench, rest = dict(BENCH), []
+    for a in argv:
+        key = a[2:].split("=", 1)[0] if a.startswith("--") else ""
+        if key in BENCH:
+            bench[key] = train.cast(key, a.split("=", 1)[1], BENCH[key])
+        else:
+            rest.append(a)
+    return bench, train.parse_config(rest)
+
+
+def peak_flops(device):
+    if not device.startswith("cuda"):
+        return None, "no peak (CPU)"
+    name = torch.cuda.get_device_name()
+    for k, v in PEAK_BF16.items():
+        if k in name:
+            return v, f"{name}: {v / 1e12:.0f} TFLOP/s dense bf16"
+    return None, f"{name}: peak unknown"
+
+
+def bench_training(cfg, mem, bench, device):
+    """Median step time (s), peak memory (GiB) and the model of one mode, same seed and batches."""
+    from data.tokenizer import get_encoding
+    cfg = {**cfg, "mem": mem}
+    on_gpu = device.startswith("cuda")
+    torch.manual_seed(cfg["seed"])
+    raw = train.DiffusionLM(train.model_config(cfg, get_encoding(cfg["tokenizer"]))).to(device)
+    opt = train.make_optimizer(raw, cfg, on_gpu)
+    inner = torch.compile(raw) if cfg["compile"] and on_gpu else raw
+    mcfg = train.memory_config(cfg)
+    data = train.make_data(cfg, device)
+    ctx = torch.autocast("cuda", dtype=getattr(torch, cfg["dtype"])) if on_gpu else nullcontext()
+    batches = [data.batch("train", train.step_generator(cfg["seed"], i, 0, device)[1]) for i in range(4)]
+    if on_gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(bench["warmup"] + bench["steps"]):
+        g_dev, _ = train.step_generator(cfg["seed"], i, 0, device)
+        t0 = time.perf_counter()
+        if on_gpu:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        train.train_step(inner, inner, raw, opt, batches[i % 4], cfg, mcfg, g_dev, ctx)
+        if on_gpu:
+            end.record()
+            end.synchronize()
+            dt = start.elapsed_time(end) / 1e3
+        else:
+            dt = time.perf_counter() - t0
+        if i >= bench["warmup"]:
+            times.append(dt)
+    if bench["profile"] and mem:
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+        with profile(activities=acts) as prof:
+            for i in range(5):
+                train.train_step(inner, inner, raw, opt, batches[i % 4], cfg, mcfg,
+                                 train.step_generator(cfg["seed"], i, 0, device)[0], ctx)
+            if on_gpu:
+                torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total" if on_gpu else "cpu_time_total", row_limit=25))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else float("nan")
+    return statistics.median(times), peak, raw
+
+
+def main(argv):
+    bench, cfg = parse(argv)
+    device = train.pick_device(cfg["device"])
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+    peak, peak_note = peak_flops(device)
+    tokens = cfg["batch_size"] * cfg["block_size"]
+    print(f"bench: config {cfg['config']}, block_size {cfg['block_size']}, batch {cfg['batch_size']}, "
+          f"compile {cfg['compile']}, {peak_note}")
+    rows = {}
+    for mode in bench["modes"].split(","):
+        dt, mem_gib, raw = bench_training(cfg, mode == "memdlm", bench, device)
+        n = raw.num_params()
+        flops_per_token = 6 * n + 12 * raw.cfg.n_layer * raw.cfg.n_embd * cfg["block_size"]
+        mfu = flops_per_token * tokens / dt / peak if peak else float("nan")
+        rows[mode] = dt
+        print(f"| {mode} | {n / 1e6:.1f}M | {dt * 1e3:.2f} ms | {tokens / dt:,.0f} tok/s | MFU {100 * mfu:.1f}% | "
+              f"peak {mem_gib:.2f} GiB |")
+        del raw
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    if "mdlm" in rows and "memdlm" in rows:
+        print(f"step-time ratio MemDLM/MDLM: {rows['memdlm'] / rows['mdlm']:.2f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
