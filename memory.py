@@ -19,6 +19,8 @@ from model import forward_process, masked_ce, mdlm_loss
 
 TARGETS = ("gate_proj", "up_proj", "down_proj")
 TRAJECTORIES = ("anchor", "anchor_only", "pre_only", "progressive")
+SCOPES = ("response", "prompt", "all")
+ADAPT_RATIO = 0.2  # the anchor mask ratio of inference-time adaptation (paper Sec. 4.5)
 
 
 @dataclass
@@ -33,6 +35,7 @@ class MemoryConfig:
     pre_scale: float = 1.5       # s: pre-anchor masked fraction = min(1, max(s r_t, r_t))
     trajectory: str = "anchor"   # see TRAJECTORIES
     weighting: str = "ratio"     # "ratio": stage weight 1/r (training); "uniform" (adapt)
+    scope: str = "response"      # which tokens the training inner loop masks, see memdlm_loss
 
     def validate(self):
         if self.adapter not in ("lora", "full"):
@@ -41,6 +44,8 @@ class MemoryConfig:
             raise ValueError(f"trajectory must be one of {TRAJECTORIES}, got {self.trajectory!r}")
         if self.weighting not in ("ratio", "uniform"):
             raise ValueError(f"weighting must be 'ratio' or 'uniform', got {self.weighting!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
         if self.inner_steps < 1:
             raise ValueError("inner_steps must be >= 1")
 
@@ -178,22 +183,40 @@ def inner_loop(model, x0, masks, maskable, fast, mcfg, key_pad=None, anchor=None
 def memdlm_loss(model, x0, maskable, mcfg, key_pad=None, generator=None, bottom=None, create_graph=False):
     """The outer MemDLM loss (Eq. 9) of one batch and the inner losses.
 
-    bottom: the module that runs the layers below the fast weights for x_t with grad
-    (the DDP wrapper under torchrun, so gradient sync covers every parameter); its output
-    is shared by inner stage K and the outer pass.
+    mcfg.scope says which tokens the inner loop masks and scores:
+      response  the paper: the maskable (scored) tokens; the trajectory ends at the outer x_t,
+                whose bottom-layer output is shared by the last inner step and the outer pass
+      prompt    only the context (the tokens that are not maskable), seen alone as
+                inference-time adapt sees it: the response is hidden by key padding, the
+                anchor masks ADAPT_RATIO of the prompt; the memory never sees the answer
+      all       every token: the anchor is x_t with the prompt also masked at rate t
+    bottom: the module that runs the layers below the fast weights for x_t with grad (the
+    DDP wrapper under torchrun, so gradient sync covers every parameter).
     """
     x_t, mask_t, t = forward_process(x0, maskable, model.cfg.mask_id, generator=generator)
     fast = init_fast(model, x0.shape[0], mcfg, generator)
     split = min(fast)
     h_bottom = (model if bottom is None else bottom)(x_t, key_pad=key_pad, hi=split)
-    masks = trajectory(mask_t, maskable, mcfg, generator)
-    fast, inner = inner_loop(model, x0, masks, maskable, fast, mcfg, key_pad, (mask_t, h_bottom), create_graph)
+    if mcfg.scope == "response":
+        masks = trajectory(mask_t, maskable, mcfg, generator)
+        fast, inner = inner_loop(model, x0, masks, maskable, fast, mcfg, key_pad, (mask_t, h_bottom), create_graph)
+    else:
+        visible = torch.ones_like(maskable) if key_pad is None else ~key_pad
+        inner_maskable = visible & ~maskable if mcfg.scope == "prompt" else visible
+        n = inner_maskable.sum(1).float()
+        if mcfg.scope == "prompt":
+            inner_pad, anchor = ~inner_maskable, extend_mask(torch.zeros_like(mask_t), inner_maskable,
+                                                             count_at(ADAPT_RATIO, n), generator)
+        else:
+            inner_pad, anchor = key_pad, extend_mask(mask_t, inner_maskable, count_at(t, n), generator)
+        masks = trajectory(anchor, inner_maskable, mcfg, generator)
+        fast, inner = inner_loop(model, x0, masks, inner_maskable, fast, mcfg, inner_pad, None, create_graph)
     h = model(h_bottom, fast=fast, key_pad=key_pad, lo=split)
     return mdlm_loss(model, h, x0, mask_t, t, maskable), inner
 
 
 @torch.no_grad()
-def adapt(model, prompt_ids, mcfg=None, key_pad=None, ratio=0.2, steps=2, lr=0.1, generator=None):
+def adapt(model, prompt_ids, mcfg=None, key_pad=None, ratio=ADAPT_RATIO, steps=2, lr=0.1, generator=None):
     """Inference-time memory: write each prompt into its own fresh fast weights.
 
     Every (non-padding) prompt token is maskable; the anchor masks `ratio` of them, the

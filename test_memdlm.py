@@ -224,6 +224,32 @@ def test_exact_bilevel_gradient_matches_finite_differences():
     assert not torch.allclose(exact, first_order)  # the first-order gradient is an approximation
 
 
+@pytest.mark.parametrize("scope", ["response", "prompt", "all"])
+def test_each_memory_scope_masks_only_the_tokens_it_names(scope, monkeypatch):
+    import memory
+    m, x0 = tiny(), tokens(8, 40)
+    prompt, response = torch.zeros(8, 40, dtype=torch.bool), torch.zeros(8, 40, dtype=torch.bool)
+    prompt[:, :24], response[:, 24:32] = True, True
+    pad = ~(prompt | response)
+    seen = {}
+    real = memory.inner_loop
+
+    def spy(model, x0, masks, maskable, fast, mcfg, key_pad=None, anchor=None, create_graph=False):
+        seen.update(masks=masks, key_pad=key_pad, anchor=anchor)
+        return real(model, x0, masks, maskable, fast, mcfg, key_pad, anchor, create_graph)
+    monkeypatch.setattr(memory, "inner_loop", spy)
+    memdlm_loss(m, x0, response, MemoryConfig(rank=4, scope=scope), key_pad=pad,
+                generator=torch.Generator().manual_seed(0))
+    allowed = {"response": response, "prompt": prompt, "all": prompt | response}[scope]
+    union = seen["masks"][0] | seen["masks"][-1]
+    assert not (union & ~allowed).any() and union.any()
+    if scope == "prompt":  # the inner loop sees the prompt alone, as adapt does at inference
+        assert torch.equal(seen["key_pad"], ~prompt) and seen["anchor"] is None
+        assert torch.equal(seen["masks"][-1].sum(1), torch.full((8,), 5))  # round(0.2 * 24)
+    if scope == "all":
+        assert (union & prompt).any() and (union & response).any()
+
+
 def test_adapt_writes_one_fresh_memory_per_prompt():
     m = tiny()
     prompts = tokens(2, 20)

@@ -30,7 +30,7 @@ DEFAULTS = dict(
     eval_interval=250, eval_iters=20, log_interval=25,
     seed=1337, device="auto", dtype="bfloat16", compile=True,
     mem=True, mem_rank=32, mem_alpha=64.0, mem_layer_frac=0.1, mem_adapter="lora", mem_steps=2,
-    mem_lr=0.1, mem_clip=1.0, mem_pre_scale=1.5, mem_trajectory="anchor",
+    mem_lr=0.1, mem_clip=1.0, mem_pre_scale=1.5, mem_trajectory="anchor", mem_scope="response",
     resume=False, init_from="",
 )
 PRESETS = {
@@ -126,7 +126,8 @@ def make_data(cfg, device):
 def memory_config(cfg):
     return MemoryConfig(rank=cfg["mem_rank"], alpha=cfg["mem_alpha"], layer_frac=cfg["mem_layer_frac"],
                         adapter=cfg["mem_adapter"], inner_steps=cfg["mem_steps"], inner_lr=cfg["mem_lr"],
-                        clip=cfg["mem_clip"], pre_scale=cfg["mem_pre_scale"], trajectory=cfg["mem_trajectory"])
+                        clip=cfg["mem_clip"], pre_scale=cfg["mem_pre_scale"], trajectory=cfg["mem_trajectory"],
+                        scope=cfg["mem_scope"])
 
 
 def model_config(cfg, enc):
