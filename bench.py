@@ -52,7 +52,7 @@ def bench_training(cfg, mem, bench, device):
     torch.manual_seed(cfg["seed"])
     raw = train.DiffusionLM(train.model_config(cfg, get_encoding(cfg["tokenizer"]))).to(device)
     opt = train.make_optimizer(raw, cfg, on_gpu)
-    inner = torch.compile(raw) if cfg["compile"] and on_gpu else raw
+    inner = train.compiled(raw, cfg, on_gpu)
     mcfg = train.memory_config(cfg)
     data = train.make_data(cfg, device)
     ctx = torch.autocast("cuda", dtype=getattr(torch, cfg["dtype"])) if on_gpu else nullcontext()

@@ -173,10 +173,10 @@ def forward_process(x0, maskable, mask_id, t=None, generator=None):
 def masked_ce(model, h, x0, mask, weight):
     """sum over masked positions of weight[b] * -log p(x0_i | .), per sequence: [B].
     Logits are computed only at the masked positions."""
-    logits = model.logits(h[mask])
+    b, i = mask.nonzero(as_tuple=True)  # one host sync: the number of masked tokens
+    logits = model.logits(h[b, i])
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
-    ce = F.cross_entropy(logits, x0[mask], reduction="none")
-    b = mask.nonzero()[:, 0]
+    ce = F.cross_entropy(logits, x0[b, i], reduction="none")
     return torch.zeros(x0.shape[0], device=x0.device, dtype=ce.dtype).index_add(0, b, ce * weight[b])
 
 

@@ -28,13 +28,16 @@ DEFAULTS = dict(
     n_layer=8, n_head=6, n_embd=384,
     lr=1e-3, min_lr=1e-4, warmup_iters=100, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
     eval_interval=250, eval_iters=20, log_interval=25,
-    seed=1337, device="auto", dtype="bfloat16", compile=True,
+    seed=1337, device="auto", dtype="bfloat16", compile=True, compile_mode="default",
     mem=True, mem_rank=32, mem_alpha=64.0, mem_layer_frac=0.1, mem_adapter="lora", mem_steps=2,
     mem_lr=0.1, mem_clip=1.0, mem_pre_scale=1.5, mem_trajectory="anchor", mem_scope="response",
     resume=False, init_from="",
 )
 PRESETS = {
     "small": {},  # ~14M parameters, the pydoc corpus, a few minutes on one GPU
+    # ~100M parameters at 1K context: for benchmarks and for users with several GPUs
+    "base": dict(out_dir="out-base", block_size=1024, batch_size=32, max_iters=5000, n_layer=14, n_head=12,
+                 n_embd=768, lr=6e-4, min_lr=6e-5, warmup_iters=200, eval_interval=500),
     "tiny": dict(out_dir="out-tiny", block_size=64, batch_size=8, max_iters=40, n_layer=2, n_head=2,
                  n_embd=64, warmup_iters=5, eval_interval=20, eval_iters=2, log_interval=10,
                  mem_rank=8, compile=False),
@@ -171,6 +174,12 @@ def batch_loss(model, inner, batch, cfg, mcfg, gen):
     return mdlm_loss(inner, model(x_t, key_pad=key_pad), x0, mask, t, maskable), []
 
 
+def compiled(raw, cfg, on_gpu):
+    """torch.compile of the model's forward (the inner loop's autograd.grad stays outside)."""
+    return torch.compile(raw, mode=None if cfg["compile_mode"] == "default" else cfg["compile_mode"]) \
+        if cfg["compile"] and on_gpu else raw
+
+
 def make_optimizer(raw, cfg, on_gpu):
     """AdamW, weight decay on matrices only; fused on GPU."""
     decay = [p for p in raw.parameters() if p.dim() >= 2]
@@ -275,7 +284,7 @@ def main(argv):
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
 
-    inner = torch.compile(raw) if cfg["compile"] and on_gpu else raw
+    inner = compiled(raw, cfg, on_gpu)
     # DDP wraps the module that runs the stack from the token ids (all of it for MDLM, the
     # layers below the memory for MemDLM); the inner loop and the top run on the module itself
     model = torch.nn.parallel.DistributedDataParallel(inner, device_ids=[device] if on_gpu else None) if ddp else inner
