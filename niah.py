@@ -90,8 +90,8 @@ def _source(enc, kind):
 
 
 # ---------------------------------------------------------------------------------------
-# Tasks: each draws its facts as (text, position in [0, 1]) with the needle first, the
-# question, the answer text the window holds (target) and the reference answers.
+# Tasks: each draws its facts as (text, share of the haystack before it) with the needle
+# first, the question, the answer text the window holds (target) and the reference answers.
 
 def _needle(key, value):
     return f" The magic number of {key} is {value}."
@@ -99,11 +99,6 @@ def _needle(key, value):
 
 def _values(rng, n, digits):
     return [str(v) for v in rng.sample(range(10 ** (digits - 1), 10 ** digits), n)]
-
-
-def _in_order(items, fracs):
-    """items in the order they appear in the context (by position, ties by list order)."""
-    return [items[i] for i in sorted(range(len(items)), key=lambda i: (fracs[i], i))]
 
 
 def _single(rng, d):
@@ -121,8 +116,9 @@ def _multivalue(rng, d):
     key, values = rng.choice(WORDS), _values(rng, N_VALUES, 7)
     fracs = [d] + [rng.random() for _ in values[1:]]
     facts = [(_needle(key, v), f) for v, f in zip(values, fracs)]
+    order = sorted(range(N_VALUES), key=lambda i: (fracs[i], i))  # as they appear in the context
     return (facts, f"\nWhat are all the magic numbers of {key}? Answer:",
-            " " + ", ".join(_in_order(values, fracs)), values)
+            " " + ", ".join(values[i] for i in order), values)
 
 
 def _vartrack(rng, d):
@@ -152,9 +148,9 @@ def _babi(rng, d):
 
 
 def _cwe(rng, d):
-    # no facts: the common words (the list is drawn once the length is known), no target yet
+    # no facts but the common words: the list is drawn once the length is known
     common = rng.sample(WORDS, CWE_TOP)
-    return common, f"\nWhich {CWE_TOP} words appear most often in the list? Answer:", None, common
+    return common, f"\nWhich {CWE_TOP} words appear most often in the list? Answer:", " " + " ".join(common), common
 
 
 BUILDERS = dict(single=_single, multikey=_multikey, multivalue=_multivalue, vartrack=_vartrack, cwe=_cwe, babi=_babi)
@@ -210,36 +206,41 @@ def make_example(task, length, depth, rng, enc=None, haystack="noise", answer_le
     a model should write, needle_pos=token index of the needle, or None for cwe).
 
     length: prompt + answer_len tokens (the prompt fills it, cwe's within one list item), or
-    a (lo, hi) range drawn from uniformly, starting at least at the task's minimum.
+    a (lo, hi) range: uniform over [max(lo, this example's minimum), hi], the example drawn
+    again while it cannot fit hi (keys and names vary in length).
     depth: the share of the haystack before the needle in percent (0 start, 100 end). rng: a
     random.Random or a seed. enc: a tiktoken Encoding (default: the byte-level one).
     haystack: "noise" or "prose" (cwe has none: its list fills the context).
     """
     rng = rng if isinstance(rng, random.Random) else random.Random(rng)
     enc = enc or byte_encoding()
+    check_task(task)
     if haystack not in HAYSTACKS:
         raise ValueError(f"unknown haystack '{haystack}': choose from {', '.join(HAYSTACKS)}")
-    facts, question, target, answers = BUILDERS[check_task(task)](rng, depth / 100)
-    question = _tok(enc, question)
-    if task == "cwe":  # the shortest list: CWE_MIN_ITEMS items of the longest word
-        fixed = CWE_MIN_ITEMS * (len(_tok(enc, f" {CWE_MIN_ITEMS}.")) + max(len(_tok(enc, " " + w)) for w in WORDS))
-    else:
-        facts = [(_tok(enc, text), frac) for text, frac in facts]
-        fixed = sum(len(t) for t, _ in facts)
-    need = answer_len + len(question) + fixed
-    if isinstance(length, tuple):
-        lo, hi = length
-        length = rng.randint(min(max(lo, need), hi), hi)
-    if length < need:
-        raise ValueError(f"length {length} is too short for task {task}: needs at least {need} tokens")
-    if task == "cwe":
-        context, common = _cwe_list(facts, length - answer_len - len(question), rng, enc)
-        target, pos = " " + " ".join(common), None
-    else:
-        context, pos = _place(facts, length - need, rng, enc, haystack)
-    if answer_len and len(_tok(enc, target)) >= answer_len:
+    lo, hi = length if isinstance(length, tuple) else (length, length)
+    for _ in range(100 if isinstance(length, tuple) else 1):  # a range: draw again until one fits
+        facts, question, target, answers = BUILDERS[task](rng, depth / 100)
+        question = _tok(enc, question)
+        if task == "cwe":  # its facts are the common words; room for the shortest list of the longest words
+            fixed = CWE_MIN_ITEMS * (len(_tok(enc, f" {CWE_MIN_ITEMS}.")) + max(len(_tok(enc, " " + w)) for w in WORDS))
+        else:
+            facts = [(_tok(enc, text), frac) for text, frac in facts]
+            fixed = sum(len(t) for t, _ in facts)
+        need = answer_len + len(question) + fixed
+        answer_fits = not answer_len or len(_tok(enc, target)) < answer_len  # room for <|endoftext|>
+        if need <= hi and answer_fits:
+            break
+    if need > hi:
+        raise ValueError(f"length {hi} is too short for task {task}: needs at least {need} tokens")
+    if not answer_fits:
         raise ValueError(f"the answer of task {task} ({target!r}) needs {len(_tok(enc, target)) + 1} tokens "
                          f"with <|endoftext|>: raise answer_len={answer_len}")
+    length = rng.randint(max(lo, need), hi)
+    if task == "cwe":
+        context, common = _cwe_list(facts, length - answer_len - len(question), rng, enc)
+        target, pos = " " + " ".join(common), None  # the same words, in order of first appearance
+    else:
+        context, pos = _place(facts, length - need, rng, enc, haystack)
     return dict(prompt=context + list(question), answers=answers, target=target, needle_pos=pos)
 
 
@@ -261,14 +262,13 @@ class NiahData:
 
     def __init__(self, cfg, device):
         from data.tokenizer import get_encoding
-        cfg = {**NIAH_DEFAULTS, **cfg}
         self.enc, self.device = get_encoding(cfg["tokenizer"]), device
         self.T, self.B, self.A, self.seed = cfg["block_size"], cfg["batch_size"], cfg["niah_answer_len"], cfg["seed"]
         self.min_len, self.full_frac, self.haystack = cfg["niah_min_len"], cfg["niah_full_frac"], cfg["niah_haystack"]
         try:
             self.tasks = parse_tasks(cfg["niah_tasks"])
             for t in self.tasks:  # fail now, not at some step: every task must fit block_size
-                make_example(t, self.T, 50, 0, self.enc, self.haystack, self.A)
+                make_example(t, (self.T, self.T), 50, 0, self.enc, self.haystack, self.A)
         except ValueError as e:
             raise SystemExit(f"niah: {e} (block_size={self.T}, niah_answer_len={self.A})") from None
 
@@ -340,10 +340,13 @@ def plot(row, lengths, depths, path):
         for j, d in enumerate(depths):
             s = [s["score"] for s in row["samples"] if s["length"] == L and s["depth"] == d]
             grid[i, j] = 100 * sum(s) / len(s) if s else np.nan
-    fig, ax = plt.subplots(figsize=(1 + 0.8 * len(depths), 1 + 0.5 * len(lengths)))
+    fig, ax = plt.subplots(figsize=(3 + 0.7 * len(depths), 2 + 0.4 * len(lengths)))
     im = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+    for (i, j), v in np.ndenumerate(grid):
+        ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8)
     ax.set(xticks=range(len(depths)), xticklabels=depths, yticks=range(len(lengths)), yticklabels=lengths,
-           xlabel="needle depth (%)", ylabel="context length (tokens)", title=row["label"])
+           xlabel="needle depth (%)", ylabel="context length (tokens)")
+    ax.set_title(row["label"], fontsize=9)
     fig.colorbar(im, ax=ax, label="score (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -368,8 +371,8 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="results file (default: niah.json in the first out_dir)")
     p.add_argument("--plot", action="store_true", help="a length x depth heatmap PNG per row (matplotlib)")
     a = p.parse_args(argv)
-    if a.n < 1 or a.batch_size < 1:
-        raise SystemExit("--n and --batch_size must be >= 1")
+    if a.n < 1 or a.batch_size < 1 or min(a.lengths) < 1 or not all(0 <= d <= 100 for d in a.depths):
+        raise SystemExit("--n, --batch_size and --lengths must be >= 1, --depths within 0-100")
     dirs = a.out_dir + a.more_dirs
     try:
         tasks = parse_tasks(a.tasks)
@@ -380,7 +383,7 @@ def main(argv=None):
 
     from data.tokenizer import decode, get_encoding
     from model import load_model
-    from sample import generate
+    from sample import generate, plan
     from train import memory_config, pick_device
     device = pick_device(a.device)
     runs = [(d, *load_model(d, device)) for d in dirs]
@@ -391,6 +394,10 @@ def main(argv=None):
     enc = get_encoding(tokenizers.pop())
     answer_len = a.answer_len or runs[0][2].get("niah_answer_len", NIAH_DEFAULTS["niah_answer_len"])
     steps = a.steps or answer_len
+    try:
+        plan(answer_len, steps)  # the sampler's own check of gen_len and steps
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
     # the same examples for every checkpoint; an example depends only on (seed, task, length, i)
     examples = []

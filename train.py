@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from memory import MemoryConfig, memdlm_loss, memory_layers
 from model import DiffusionLM, ModelConfig, forward_process, mdlm_loss
+from niah import NIAH_DEFAULTS, NiahData
 
 DEFAULTS = dict(
     out_dir="out", dataset="pydoc", tokenizer="byte",
@@ -32,12 +33,20 @@ DEFAULTS = dict(
     mem=True, mem_rank=32, mem_alpha=64.0, mem_layer_frac=0.1, mem_adapter="lora", mem_steps=2,
     mem_lr=0.1, mem_clip=1.0, mem_pre_scale=1.5, mem_trajectory="anchor", mem_scope="response",
     resume=False, init_from="",
+    **NIAH_DEFAULTS,  # read when dataset="niah": the needle tasks of niah.py as training rows
 )
 PRESETS = {
     "small": {},  # ~14M parameters, the pydoc corpus, a few minutes on one GPU
     # ~100M parameters at 1K context: for benchmarks and for users with several GPUs
     "base": dict(out_dir="out-base", block_size=1024, batch_size=32, max_iters=5000, n_layer=14, n_head=12,
                  n_embd=768, lr=6e-4, min_lr=6e-5, warmup_iters=200, eval_interval=500),
+    # needle-in-a-haystack training rows (niah.py), prompt unmasked, answer scored; one GPU, minutes
+    "niah": dict(out_dir="out-niah", dataset="niah", block_size=512, batch_size=128, max_iters=4000, n_layer=8,
+                 n_head=8, n_embd=512, lr=6e-4, min_lr=6e-5, warmup_iters=200, eval_interval=500, eval_iters=10,
+                 log_interval=50),
+    "niah_tiny": dict(out_dir="out-niah-tiny", dataset="niah", block_size=256, batch_size=8, max_iters=20,
+                      n_layer=2, n_head=2, n_embd=64, warmup_iters=5, eval_interval=10, eval_iters=2,
+                      log_interval=10, mem_rank=8, compile=False, niah_tasks="single,babi"),
     "tiny": dict(out_dir="out-tiny", block_size=64, batch_size=8, max_iters=40, n_layer=2, n_head=2,
                  n_embd=64, warmup_iters=5, eval_interval=20, eval_iters=2, log_interval=10,
                  mem_rank=8, compile=False),
@@ -121,7 +130,7 @@ class TextData:
 
 
 def make_data(cfg, device):
-    return TextData(cfg, device)
+    return NiahData(cfg, device) if cfg["dataset"] == "niah" else TextData(cfg, device)
 
 
 # ---------------------------------------------------------------------------------------
