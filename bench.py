@@ -19,7 +19,8 @@ import torch
 
 import train
 
-BENCH = dict(steps=30, warmup=8, profile=False, modes="mdlm,memdlm")
+BENCH = dict(steps=30, warmup=8, profile=False, modes="mdlm,memdlm",
+             sample_from="", prompt_lens="1024,4096", gen_len=128, block=32, sample_batch=8, threshold=0.9)
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
 
 
@@ -90,8 +91,54 @@ def bench_training(cfg, mem, bench, device):
     return statistics.median(times), peak, raw
 
 
+def timed(fn, on_gpu):
+    """Seconds of one call of fn, after one warm-up call."""
+    fn()
+    if on_gpu:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if on_gpu:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+def bench_sampling(bench, device):
+    """Tokens/s of sample.generate for the checkpoint in --sample_from, at each prompt length:
+    plain, with --adapt (and the adaptation's share of the time), and with the threshold."""
+    import numpy as np
+
+    from model import load_model
+    from sample import generate, write_memory
+    model, cfg = load_model(bench["sample_from"], device)
+    on_gpu = device.startswith("cuda")
+    mcfg = train.memory_config(cfg)
+    data = train.make_data(cfg, "cpu")
+    val = np.memmap(data.files["val"], dtype=data.dtype, mode="r")
+    B, G, blk = bench["sample_batch"], bench["gen_len"], bench["block"]
+    print(f"sampling: {bench['sample_from']}, batch {B}, gen_len {G}, blocks of {blk}, steps = gen_len")
+    print("| prompt | setting | s/batch | tok/s | note |\n|---|---|---|---|---|")
+    for L in map(int, bench["prompt_lens"].split(",")):
+        prompts = [val[i * 997 % (len(val) - L):][:L].astype(int).tolist() for i in range(B)]
+        run = lambda **kw: generate(model, prompts, gen_len=G, steps=G, block_len=blk,
+                                    generator=torch.Generator(device).manual_seed(0), mcfg=mcfg, **kw)
+        base, (ref, _) = timed(run, on_gpu)
+        print(f"| {L} | plain | {base:.3f} | {B * G / base:,.0f} | |")
+        dt, _ = timed(lambda: run(adapt=True), on_gpu)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
+            mem, _ = timed(lambda: write_memory(model, prompts, mcfg, 0.2, 2, 0.1,
+                                                torch.Generator(device).manual_seed(0)), on_gpu)
+        print(f"| {L} | --adapt | {dt:.3f} | {B * G / dt:,.0f} | adaptation {100 * mem / dt:.0f}% of the time |")
+        dt, (out, _) = timed(lambda: run(threshold=bench["threshold"]), on_gpu)
+        same = (out == ref).float().mean().item()
+        print(f"| {L} | threshold {bench['threshold']} | {dt:.3f} | {B * G / dt:,.0f} | "
+              f"{base / dt:.1f}x plain, {100 * same:.0f}% tokens as plain |")
+
+
 def main(argv):
     bench, cfg = parse(argv)
+    if bench["sample_from"]:
+        return bench_sampling(bench, train.pick_device(cfg["device"]))
     device = train.pick_device(cfg["device"])
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True

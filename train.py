@@ -43,7 +43,7 @@ PRESETS = {
     # needle-in-a-haystack training rows (niah.py), prompt unmasked, answer scored; one GPU, minutes
     "niah": dict(out_dir="out-niah", dataset="niah", block_size=512, batch_size=128, max_iters=4000, n_layer=8,
                  n_head=8, n_embd=512, lr=6e-4, min_lr=6e-5, warmup_iters=200, eval_interval=500, eval_iters=10,
-                 log_interval=50),
+                 log_interval=50, niah_tasks="single,multikey"),
     "niah_tiny": dict(out_dir="out-niah-tiny", dataset="niah", block_size=256, batch_size=8, max_iters=20,
                       n_layer=2, n_head=2, n_embd=64, warmup_iters=5, eval_interval=10, eval_iters=2,
                       log_interval=10, mem_rank=8, compile=False, niah_tasks="single,babi"),
