@@ -13,14 +13,14 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from memory import MemoryConfig, memdlm_loss, memory_layers
-from model import DiffusionLM, ModelConfig, forward_process, mdlm_loss
+from model import DiffusionLM, ModelConfig, forward_process, load_model, mdlm_loss
 from niah import NIAH_DEFAULTS, NiahData
 
 DEFAULTS = dict(
@@ -282,7 +282,6 @@ def main(argv):
     if ckpt is not None:
         raw.load_state_dict(ckpt["model"])
     elif cfg["init_from"]:
-        from model import load_model
         src, _ = load_model(cfg["init_from"], device)
         if asdict(src.cfg) != asdict(mconf):
             raise SystemExit(f"--init_from={cfg['init_from']}: its model ({src.cfg}) differs from this "
