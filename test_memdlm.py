@@ -344,3 +344,28 @@ def test_resume_or_init_from_another_config_is_refused(tmp_path):
         run_train(tmp_path / "b", "--max_iters=2", f"--init_from={tmp_path / 'a'}", "--n_embd=32")
     with pytest.raises(SystemExit, match="no checkpoint"):
         load_model(str(tmp_path / "nothing"))
+
+
+def test_answer_accuracy_scores_answers_of_prompted_rows_only():
+    from types import SimpleNamespace
+    x0 = torch.tensor([[5, 6, 7, 8, 256, 256], [1, 2, 3, 4, 5, 6]])
+    maskable = torch.tensor([[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)  # row 1: plain text
+    key_pad = torch.tensor([[0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    seen = {}
+
+    class Oracle:  # predicts the clean tokens, or token 7 everywhere
+        cfg = SimpleNamespace(eot_id=256, mask_id=MASK)
+
+        def __init__(self, perfect):
+            self.perfect = perfect
+
+        def __call__(self, x, key_pad=None):
+            seen["x"] = x
+            return F.one_hot(x0 if self.perfect else torch.full_like(x0, 7), 300).float()
+
+        def logits(self, h):
+            return h
+    assert train.answer_accuracy(Oracle(True), x0, maskable, key_pad) == (2, 2)  # 7, 8: eot left out
+    assert seen["x"].tolist() == [[5, 6, MASK, MASK, MASK, 256], [1, 2, 3, 4, 5, 6]]
+    assert train.answer_accuracy(Oracle(False), x0, maskable, key_pad) == (1, 2)
+    assert train.answer_accuracy(Oracle(True), x0[1:], maskable[1:], None) == (0, 0)

@@ -209,20 +209,38 @@ def train_step(model, inner, raw, opt, batch, cfg, mcfg, gen, ctx):
     return loss, inner_losses
 
 
+def answer_accuracy(raw, x0, maskable, key_pad):
+    """(correct, total) argmax predictions of the answers with every scored token of the rows
+    that have a prompt masked at once, as at the sampler's first step; <|endoftext|> padding
+    left out. A retrieval signal that needs no decoding; (0, 0) for plain text."""
+    rows = (~maskable if key_pad is None else ~maskable & ~key_pad).any(1, keepdim=True)
+    target = maskable & rows & (x0 != raw.cfg.eot_id)
+    if not target.any():
+        return 0, 0
+    pred = raw.logits(raw(torch.where(maskable & rows, raw.cfg.mask_id, x0), key_pad=key_pad)[target]).argmax(-1)
+    return (pred == x0[target]).sum().item(), target.sum().item()
+
+
 @torch.no_grad()
 def evaluate(raw, data, cfg, mcfg, device, ctx):
     """Eval losses on fixed batches and masks (the same in every run with the same seed):
     'eval_loss' is the base model alone (the train-only view); 'eval_loss_mem' first runs
-    the inner loop on each eval batch, as in training (the paper's view), at the same x_t."""
+    the inner loop on each eval batch, as in training (the paper's view), at the same x_t;
+    'eval_answer_acc' (data with prompts) is answer_accuracy of the base model alone."""
     raw.eval()
-    out = {}
+    out, hits = {}, [0, 0]
     for mem in (False, True) if cfg["mem"] else (False,):
         losses = []
         for i in range(cfg["eval_iters"]):
             g_dev, g_cpu = step_generator(cfg["seed"] + 1, i, 0, device)
+            batch = data.batch("val", g_cpu)
             with ctx:
-                losses.append(batch_loss(raw, raw, data.batch("val", g_cpu), {**cfg, "mem": mem}, mcfg, g_dev)[0].item())
+                losses.append(batch_loss(raw, raw, batch, {**cfg, "mem": mem}, mcfg, g_dev)[0].item())
+                if not mem:
+                    hits = [a + b for a, b in zip(hits, answer_accuracy(raw, *batch))]
         out["eval_loss_mem" if mem else "eval_loss"] = sum(losses) / len(losses)
+    if hits[1]:
+        out["eval_answer_acc"] = hits[0] / hits[1]
     raw.train()
     return out
 
