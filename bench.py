@@ -105,7 +105,8 @@ def timed(fn, on_gpu):
 
 def bench_sampling(bench, device):
     """Tokens/s of sample.generate for the checkpoint in --sample_from, at each prompt length:
-    plain, with --adapt (and the adaptation's share of the time), and with the threshold."""
+    plain, with --adapt (and the adaptation's share of the time), with the threshold and with
+    the prefix cache (and the share of tokens equal to plain's)."""
     import numpy as np
 
     from model import load_model
@@ -129,10 +130,12 @@ def bench_sampling(bench, device):
             mem, _ = timed(lambda: write_memory(model, prompts, mcfg, 0.2, 2, 0.1,
                                                 torch.Generator(device).manual_seed(0)), on_gpu)
         print(f"| {L} | --adapt | {dt:.3f} | {B * G / dt:,.0f} | adaptation {100 * mem / dt:.0f}% of the time |")
-        dt, (out, _) = timed(lambda: run(threshold=bench["threshold"]), on_gpu)
-        same = (out == ref).float().mean().item()
-        print(f"| {L} | threshold {bench['threshold']} | {dt:.3f} | {B * G / dt:,.0f} | "
-              f"{base / dt:.1f}x plain, {100 * same:.0f}% tokens as plain |")
+        for name, kw in ((f"threshold {bench['threshold']}", dict(threshold=bench["threshold"])),
+                         ("prefix cache", dict(prefix_cache=True))):
+            dt, (out, _) = timed(lambda: run(**kw), on_gpu)
+            same = (out == ref).float().mean().item()
+            print(f"| {L} | {name} | {dt:.3f} | {B * G / dt:,.0f} | {base / dt:.1f}x plain, "
+                  f"{100 * same:.0f}% tokens as plain |")
 
 
 def main(argv):

@@ -68,10 +68,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask):
+    def forward(self, x, cos, sin, attn_mask, past=None, kv_out=None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_out is not None:  # this call's own keys (rotated) and values, for a later call's past
+            kv_out.append((k, v))
+        if past is not None:  # cached keys/values of other positions, attended to before our own
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
         # bidirectional: every position sees every (non-padding) position
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
@@ -100,8 +104,8 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.n_embd)
         self.ffn = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, attn_mask, fast=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask)
+    def forward(self, x, cos, sin, attn_mask, fast=None, past=None, kv_out=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, past, kv_out)
         return x + self.ffn(self.ffn_norm(x), fast)
 
 
@@ -132,24 +136,34 @@ class DiffusionLM(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, x, fast=None, key_pad=None, lo=0, hi=None):
+    def forward(self, x, fast=None, key_pad=None, lo=0, hi=None, pos=None, past=None, kv_out=None):
         """Hidden states after layers [lo, hi).
 
         x: token ids [B, T] when lo == 0, else the hidden states [B, T, C] entering layer lo.
         Running (lo=0, hi=k) then (lo=k) equals one full run: the inner loop uses this to
         reuse the bottom layers' output. key_pad: bool [B, T], True at padding (never
         attended to). The final norm is applied when hi reaches the top.
+
+        For a prefix cache (sample.py): pos, long [B, T], is each token's position for RoPE
+        (default 0..T-1), so a row may run a slice of its sequence starting anywhere. past: per
+        layer of [lo, hi), cached (k, v) [B, H, P, D] (rotated keys) of other positions, which
+        the T tokens attend to as well; key_pad then covers [P + T]. kv_out: a list to which
+        each layer appends this call's own (k, v) [B, H, T, D].
         """
         hi = self.cfg.n_layer if hi is None else hi
         h = self.tok_emb(x) if lo == 0 else x
         T = h.shape[1]
-        if T <= self.rope_cos.shape[0]:
-            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        n = T if pos is None else int(pos.max()) + 1  # positions the RoPE tables must cover
+        if n <= self.rope_cos.shape[0]:
+            cos, sin = self.rope_cos[:n], self.rope_sin[:n]
         else:
-            cos, sin = rope_tables(T, self.cfg.n_embd // self.cfg.n_head, self.cfg.rope_theta, h.device)
+            cos, sin = rope_tables(n, self.cfg.n_embd // self.cfg.n_head, self.cfg.rope_theta, h.device)
+        if pos is not None:  # each row its own positions: [B, 1, T, D/2], broadcast over heads
+            cos, sin = cos[pos][:, None], sin[pos][:, None]
         attn_mask = None if key_pad is None else ~key_pad[:, None, None, :]
         for i in range(lo, hi):
-            h = self.layers[i](h, cos, sin, attn_mask, None if fast is None else fast.get(i))
+            h = self.layers[i](h, cos, sin, attn_mask, None if fast is None else fast.get(i),
+                               None if past is None else past[i - lo], kv_out)
         return self.norm(h) if hi == self.cfg.n_layer else h
 
     def logits(self, h):

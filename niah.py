@@ -368,6 +368,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--answer_len", type=int, default=None, help="answer window (default: the first checkpoint's)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: answer_len)")
+    p.add_argument("--threshold", type=float, default=None, help="sampler: also reveal all above this confidence")
+    p.add_argument("--prefix_cache", action="store_true", help="sampler: approximate prefix KV cache")
     p.add_argument("--json", default=None, help="results file (default: niah.json in the first out_dir)")
     p.add_argument("--plot", action="store_true", help="a length x depth heatmap PNG per row (matplotlib)")
     a = p.parse_args(argv)
@@ -426,7 +428,7 @@ def main(argv=None):
                 g = torch.Generator(device).manual_seed(a.seed * 1_000_003 + k)  # adapt's masks and phi_0
                 tokens, _ = generate(model, [e["prompt"] for e in chunk], gen_len=answer_len, steps=steps,
                                      block_len=None, temperature=0.0, remasking="low_confidence", generator=g,
-                                     adapt=adapt, mcfg=mcfg)
+                                     threshold=a.threshold, adapt=adapt, mcfg=mcfg, prefix_cache=a.prefix_cache)
                 for e, ids in zip(chunk, tokens.tolist()):
                     outputs.append(decode(enc, ids))
                     scores.append(score(outputs[-1], e["answers"]))

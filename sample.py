@@ -10,6 +10,8 @@ next step (paper Sec. 2.1, "Inference via Iterative Denoising"; LLaDA's low-conf
 remasking). With block_len < gen_len the blocks are decoded left to right (semi-autoregressive).
 --adapt first writes the prompt into fresh fast weights with the inner loop, then decodes with
 them applied (paper Sec. 4.5, "MemDLM Train & Inference").
+--prefix_cache reuses the keys/values of the positions before the current block within it
+(Fast-dLLM's approximate prefix KV cache, see generate).
 """
 import argparse
 import sys
@@ -60,6 +62,20 @@ def plan(gen_len, steps, block_len=None):
     return block_len, reveal_schedule(block_len, steps // n_blocks)
 
 
+def block_cache(kv, ends, n_active):
+    """The prefix cache of a block from a full forward's per-layer (k, v) [B, H, T, D]: the
+    positions before each row's block start ends [B], cut to the longest such prefix P. Returns
+    (past, key_pad [B, P + n_active]): key_pad hides a row's cached positions from its block
+    start on (its own block, later blocks, padding), as the active region recomputes them; the
+    active region itself (the row's block to its end of canvas) has no padding."""
+    P = int(ends.max())
+    past = [(k[:, :, :P], v[:, :, :P]) for k, v in kv]
+    stale = torch.arange(P, device=ends.device) >= ends[:, None]
+    if not stale.any():  # rows of one prompt length: no mask, SDPA may use its fastest kernel
+        return past, None
+    return past, torch.cat([stale, stale.new_zeros(len(ends), n_active)], 1)
+
+
 def row_uniform(gens, active, shape, device):
     """U[0, 1) draws [B, *shape] in float64, row b from gens[b] alone. Rows with nothing left to
     reveal draw nothing, so a row's stream never depends on its batch-mates."""
@@ -104,7 +120,8 @@ def write_memory(model, prompts, mcfg, ratio, steps, lr, generator):
 @torch.no_grad()
 def generate(model, prompts, gen_len=64, steps=64, block_len=None, temperature=0.0,
              remasking="low_confidence", threshold=None, generator=None,
-             adapt=False, adapt_steps=2, adapt_lr=0.1, adapt_ratio=0.2, mcfg=None, progress=False):
+             adapt=False, adapt_steps=2, adapt_lr=0.1, adapt_ratio=0.2, mcfg=None, progress=False,
+             prefix_cache=False):
     """prompts: list of lists of token ids (may be empty lists = unconditional, lengths may differ).
     Returns (tokens LongTensor [B, gen_len] of the generated part, adapt_losses list or None).
 
@@ -117,6 +134,12 @@ def generate(model, prompts, gen_len=64, steps=64, block_len=None, temperature=0
     draws from its own only (adapt's masks and phi_0, Gumbel noise, random confidences), and
     gets exactly what it gets decoded alone. adapt: write each prompt into its own fresh memory
     first (adapt_* and mcfg as memory.adapt takes them) and decode with it.
+    prefix_cache: Fast-dLLM's approximate prefix KV cache. The first step of a block is a full
+    forward that also keeps every layer's keys/values of the positions before the block (prompt
+    and decoded blocks); its other steps run the model only from the block to the end of the
+    canvas, attending to that cache. Approximate, as the bidirectional prefix's keys/values
+    depend on the block's tokens, which change within it; refreshed at every block start. With
+    one step per block, exactly the plain path.
     """
     if remasking not in REMASKING:
         raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
@@ -140,15 +163,24 @@ def generate(model, prompts, gen_len=64, steps=64, block_len=None, temperature=0
         bar = tqdm(total=steps, disable=not progress, desc="unmasking", leave=False, dynamic_ncols=True)
         for start in range(0, gen_len, block_len):
             pos = gen_pos[:, start:start + block_len]  # the current block
+            act = gen_pos[:, start:]  # with the cache: the block and the masked blocks after it
+            past = None  # the block's prefix cache, set by its first (full) forward
             for k in schedule:
                 cur = canvas.gather(1, pos)
                 masked = cur == cfg.mask_id
                 active = masked.any(1).tolist()
                 if not any(active):  # threshold mode finished the block early
                     break
-                h = model(canvas, fast=fast, key_pad=key_pad)
+                if past is None:
+                    kv = [] if prefix_cache else None
+                    h, where = model(canvas, fast=fast, key_pad=key_pad, kv_out=kv), pos
+                    if prefix_cache:
+                        past, past_pad = block_cache(kv, pos[:, 0], act.shape[1])
+                else:  # the block is the first block_len positions of the active region
+                    h = model(canvas.gather(1, act), fast=fast, key_pad=past_pad, pos=act, past=past)
+                    where = torch.arange(block_len, device=dev).expand(B, -1)
                 # score only the current block; drop the embedding's padding rows and the mask itself
-                logits = model.logits(h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))).float()
+                logits = model.logits(h.gather(1, where[..., None].expand(-1, -1, h.shape[-1]))).float()
                 logits = logits[..., :cfg.n_vocab]
                 logits[..., cfg.mask_id] = float("-inf")
                 x, conf = propose(logits, temperature, remasking, gens, active)
@@ -183,6 +215,9 @@ def main(argv=None):
     p.add_argument("--adapt_steps", type=int, default=2)
     p.add_argument("--adapt_lr", type=float, default=0.1)
     p.add_argument("--adapt_ratio", type=float, default=0.2)
+    p.add_argument("--prefix_cache", nargs="?", const=True, default=False,
+                   type=lambda v: cast("prefix_cache", v, False),
+                   help="reuse the keys/values before the current block within it (approximate, faster)")
     a = p.parse_args(argv)
     steps = a.gen_len if a.steps is None else a.steps
     if a.num_samples < 1 or a.temperature < 0 or a.adapt_steps < 1 or not 0 < a.adapt_ratio <= 1:
@@ -215,7 +250,7 @@ def main(argv=None):
     gens = [torch.Generator(device).manual_seed(a.seed * 1_000_003 + i) for i in range(a.num_samples)]
     out, losses = generate(model, [prompt] * a.num_samples, a.gen_len, steps, a.block_len, a.temperature,
                            a.remasking, a.threshold, gens, a.adapt, a.adapt_steps, a.adapt_lr, a.adapt_ratio,
-                           memory_config(cfg), progress=steps >= 64)
+                           memory_config(cfg), progress=steps >= 64, prefix_cache=a.prefix_cache)
     for k, l in enumerate(losses or []):
         print(f"adapt step {k + 1}/{len(losses)}: inner loss " + " ".join(f"{v:.4f}" for v in l.tolist()))
     for i, row in enumerate(out.tolist()):

@@ -182,6 +182,78 @@ def test_adapt_needs_a_prompt(model):
 
 
 # ---------------------------------------------------------------------------------------
+# the prefix cache
+
+def test_prefix_cache_one_step_per_block_is_plain(model):
+    """Every block's first step is a full forward: with one step per block the cache is never
+    read, and the outputs are exactly the plain path's (a one-block layout included)."""
+    for kw in [dict(gen_len=16, steps=1), dict(gen_len=16, steps=4, block_len=4),
+               dict(gen_len=16, steps=4, block_len=4, temperature=0.8),
+               dict(gen_len=16, steps=2, block_len=8, temperature=0.8, adapt=True, mcfg=MCFG)]:
+        cached, _ = generate(model, PROMPTS, generator=gens(1, 2, 3), prefix_cache=True, **kw)
+        assert torch.equal(cached, generate(model, PROMPTS, generator=gens(1, 2, 3), **kw)[0])
+
+
+@pytest.mark.parametrize("adapt", [False, True])
+def test_exact_prefix_reproduces_full_forward(model, adapt):
+    """The active region (each row from its block start to its end of canvas) on the exact prefix
+    keys/values gives the full forward's hidden states and logits there, for a padded batch of
+    different prompt lengths, with and without fast weights."""
+    from sample import block_cache
+    gen_len, start, cfg = 16, 4, model.cfg
+    fast = write_memory(model, PROMPTS, MCFG, 0.2, 2, 0.1, gens(1, 2, 3))[0] if adapt else None
+    torch.manual_seed(0)
+    rows = [p + torch.randint(cfg.n_vocab, (gen_len,)).tolist() for p in PROMPTS]  # a partly decoded canvas
+    canvas, key_pad = pad_batch(rows, cfg.eot_id)
+    kv = []
+    full = model(canvas, fast=fast, key_pad=key_pad, kv_out=kv)
+    act = torch.tensor([len(p) + start for p in PROMPTS])[:, None] + torch.arange(gen_len - start)
+    past, past_pad = block_cache(kv, act[:, 0], act.shape[1])
+    assert past_pad is not None and past[0][0].shape[2] == max(map(len, PROMPTS)) + start
+    h = model(canvas.gather(1, act), fast=fast, key_pad=past_pad, pos=act, past=past)
+    ref = full.gather(1, act[..., None].expand(-1, -1, full.shape[-1]))
+    assert (h - ref).abs().max() < 1e-5
+    assert (model.logits(h) - model.logits(ref)).abs().max() < 1e-5
+
+
+def test_rope_positions_beyond_the_table(model):
+    """pos past the cached RoPE tables (block_size 64) gets fresh ones, as a long input does."""
+    x = torch.randint(model.cfg.n_vocab, (1, 80), generator=torch.Generator().manual_seed(0))
+    full = model(x)
+    pos = torch.arange(70, 80)[None]
+    kv = []
+    model(x, kv_out=kv)
+    past = [(k[:, :, :70], v[:, :, :70]) for k, v in kv]  # the exact prefix: from the full forward
+    assert (model(x[:, 70:], pos=pos, past=past) - full[:, 70:]).abs().max() < 1e-5
+    assert torch.equal(model(x, pos=torch.arange(80)[None]), full)  # pos 0..T-1 is the default
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.8, block_len=4),
+                                dict(temperature=0.8, threshold=0.2, block_len=4),
+                                dict(temperature=0.8, block_len=8, adapt=True, mcfg=MCFG)])
+def test_prefix_cache_batched_row_equals_alone(model, kw):
+    seeds = [11, 12, 13]
+    batch, _ = generate(model, PROMPTS, gen_len=16, steps=16, generator=gens(*seeds), prefix_cache=True, **kw)
+    for b, (p, s) in enumerate(zip(PROMPTS, seeds)):
+        alone, _ = generate(model, [p], gen_len=16, steps=16, generator=gens(s), prefix_cache=True, **kw)
+        assert torch.equal(batch[b], alone[0])
+
+
+def test_prefix_cache_finishes_and_keeps_the_prompt(model):
+    prompts = PROMPTS + [[]]
+    rec = Recorder(model)
+    out, _ = generate(rec, prompts, gen_len=16, steps=16, block_len=4, prefix_cache=True)
+    assert (out != model.cfg.mask_id).all() and (out < model.cfg.n_vocab).all()
+    full = [c for c in rec.canvases if c.shape[1] == max(map(len, prompts)) + 16]
+    assert len(full) == 4 and len(rec.canvases) == 16  # one full forward per block, then the active region
+    for c in full:  # the prompt is never altered
+        assert all(c[b, :len(p)].tolist() == p for b, p in enumerate(prompts))
+    # the plain path decodes mostly the same tokens
+    plain, _ = generate(model, prompts, gen_len=16, steps=16, block_len=4)
+    assert (out == plain).float().mean() > 0.5
+
+
+# ---------------------------------------------------------------------------------------
 # the command line
 
 @pytest.fixture(scope="module")
@@ -197,6 +269,8 @@ def test_cli_samples(ckpt, capsys):
     assert "adapt step 1/2: inner loss" in out and "adapt step 2/2" in out
     assert "sample 2/2" in out and out.count("\nHello") == 2
     main([f"--out_dir={ckpt}", "--gen_len=8", "--block_len=4", "--steps=4"])  # unconditional
+    assert "sample 1/1" in capsys.readouterr().out
+    main([f"--out_dir={ckpt}", "--prompt=Hello", "--gen_len=8", "--block_len=4", "--prefix_cache", "--adapt"])
     assert "sample 1/1" in capsys.readouterr().out
 
 
