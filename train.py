@@ -228,17 +228,17 @@ def evaluate(raw, data, cfg, mcfg, device, ctx):
     the inner loop on each eval batch, as in training (the paper's view), at the same x_t;
     'eval_answer_acc' (data with prompts) is answer_accuracy of the base model alone."""
     raw.eval()
-    out, hits = {}, [0, 0]
-    for mem in (False, True) if cfg["mem"] else (False,):
-        losses = []
-        for i in range(cfg["eval_iters"]):
-            g_dev, g_cpu = step_generator(cfg["seed"] + 1, i, 0, device)
-            batch = data.batch("val", g_cpu)
-            with ctx:
-                losses.append(batch_loss(raw, raw, batch, {**cfg, "mem": mem}, mcfg, g_dev)[0].item())
-                if not mem:
-                    hits = [a + b for a, b in zip(hits, answer_accuracy(raw, *batch))]
-        out["eval_loss_mem" if mem else "eval_loss"] = sum(losses) / len(losses)
+    modes = (False, True) if cfg["mem"] else (False,)
+    losses, hits = {mem: [] for mem in modes}, [0, 0]
+    for i in range(cfg["eval_iters"]):
+        g_cpu = step_generator(cfg["seed"] + 1, i, 0, device)[1]
+        batch = data.batch("val", g_cpu)
+        with ctx:
+            for mem in modes:  # a fresh generator each: both see the same t and masks
+                g_dev = step_generator(cfg["seed"] + 1, i, 0, device)[0]
+                losses[mem].append(batch_loss(raw, raw, batch, {**cfg, "mem": mem}, mcfg, g_dev)[0].item())
+            hits = [a + b for a, b in zip(hits, answer_accuracy(raw, *batch))]
+    out = {"eval_loss_mem" if mem else "eval_loss": sum(v) / len(v) for mem, v in losses.items()}
     if hits[1]:
         out["eval_answer_acc"] = hits[0] / hits[1]
     raw.train()
