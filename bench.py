@@ -11,7 +11,6 @@ of --steps steps is reported. MFU counts the model's useful work per token,
 backward), for both modes, against the card's dense bf16 peak (989 TFLOP/s for H100/H200 SXM).
 """
 import statistics
-from contextlib import nullcontext
 import sys
 import time
 
@@ -56,7 +55,7 @@ def bench_training(cfg, mem, bench, device):
     inner = train.compiled(raw, cfg, on_gpu)
     mcfg = train.memory_config(cfg)
     data = train.make_data(cfg, device)
-    ctx = torch.autocast("cuda", dtype=getattr(torch, cfg["dtype"])) if on_gpu else nullcontext()
+    ctx = train.autocast(cfg, on_gpu)
     batches = [data.batch("train", train.step_generator(cfg["seed"], i, 0, device)[1]) for i in range(4)]
     if on_gpu:
         torch.cuda.synchronize()

@@ -189,6 +189,11 @@ def compiled(raw, cfg, on_gpu):
         if cfg["compile"] and on_gpu else raw
 
 
+def autocast(cfg, on_gpu):
+    """Mixed precision on the GPU (cfg dtype, bf16 by default); full precision on the CPU."""
+    return torch.autocast("cuda", dtype=getattr(torch, cfg["dtype"])) if on_gpu else nullcontext()
+
+
 def make_optimizer(raw, cfg, on_gpu):
     """AdamW, weight decay on matrices only; fused on GPU."""
     decay = [p for p in raw.parameters() if p.dim() >= 2]
@@ -314,7 +319,7 @@ def main(argv):
     # DDP wraps the module that runs the stack from the token ids (all of it for MDLM, the
     # layers below the memory for MemDLM); the inner loop and the top run on the module itself
     model = torch.nn.parallel.DistributedDataParallel(inner, device_ids=[device] if on_gpu else None) if ddp else inner
-    ctx = torch.autocast("cuda", dtype=getattr(torch, cfg["dtype"])) if on_gpu else nullcontext()
+    ctx = autocast(cfg, on_gpu)
 
     tokens_per_step = cfg["batch_size"] * cfg["block_size"] * world
     if master:
