@@ -256,8 +256,10 @@ def score(output_text, answers):
 class NiahData:
     """Rows of prompt (not maskable), answer window (niah_answer_len tokens: the answer, then
     <|endoftext|> to the end, maskable: the model learns to stop), padding to block_size
-    (key_pad, not maskable). With probability niah_full_frac the whole row is maskable, so the
-    model keeps learning the haystack text too. Lengths (prompt + window) are uniform over
+    (key_pad, not maskable). With probability niah_full_frac a whole batch is maskable, so the
+    model keeps learning the haystack text too. Per batch, not per row: the loss is normalised
+    by the batch's maskable tokens, so full rows in a mixed batch would outweigh the answers
+    (at 0.25 and 512 tokens, 84% of the weight) and retrieval would learn far more slowly. Lengths (prompt + window) are uniform over
     [max(niah_min_len, the task's minimum), block_size], depths over 0-100, tasks over niah_tasks."""
 
     def __init__(self, cfg, device):
@@ -280,6 +282,7 @@ class NiahData:
         x = np.full((self.B, self.T), eot, dtype=np.int64)
         maskable = np.zeros((self.B, self.T), dtype=bool)
         key_pad = np.ones((self.B, self.T), dtype=bool)
+        full = rng.random() < self.full_frac
         for b in range(self.B):
             ex = make_example(rng.choice(self.tasks), (self.min_len, self.T), rng.uniform(0, 100), rng,
                               self.enc, self.haystack, self.A)
@@ -287,7 +290,7 @@ class NiahData:
             row = ex["prompt"] + list(ans) + [eot] * (self.A - len(ans))
             x[b, :len(row)] = row
             key_pad[b, :len(row)] = False
-            maskable[b, 0 if rng.random() < self.full_frac else len(ex["prompt"]):len(row)] = True
+            maskable[b, 0 if full else len(ex["prompt"]):len(row)] = True
         out = tuple(torch.from_numpy(a) for a in (x, maskable, key_pad))
         if self.device.startswith("cuda"):
             return tuple(a.pin_memory().to(self.device, non_blocking=True) for a in out)
