@@ -18,6 +18,7 @@ import json
 import os
 import random
 import re
+import time
 
 import numpy as np
 import torch
@@ -391,6 +392,7 @@ def main(argv=None):
     from sample import generate, plan
     from train import memory_config, pick_device
     device = pick_device(a.device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     runs = [(d, *load_model(d, device)) for d in dirs]
     tokenizers = {cfg["tokenizer"] for _, _, cfg in runs}
     if len(tokenizers) > 1:
@@ -425,20 +427,24 @@ def main(argv=None):
     for d, model, cfg in runs:
         mcfg = memory_config(cfg)
         for adapt in settings:
-            outputs, scores = [], []
+            outputs, scores, decode_s = [], [], 0.0
             for k in range(0, len(examples), a.batch_size):
                 chunk = examples[k:k + a.batch_size]
                 g = torch.Generator(device).manual_seed(a.seed * 1_000_003 + k)  # adapt's masks and phi_0
+                sync()
+                t0 = time.perf_counter()
                 tokens, _ = generate(model, [e["prompt"] for e in chunk], gen_len=answer_len, steps=steps,
                                      block_len=None, temperature=0.0, remasking="low_confidence", generator=g,
                                      threshold=a.threshold, adapt=adapt, mcfg=mcfg, prefix_cache=a.prefix_cache)
+                sync()
+                decode_s += time.perf_counter() - t0
                 for e, ids in zip(chunk, tokens.tolist()):
                     outputs.append(decode(enc, ids))
                     scores.append(score(outputs[-1], e["answers"]))
                 bar.update(len(chunk))
             samples = [dict(task=e["task"], length=e["length"], depth=e["depth"], output=o, score=s)
                        for e, o, s in zip(examples, outputs, scores)]
-            rows.append(dict(label=row_label(cfg, adapt, d), out_dir=d, adapt=adapt,
+            rows.append(dict(label=row_label(cfg, adapt, d), out_dir=d, adapt=adapt, decode_s=decode_s,
                              cells=cells(samples, tasks, a.lengths), samples=samples))
     bar.close()
 
@@ -452,6 +458,8 @@ def main(argv=None):
     path = a.json or os.path.join(dirs[0], "niah.json")
     with open(path, "w") as f:
         json.dump(dict(args=vars(a), answer_len=answer_len, steps=steps, rows=rows), f, indent=1)
+    for r in rows:  # the sampler's speed: --threshold and --prefix_cache trade it against the table
+        print(f"{r['label']}: {r['decode_s']:.1f} s decoding, {len(examples) / r['decode_s']:.1f} answers/s")
     print(f"wrote {path}")
     if a.plot:
         try:

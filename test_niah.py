@@ -166,8 +166,10 @@ def test_cli_end_to_end(tmp_path, capsys):
         assert f"| {label} {dirs[d]} |" in out
     assert re.search(r"\| \d+\.\d ± \d+\.\d \(2\) \|", out)
     assert "matplotlib" in out or "niah_adapt.png" in out
+    assert re.search(rf"Standard MDLM {re.escape(dirs[1])}: \d+\.\d s decoding, \d+\.\d answers/s", out)
     res = json.loads(out_json.read_text())
     assert [(r["out_dir"], r["adapt"]) for r in res["rows"]] == [(d, s) for d in dirs for s in (False, True)]
+    assert all(r["decode_s"] > 0 for r in res["rows"])
     cell = res["rows"][0]["cells"]["single"]["200"]
     assert cell["n"] == 2 and set(cell["depths"]) == {"0", "100"} and 0 <= cell["mean"] <= 1
     assert len(res["rows"][0]["samples"]) == 8
