@@ -184,14 +184,24 @@ def forward_process(x0, maskable, mask_id, t=None, generator=None):
     return torch.where(mask, mask_id, x0), mask, t
 
 
+# Above this many logits (positions x vocabulary) masked_ce gathers the masked positions first.
+GATHER_ABOVE = 2 ** 28
+
+
 def masked_ce(model, h, x0, mask, weight):
     """sum over masked positions of weight[b] * -log p(x0_i | .), per sequence: [B].
-    Logits are computed only at the masked positions."""
+    With a small vocabulary (the byte tokenizer's 320 rows) logits at every position cost
+    less than gathering the masked ones, which needs their count on the host: a sync that
+    stalls the queue of kernels every step. A large vocabulary gets logits only where masked."""
+    def ce(hs, ys):
+        logits = model.logits(hs)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
+        return F.cross_entropy(logits, ys, reduction="none")
+    if mask.numel() * model.cfg.vocab_size <= GATHER_ABOVE:
+        return (ce(h.flatten(0, 1), x0.flatten()).view(mask.shape) * mask * weight[:, None]).sum(1)
     b, i = mask.nonzero(as_tuple=True)  # one host sync: the number of masked tokens
-    logits = model.logits(h[b, i])
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
-    ce = F.cross_entropy(logits, x0[b, i], reduction="none")
-    return torch.zeros(x0.shape[0], device=x0.device, dtype=ce.dtype).index_add(0, b, ce * weight[b])
+    loss = ce(h[b, i], x0[b, i])
+    return torch.zeros(x0.shape[0], device=x0.device, dtype=loss.dtype).index_add(0, b, loss * weight[b])
 
 
 def mdlm_loss(model, h, x0, mask, t, maskable):

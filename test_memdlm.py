@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import model
 import train
 from memory import (MemoryConfig, adapt, clip_per_sequence, extend_mask, flat, init_fast, inner_loop,
                     memdlm_loss, memory_layers, trajectory, unflat)
@@ -71,7 +72,9 @@ def test_masking_rate_matches_t():
     assert t_drawn.min() >= 1e-3 and t_drawn.max() <= 1 and abs(t_drawn.mean() - 0.5) < 0.05
 
 
-def test_mdlm_loss_matches_a_hand_computation():
+@pytest.mark.parametrize("gather", [False, True])  # logits everywhere (small vocabularies) or gathered
+def test_mdlm_loss_matches_a_hand_computation(gather, monkeypatch):
+    monkeypatch.setattr(model, "GATHER_ABOVE", 0 if gather else 2 ** 28)
     m, x0 = tiny(), tokens(2, 6)
     mask = torch.tensor([[1, 0, 1, 0, 0, 0], [0, 0, 0, 1, 0, 0]], dtype=torch.bool)
     maskable = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]], dtype=torch.bool)  # row 1: 2-token prompt
