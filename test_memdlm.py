@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import model
 import train
+from data.tokenizer import get_encoding
 from memory import (MemoryConfig, adapt, clip_per_sequence, extend_mask, flat, init_fast, inner_loop,
                     memdlm_loss, memory_layers, trajectory, unflat)
 from model import DiffusionLM, ModelConfig, forward_process, load_model, masked_ce, mdlm_loss
@@ -372,3 +373,56 @@ def test_answer_accuracy_scores_answers_of_prompted_rows_only():
     assert seen["x"].tolist() == [[5, 6, MASK, MASK, MASK, 256], [1, 2, 3, 4, 5, 6]]
     assert train.answer_accuracy(Oracle(False), x0, maskable, key_pad) == (1, 2)
     assert train.answer_accuracy(Oracle(True), x0[1:], maskable[1:], None) == (0, 0)
+
+
+
+def _ddp_rank(rank, port, out):
+    """Three MemDLM steps on this rank's own batches, wrapped as train.py wraps them."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    cfg = train.parse_config(["--config", "tiny", "--batch_size=4"])
+    torch.manual_seed(0)
+    raw = DiffusionLM(train.model_config(cfg, get_encoding("byte")))
+    opt = train.make_optimizer(raw, cfg, False)
+    model = torch.nn.parallel.DistributedDataParallel(raw)
+    data, mcfg = train.make_data(cfg, "cpu"), train.memory_config(cfg)
+    for step in range(3):
+        g_dev, g_cpu = train.step_generator(cfg["seed"], step, rank, "cpu")
+        train.train_step(model, raw, raw, opt, data.batch("train", g_cpu), cfg, mcfg, g_dev, train.nullcontext())
+    torch.save(raw.state_dict(), os.path.join(out, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_keeps_every_weight_in_sync_though_the_top_runs_outside_the_wrapper(tmp_path):
+    # DDP wraps the bottom layers' module; the inner loop and the layers above the memory run
+    # on the bare module: their gradients must still be averaged over the ranks
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_rank, args=(port, str(tmp_path)), nprocs=2)
+    w0, w1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    torch.manual_seed(0)  # the ranks' initial weights
+    init = DiffusionLM(train.model_config(train.parse_config(["--config", "tiny"]), get_encoding("byte"))).state_dict()
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert not torch.equal(w0["layers.1.ffn.up_proj.weight"], init["layers.1.ffn.up_proj.weight"])  # it trained
+
+
+def _torchrun_rank(rank, port, out):
+    """train.py under DDP, as torchrun would start it (gloo on the CPU)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    train.main(["--config", "tiny", f"--out_dir={out}", "--batch_size=4", "--max_iters=10", "--eval_interval=10"])
+
+
+def test_ddp_training_evaluates_on_the_global_batch(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_torchrun_rank, args=(port, str(tmp_path / "ddp")), nprocs=2)
+    with open(tmp_path / "ddp" / "log.jsonl") as f:
+        ddp = [json.loads(line) for line in f]
+    one = run_train(tmp_path / "one", "--batch_size=8", "--max_iters=10", "--eval_interval=10")
+    assert ddp[0]["step"] == one[0]["step"] == 0 and ddp[0] == one[0]  # same eval batches at the same weights
+    assert (tmp_path / "ddp" / "ckpt.pt").exists() and ddp[-1]["summary"]["train_loss"] > 0

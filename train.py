@@ -291,6 +291,8 @@ def main(argv):
     mcfg = memory_config(cfg)
     mcfg.validate()
     data = make_data(cfg, device)
+    # evals draw the global batch, so runs of equal global batch see the same eval data on any number of GPUs
+    eval_data = make_data({**cfg, "batch_size": cfg["batch_size"] * world}, device) if world > 1 else data
     os.makedirs(cfg["out_dir"], exist_ok=True)
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
 
@@ -350,7 +352,7 @@ def main(argv):
     t_start = t_log = time.time()
     for step in bar:
         if step % cfg["eval_interval"] == 0 and master:
-            ev = evaluate(raw, data, cfg, mcfg, device, ctx)
+            ev = evaluate(raw, eval_data, cfg, mcfg, device, ctx)
             write({"step": step, **ev})
             bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
             if step > start:
@@ -372,7 +374,7 @@ def main(argv):
     if master:
         if cfg["max_iters"] > start:
             wall = time.time() - t_start
-            ev = evaluate(raw, data, cfg, mcfg, device, ctx)
+            ev = evaluate(raw, eval_data, cfg, mcfg, device, ctx)
             write({"step": cfg["max_iters"], **ev})
             print(f"step {cfg['max_iters']}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
             write({"summary": summarize(log.name, start, ev, wall, device)})
