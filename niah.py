@@ -260,8 +260,9 @@ class NiahData:
     (key_pad, not maskable). With probability niah_full_frac a whole batch is maskable, so the
     model keeps learning the haystack text too. Per batch, not per row: the loss is normalised
     by the batch's maskable tokens, so full rows in a mixed batch would outweigh the answers
-    (at 0.25 and 512 tokens, 84% of the weight) and retrieval would learn far more slowly. Lengths (prompt + window) are uniform over
-    [max(niah_min_len, the task's minimum), block_size], depths over 0-100, tasks over niah_tasks."""
+    (at 0.25 and 512 tokens, 84% of the weight) and retrieval would learn far more slowly.
+    Lengths (prompt + window) are uniform over [max(niah_min_len, the task's minimum),
+    block_size], depths over 0-100, tasks over niah_tasks."""
 
     def __init__(self, cfg, device):
         from data.tokenizer import get_encoding

@@ -376,6 +376,13 @@ def test_answer_accuracy_scores_answers_of_prompted_rows_only():
 
 
 
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _ddp_rank(rank, port, out):
     """Three MemDLM steps on this rank's own batches, wrapped as train.py wraps them."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -396,10 +403,7 @@ def _ddp_rank(rank, port, out):
 def test_ddp_keeps_every_weight_in_sync_though_the_top_runs_outside_the_wrapper(tmp_path):
     # DDP wraps the bottom layers' module; the inner loop and the layers above the memory run
     # on the bare module: their gradients must still be averaged over the ranks
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     torch.multiprocessing.spawn(_ddp_rank, args=(port, str(tmp_path)), nprocs=2)
     w0, w1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     torch.manual_seed(0)  # the ranks' initial weights
@@ -416,10 +420,7 @@ def _torchrun_rank(rank, port, out):
 
 
 def test_ddp_training_evaluates_on_the_global_batch(tmp_path):
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     torch.multiprocessing.spawn(_torchrun_rank, args=(port, str(tmp_path / "ddp")), nprocs=2)
     with open(tmp_path / "ddp" / "log.jsonl") as f:
         ddp = [json.loads(line) for line in f]

@@ -291,8 +291,8 @@ def main(argv):
     mcfg = memory_config(cfg)
     mcfg.validate()
     data = make_data(cfg, device)
-    # evals draw the global batch, so runs of equal global batch see the same eval data on any number of GPUs
-    eval_data = make_data({**cfg, "batch_size": cfg["batch_size"] * world}, device) if world > 1 else data
+    # rank 0 evaluates on the global batch: equal eval data for equal global batches on any number of GPUs
+    eval_data = make_data({**cfg, "batch_size": cfg["batch_size"] * world}, device) if world > 1 and master else data
     os.makedirs(cfg["out_dir"], exist_ok=True)
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
 
