@@ -114,6 +114,9 @@ def bench_sampling(bench, device):
     on_gpu = device.startswith("cuda")
     mcfg = train.memory_config(cfg)
     data = train.make_data(cfg, "cpu")
+    if not hasattr(data, "files"):
+        raise SystemExit(f"--sample_from needs a checkpoint trained on text; {bench['sample_from']} was trained on "
+                         f"dataset={cfg['dataset']}: time its sampling with niah.py, which prints answers/s")
     val = np.memmap(data.files["val"], dtype=data.dtype, mode="r")
     B, G, blk = bench["sample_batch"], bench["gen_len"], bench["block"]
     print(f"sampling: {bench['sample_from']}, batch {B}, gen_len {G}, blocks of {blk}, steps = gen_len")
