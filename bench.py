@@ -109,7 +109,8 @@ def bench_sampling(bench, device):
     import numpy as np
 
     from model import load_model
-    from sample import generate, write_memory
+    from memory import ADAPT_RATIO
+    from sample import generate, sampling_autocast, write_memory
     model, cfg = load_model(bench["sample_from"], device)
     on_gpu = device.startswith("cuda")
     mcfg = train.memory_config(cfg)
@@ -128,8 +129,8 @@ def bench_sampling(bench, device):
         base, (ref, _) = timed(run, on_gpu)
         print(f"| {L} | plain | {base:.3f} | {B * G / base:,.0f} | |")
         dt, _ = timed(lambda: run(adapt=True), on_gpu)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
-            mem, _ = timed(lambda: write_memory(model, prompts, mcfg, 0.2, 2, 0.1,
+        with sampling_autocast(device):  # as inside generate
+            mem, _ = timed(lambda: write_memory(model, prompts, mcfg, ADAPT_RATIO, 2, 0.1,
                                                 torch.Generator(device).manual_seed(0)), on_gpu)
         print(f"| {L} | --adapt | {dt:.3f} | {B * G / dt:,.0f} | adaptation {100 * mem / dt:.0f}% of the time |")
         for name, kw in ((f"threshold {bench['threshold']}", dict(threshold=bench["threshold"])),

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from data.tokenizer import decode, get_encoding
-from memory import adapt as adapt_memory, flat, unflat
+from memory import ADAPT_RATIO, adapt as adapt_memory, flat, unflat
 from model import load_model
 from train import cast, memory_config, pick_device
 
@@ -98,6 +98,11 @@ def propose(logits, temperature, remasking, gens, active):
     return x, logits.softmax(-1).gather(-1, x[..., None]).squeeze(-1)
 
 
+def sampling_autocast(device):
+    """bf16 on the GPU, full precision on the CPU: the sampler's (and adaptation's) precision."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
+
+
 def write_memory(model, prompts, mcfg, ratio, steps, lr, generator):
     """Each prompt written into its own fresh fast weights (memory.adapt): the inner loop on the
     prompt alone, anchor mask ratio `ratio` (paper Sec. 4.5). Returns (fast, per-step losses [B])."""
@@ -120,7 +125,7 @@ def write_memory(model, prompts, mcfg, ratio, steps, lr, generator):
 @torch.no_grad()
 def generate(model, prompts, gen_len=64, steps=64, block_len=None, temperature=0.0,
              remasking="low_confidence", threshold=None, generator=None,
-             adapt=False, adapt_steps=2, adapt_lr=0.1, adapt_ratio=0.2, mcfg=None, progress=False,
+             adapt=False, adapt_steps=2, adapt_lr=0.1, adapt_ratio=ADAPT_RATIO, mcfg=None, progress=False,
              prefix_cache=False):
     """prompts: list of lists of token ids (may be empty lists = unconditional, lengths may differ).
     Returns (tokens LongTensor [B, gen_len] of the generated part, adapt_losses list or None).
@@ -157,7 +162,7 @@ def generate(model, prompts, gen_len=64, steps=64, block_len=None, temperature=0
     # canvas positions of the generated tokens: each row's start at its own prompt length
     gen_pos = torch.tensor([len(p) for p in prompts], device=dev)[:, None] + torch.arange(gen_len, device=dev)
     fast = losses = None
-    with torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext():
+    with sampling_autocast(dev):
         if adapt:
             fast, losses = write_memory(model, prompts, mcfg, adapt_ratio, adapt_steps, adapt_lr, generator)
         bar = tqdm(total=steps, disable=not progress, desc="unmasking", leave=False, dynamic_ncols=True)
@@ -214,7 +219,7 @@ def main(argv=None):
                    help="write the prompt into fast weights first (a flag; --adapt=True/False as train.py)")
     p.add_argument("--adapt_steps", type=int, default=2)
     p.add_argument("--adapt_lr", type=float, default=0.1)
-    p.add_argument("--adapt_ratio", type=float, default=0.2)
+    p.add_argument("--adapt_ratio", type=float, default=ADAPT_RATIO)
     p.add_argument("--prefix_cache", nargs="?", const=True, default=False,
                    type=lambda v: cast("prefix_cache", v, False),
                    help="reuse the keys/values before the current block within it (approximate, faster)")
