@@ -53,7 +53,7 @@ def bench_training(cfg, mem, bench, device):
     raw = train.DiffusionLM(train.model_config(cfg, get_encoding(cfg["tokenizer"]))).to(device)
     opt = train.make_optimizer(raw, cfg, on_gpu)
     inner = train.compiled(raw, cfg, on_gpu)
-    mcfg = train.memory_config(cfg)
+    mcfg = train.MemoryConfig.from_config(cfg)
     data = train.make_data(cfg, device)
     ctx = train.autocast(cfg, on_gpu)
     batches = [data.batch("train", train.step_generator(cfg["seed"], i, 0, device)[1]) for i in range(4)]
@@ -113,7 +113,7 @@ def bench_sampling(bench, device):
     from sample import generate, sampling_autocast, write_memory
     model, cfg = load_model(bench["sample_from"], device)
     on_gpu = device.startswith("cuda")
-    mcfg = train.memory_config(cfg)
+    mcfg = train.MemoryConfig.from_config(cfg)
     data = train.make_data(cfg, "cpu")
     if not hasattr(data, "files"):
         raise SystemExit(f"--sample_from needs a checkpoint trained on text; {bench['sample_from']} was trained on "

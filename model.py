@@ -2,15 +2,13 @@
 MDLM loss.
 
 The FFN of every layer accepts optional per-sequence fast weights (MemDLM's parametric
-memory, see memory.py) as plain tensors passed into the forward: for a layer i,
-fast[i] maps "gate_proj" / "up_proj" / "down_proj" to either a LoRA pair
-(A: [B, r, d_in], B: [B, d_out, r]) or a full-rank delta (D: [B, d_out, d_in]).
-Nothing is patched into the modules; with no fast weights, or with B = 0, the output is
-exactly the base model's.
+memory, see memory.py) as plain tensors passed into the forward (FastWeights). Nothing is
+patched into the modules; with no fast weights, or with B = 0, the output is exactly the
+base model's.
 """
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -31,7 +29,6 @@ class ModelConfig:
     n_embd: int = 128
     ffn_mult: float = 8 / 3    # SwiGLU hidden = ffn_mult * n_embd, rounded up to 64
     rope_theta: float = 10000.0
-    lora_scale: float = 2.0    # alpha / r of the fast weights (memory.py sets it)
 
     @property
     def ffn_hidden(self):
@@ -48,6 +45,16 @@ def apply_rope(x, cos, sin):
     # x: [B, H, T, D]; rotate pairs (first half, second half)
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+@dataclass
+class FastWeights:
+    """phi: per-sequence fast weights. layers maps a layer index to {"gate_proj" | "up_proj" |
+    "down_proj": a LoRA pair (A [B, r, d_in], B [B, d_out, r]) or a full-rank delta
+    (D [B, d_out, d_in],)}; scale is the LoRA alpha / r. Both belong to the memory
+    (memory.py), not to the model: any rank and alpha run on any checkpoint."""
+    layers: dict
+    scale: float = 1.0
 
 
 def fast_linear(x, lin, fw, scale):
@@ -87,13 +94,12 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
         self.up_proj = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=False)
-        self.scale = cfg.lora_scale
 
-    def forward(self, x, fast=None):
+    def forward(self, x, fast=None, scale=1.0):
         f = fast or {}
-        g = fast_linear(x, self.gate_proj, f.get("gate_proj"), self.scale)
-        u = fast_linear(x, self.up_proj, f.get("up_proj"), self.scale)
-        return fast_linear(F.silu(g) * u, self.down_proj, f.get("down_proj"), self.scale)
+        g = fast_linear(x, self.gate_proj, f.get("gate_proj"), scale)
+        u = fast_linear(x, self.up_proj, f.get("up_proj"), scale)
+        return fast_linear(F.silu(g) * u, self.down_proj, f.get("down_proj"), scale)
 
 
 class Block(nn.Module):
@@ -104,9 +110,9 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.n_embd)
         self.ffn = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, attn_mask, fast=None, past=None, kv_out=None):
+    def forward(self, x, cos, sin, attn_mask, fast=None, scale=1.0, past=None, kv_out=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, past, kv_out)
-        return x + self.ffn(self.ffn_norm(x), fast)
+        return x + self.ffn(self.ffn_norm(x), fast, scale)
 
 
 class DiffusionLM(nn.Module):
@@ -140,6 +146,7 @@ class DiffusionLM(nn.Module):
         """Hidden states after layers [lo, hi).
 
         x: token ids [B, T] when lo == 0, else the hidden states [B, T, C] entering layer lo.
+        fast: FastWeights (phi) or None (the base model theta alone).
         Running (lo=0, hi=k) then (lo=k) equals one full run: the inner loop uses this to
         reuse the bottom layers' output. key_pad: bool [B, T], True at padding (never
         attended to). The final norm is applied when hi reaches the top.
@@ -162,8 +169,8 @@ class DiffusionLM(nn.Module):
             cos, sin = cos[pos][:, None], sin[pos][:, None]
         attn_mask = None if key_pad is None else ~key_pad[:, None, None, :]
         for i in range(lo, hi):
-            h = self.layers[i](h, cos, sin, attn_mask, None if fast is None else fast.get(i),
-                               None if past is None else past[i - lo], kv_out)
+            h = self.layers[i](h, cos, sin, attn_mask, None if fast is None else fast.layers.get(i),
+                               1.0 if fast is None else fast.scale, None if past is None else past[i - lo], kv_out)
         return self.norm(h) if hi == self.cfg.n_layer else h
 
     def logits(self, h):
@@ -210,6 +217,15 @@ def mdlm_loss(model, h, x0, mask, t, maskable):
     return masked_ce(model, h, x0, mask, 1.0 / t).sum() / maskable.sum().clamp(min=1)
 
 
+def pick_device(name):
+    """'auto': the GPU if there is one, else the CPU; a GPU asked for must be there."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device={name} was asked for but no CUDA GPU is visible: use --device=cpu or auto")
+    return name
+
+
 def load_model(out_dir, device="cpu"):
     """The model of out_dir/ckpt.pt (as train.py writes it) in eval mode, and its train config."""
     path = os.path.join(out_dir, "ckpt.pt")
@@ -217,7 +233,8 @@ def load_model(out_dir, device="cpu"):
         raise SystemExit(f"no checkpoint at {path}: train one first (python train.py --out_dir={out_dir})")
     ckpt = torch.load(path, map_location=device, weights_only=False)
     try:
-        model = DiffusionLM(ModelConfig(**ckpt["model_args"]))
+        names = {f.name for f in fields(ModelConfig)}  # older checkpoints also hold the LoRA scale
+        model = DiffusionLM(ModelConfig(**{k: v for k, v in ckpt["model_args"].items() if k in names}))
         model.load_state_dict(ckpt["model"])
     except (KeyError, TypeError, RuntimeError) as e:
         raise SystemExit(f"{path} is not a checkpoint of this model ({type(e).__name__}: {str(e)[:200]})") from None

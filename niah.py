@@ -389,9 +389,9 @@ def main(argv=None):
     from tqdm import tqdm
 
     from data.tokenizer import decode, get_encoding
-    from model import load_model
+    from memory import MemoryConfig
+    from model import load_model, pick_device
     from sample import generate, plan
-    from train import memory_config, pick_device
     device = pick_device(a.device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     runs = [(d, *load_model(d, device)) for d in dirs]
@@ -426,7 +426,7 @@ def main(argv=None):
     bar = tqdm(total=len(runs) * len(settings) * len(examples), desc="niah", dynamic_ncols=True)
     rows = []
     for d, model, cfg in runs:
-        mcfg = memory_config(cfg)
+        mcfg = MemoryConfig.from_config(cfg)
         for adapt in settings:
             outputs, scores, decode_s = [], [], 0.0
             for k in range(0, len(examples), a.batch_size):

@@ -21,9 +21,8 @@ import torch
 from tqdm import tqdm
 
 from data.tokenizer import decode, get_encoding
-from memory import ADAPT_RATIO, adapt as adapt_memory, flat, unflat
-from model import load_model
-from train import cast, memory_config, pick_device
+from memory import ADAPT_RATIO, MemoryConfig, adapt as adapt_memory, flat, unflat
+from model import load_model, pick_device
 
 REMASKING = ("low_confidence", "random")
 
@@ -215,13 +214,12 @@ def main(argv=None):
     p.add_argument("--threshold", type=float, default=None, help="also reveal all above this confidence")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--adapt", nargs="?", const=True, default=False, type=lambda v: cast("adapt", v, False),
-                   help="write the prompt into fast weights first (a flag; --adapt=True/False as train.py)")
+    p.add_argument("--adapt", action=argparse.BooleanOptionalAction, default=False,
+                   help="write the prompt into fast weights first")
     p.add_argument("--adapt_steps", type=int, default=2)
     p.add_argument("--adapt_lr", type=float, default=0.1)
     p.add_argument("--adapt_ratio", type=float, default=ADAPT_RATIO)
-    p.add_argument("--prefix_cache", nargs="?", const=True, default=False,
-                   type=lambda v: cast("prefix_cache", v, False),
+    p.add_argument("--prefix_cache", action=argparse.BooleanOptionalAction, default=False,
                    help="reuse the keys/values before the current block within it (approximate, faster)")
     a = p.parse_args(argv)
     steps = a.gen_len if a.steps is None else a.steps
@@ -255,7 +253,7 @@ def main(argv=None):
     gens = [torch.Generator(device).manual_seed(a.seed * 1_000_003 + i) for i in range(a.num_samples)]
     out, losses = generate(model, [prompt] * a.num_samples, a.gen_len, steps, a.block_len, a.temperature,
                            a.remasking, a.threshold, gens, a.adapt, a.adapt_steps, a.adapt_lr, a.adapt_ratio,
-                           memory_config(cfg), progress=steps >= 64, prefix_cache=a.prefix_cache)
+                           MemoryConfig.from_config(cfg), progress=steps >= 64, prefix_cache=a.prefix_cache)
     for k, l in enumerate(losses or []):
         print(f"adapt step {k + 1}/{len(losses)}: inner loss " + " ".join(f"{v:.4f}" for v in l.tolist()))
     for i, row in enumerate(out.tolist()):

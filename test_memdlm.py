@@ -10,16 +10,16 @@ import torch.nn.functional as F
 import model
 import train
 from data.tokenizer import get_encoding
-from memory import (MemoryConfig, adapt, clip_per_sequence, extend_mask, flat, init_fast, inner_loop,
-                    memdlm_loss, memory_layers, trajectory, unflat)
-from model import DiffusionLM, ModelConfig, forward_process, load_model, masked_ce, mdlm_loss
+from memory import (MemoryConfig, adapt, bernoulli_anchor, clip_per_sequence, extend_mask, flat, init_fast,
+                    inner_loop, inner_loss, memdlm_loss, memory_layers, trajectory, unflat)
+from model import DiffusionLM, FastWeights, ModelConfig, forward_process, load_model, masked_ce, mdlm_loss
 
 MASK = 257
 
 
 def tiny(n_layer=2, dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
-    return DiffusionLM(ModelConfig(n_layer=n_layer, n_head=2, n_embd=32, lora_scale=2.0)).to(dtype)
+    return DiffusionLM(ModelConfig(n_layer=n_layer, n_head=2, n_embd=32)).to(dtype)
 
 
 def tokens(B=2, T=16, seed=1):
@@ -43,12 +43,28 @@ def test_zero_fast_weights_give_the_base_output_exactly():
     m, x = tiny(), tokens()
     fast = init_fast(m, 2, MemoryConfig(rank=4))  # A random, B = 0
     assert torch.equal(logits(m, x), logits(m, x, fast=fast))
-    assert not torch.equal(logits(m, x), logits(m, x, fast={1: {k: (a, b + 0.1) for k, (a, b) in fast[1].items()}}))
+    nonzero = FastWeights({1: {k: (a, b + 0.1) for k, (a, b) in fast.layers[1].items()}}, fast.scale)
+    assert not torch.equal(logits(m, x), logits(m, x, fast=nonzero))
+
+
+def test_the_lora_delta_is_alpha_over_r_times_x_a_b():
+    m, x = tiny(), tokens(1, 8)
+    mc = MemoryConfig(rank=4, alpha=12.0)  # scale 3
+    fast = init_fast(m, 1, mc, torch.Generator().manual_seed(0))
+    A, B = fast.layers[1]["down_proj"]
+    B = torch.randn_like(B)
+    fw = FastWeights({1: {"down_proj": (A, B)}}, mc.scale)
+    ffn, h = m.layers[1].ffn, torch.randn(1, 8, 32)
+    base = ffn.down_proj(torch.nn.functional.silu(ffn.gate_proj(h)) * ffn.up_proj(h))
+    u = torch.nn.functional.silu(ffn.gate_proj(h)) * ffn.up_proj(h)
+    want = base + 3.0 * u @ A[0].T @ B[0].T
+    assert torch.allclose(ffn(h, fw.layers[1], fw.scale), want, atol=1e-5)
 
 
 def test_bottom_then_top_equals_the_full_stack():
     m, x = tiny(n_layer=4), tokens()
-    fast = {3: {k: (a, b + 0.05) for k, (a, b) in init_fast(m, 2, MemoryConfig(rank=4, layer_frac=0.25))[3].items()}}
+    fast = FastWeights({3: {k: (a, b + 0.05) for k, (a, b) in
+                            init_fast(m, 2, MemoryConfig(rank=4, layer_frac=0.25)).layers[3].items()}}, 2.0)
     full = m(x, fast=fast)
     assert torch.allclose(m(m(x, hi=3), fast=fast, lo=3), full, atol=1e-6)
 
@@ -93,10 +109,10 @@ def test_pre_anchor_is_a_superset_with_the_specified_ratio():
     maskable = torch.ones(64, 100, dtype=torch.bool)
     maskable[:, :20] = False
     _, mask_t, _ = forward_process(torch.zeros(64, 100, dtype=torch.long), maskable, MASK, generator=g)
-    pre, anchor = trajectory(mask_t, maskable, MemoryConfig(), g)
-    assert anchor is mask_t and (pre >= mask_t).all() and not pre[:, :20].any()
+    (pre, anchor), at_anchor = trajectory(mask_t, maskable, MemoryConfig(), g)
+    assert anchor is mask_t and at_anchor == [False, True] and (pre >= mask_t).all() and not pre[:, :20].any()
     r_t = mask_t.sum(1) / 80
-    want = torch.floor(torch.clamp(1.5 * r_t, max=1.0) * 80 + 0.5)
+    want = torch.floor(torch.clamp(1.5 * r_t, max=1.0) * 80)  # the authors' int(): rounded down
     assert torch.equal(pre.sum(1).float(), want)
 
 
@@ -104,16 +120,17 @@ def test_longer_trajectories_are_nested_and_end_at_the_anchor():
     g = torch.Generator().manual_seed(0)
     maskable = torch.ones(8, 200, dtype=torch.bool)
     _, mask_t, _ = forward_process(torch.zeros(8, 200, dtype=torch.long), maskable, MASK, generator=g)
-    masks = trajectory(mask_t, maskable, MemoryConfig(inner_steps=4), g)
-    assert len(masks) == 4 and masks[-1] is mask_t
+    masks, at_anchor = trajectory(mask_t, maskable, MemoryConfig(steps=4), g)
+    assert len(masks) == 4 and masks[-1] is mask_t and at_anchor == [False] * 3 + [True]
     counts = [m.sum(1) for m in masks]
     for a, b in zip(masks, masks[1:]):
         assert (a >= b).all()
     steps = torch.stack([c - d for c, d in zip(counts, counts[1:])])  # reveals evenly, +-1
     assert (steps.max(0).values - steps.min(0).values <= 1).all()
-    prog = trajectory(mask_t, maskable, MemoryConfig(inner_steps=2, trajectory="progressive"), g)
+    prog, _ = trajectory(mask_t, maskable, MemoryConfig(steps=2, trajectory="progressive"), g)
     assert (prog[0].sum(1) == 160).all() and (prog[1].sum(1) == 80).all() and (prog[0] >= prog[1]).all()
-    assert all(m is mask_t for m in trajectory(mask_t, maskable, MemoryConfig(trajectory="anchor_only"), g))
+    only, at_anchor = trajectory(mask_t, maskable, MemoryConfig(trajectory="anchor_only"), g)
+    assert all(m is mask_t for m in only) and at_anchor == [True, True]
 
 
 def test_extend_mask_reaches_the_target_count_among_maskable_tokens():
@@ -122,8 +139,10 @@ def test_extend_mask_reaches_the_target_count_among_maskable_tokens():
     assert m.sum() == 3 and m[0, 0] and not m[0, 4:].any()
 
 
-def test_memory_layers_are_the_last_tenth_and_at_least_one():
-    assert memory_layers(4, 0.1) == [3] and memory_layers(20, 0.1) == [18, 19] and memory_layers(8, 0.25) == [6, 7]
+def test_memory_layers_follow_the_authors_rule():
+    # from floor((1 - frac) L) to the top: 2 of 14 at 10% (not round(0.1 * 14) = 1), 1 of 8, at least one
+    assert memory_layers(14, 0.1) == [12, 13] and memory_layers(8, 0.1) == [7] and memory_layers(4, 0.1) == [3]
+    assert memory_layers(20, 0.1) == [18, 19] and memory_layers(8, 0.25) == [6, 7] and memory_layers(2, 0.01) == [1]
 
 
 # ---- memory: the inner step -------------------------------------------------------------
@@ -132,6 +151,45 @@ def test_clipping_is_per_sequence_and_per_tensor():
     g = torch.stack([torch.full((3, 4), 1.0), torch.full((3, 4), 0.01)])  # norms sqrt(12) and 0.0346
     c = clip_per_sequence(g, 1.0)
     assert math.isclose(c[0].norm().item(), 1.0, rel_tol=1e-6) and torch.equal(c[1], g[1])
+
+
+def test_inner_loss_is_the_authors_ratio_weighted_token_mean_per_sequence():
+    # sequence 0: 5 maskable tokens, 2 masked (r = 0.4); sequence 1: all 5 maskable, 1 masked (r = 0.2)
+    m = tiny(dtype=torch.float64)
+    x0 = tokens(2, 5)
+    maskable = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    mask = torch.tensor([[1, 0, 1, 0, 0], [0, 0, 0, 1, 0]], dtype=torch.bool)
+    h = m(torch.where(mask, MASK, x0))
+    logp = m.logits(h).log_softmax(-1)
+    nll = lambda b, i: -logp[b, i, x0[b, i]]
+    ratio = inner_loss(m, h, x0, mask, maskable, "ratio")
+    assert torch.allclose(ratio, torch.stack([(nll(0, 0) + nll(0, 2)) / 2 / 0.4, nll(1, 3) / 0.2]))
+    uniform = inner_loss(m, h, x0, mask, maskable, "uniform")  # adaptation: the plain mean over M
+    assert torch.allclose(uniform, torch.stack([(nll(0, 0) + nll(0, 2)) / 2, nll(1, 3)]))
+
+
+def test_inner_step_drives_a_large_gradient_to_the_clip():
+    """With the authors' scale the inner gradient is far above the clip: each tensor moves by eta x clip."""
+    m, x0, maskable, mask_t = _inner_setup(dtype=torch.float64)
+    mc = MemoryConfig(rank=4, steps=1, lr=0.1, clip=1e-3)
+    fast0 = init_fast(m, 2, mc, torch.Generator().manual_seed(0))
+    fast1, _ = inner_loop(m, x0, [mask_t], maskable, fast0, mc)
+    moved = [(q - p.detach()).flatten(1).norm(dim=1) for p, q in zip(flat(fast0), flat(fast1))]
+    B_moves = torch.stack(moved[1::2])  # A gets no gradient while B = 0; every B hits the clip
+    assert torch.allclose(B_moves, torch.full_like(B_moves, 0.1 * 1e-3))
+
+
+def test_the_adapt_anchor_is_bernoulli_at_the_ratio_with_at_least_one_token():
+    g = torch.Generator().manual_seed(0)
+    maskable = torch.ones(400, 50, dtype=torch.bool)
+    maskable[:, 40:] = False
+    a = bernoulli_anchor(maskable, 0.2, g)
+    assert not a[:, 40:].any() and (a.sum(1) >= 1).all()
+    counts = a.sum(1).double()
+    assert abs(counts.mean().item() - 8.0) < 0.3 and counts.std().item() > 1.5  # Binomial(40, 0.2): sd 2.5
+    one = torch.zeros(300, 3, dtype=torch.bool)
+    one[:, 0] = True  # a one-token prompt: always its token
+    assert bernoulli_anchor(one, 0.2, g)[:, 0].all()
 
 
 def _inner_setup(B=2, dtype=torch.float64):
@@ -145,16 +203,16 @@ def _inner_setup(B=2, dtype=torch.float64):
 
 def test_one_inner_step_is_sgd_on_the_clipped_gradient_checked_by_finite_differences():
     m, x0, maskable, mask_t = _inner_setup()
-    mc = MemoryConfig(rank=4, inner_steps=1, inner_lr=0.1, clip=1.0)
+    mc = MemoryConfig(rank=4, steps=1, lr=0.1, clip=1.0)
     fast0 = init_fast(m, 2, mc, torch.Generator().manual_seed(0))
-    fast0[1]["up_proj"][1].data.normal_(0, 0.1)  # B != 0, so every tensor gets a gradient
+    fast0.layers[1]["up_proj"][1].data.normal_(0, 0.1)  # B != 0, so every tensor gets a gradient
     fast1, _ = inner_loop(m, x0, [mask_t], maskable, fast0, mc)
     p0 = [p.detach().clone() for p in flat(fast0)]
 
     def loss0(params):  # sequence 0's stage loss as a function of the fast weights
         h = m(torch.where(mask_t, MASK, x0), fast=unflat(fast0, params))
-        n = maskable.sum(1).double()
-        return (masked_ce(m, h, x0, mask_t, n / mask_t.sum(1)) / n)[0]
+        k = mask_t.sum(1).double()  # (1/r) x mean over M: N / k^2 x the summed NLL
+        return masked_ce(m, h, x0, mask_t, maskable.sum(1) / k ** 2)[0]
 
     q = [p.clone().requires_grad_() for p in p0]
     grads = torch.autograd.grad(loss0(q), q)
@@ -173,10 +231,9 @@ def test_a_sequence_update_in_a_batch_equals_its_update_alone():
     m, x0, maskable, mask_t = _inner_setup(B=3, dtype=torch.float32)
     mc = MemoryConfig(rank=4)
     fast = init_fast(m, 3, mc, torch.Generator().manual_seed(0))
-    masks = trajectory(mask_t, maskable, mc, torch.Generator().manual_seed(1))
+    masks, _ = trajectory(mask_t, maskable, mc, torch.Generator().manual_seed(1))
     batched, losses = inner_loop(m, x0, masks, maskable, fast, mc)
-    alone_fast = {i: {k: tuple(p[1:2].detach().clone().requires_grad_() for p in v) for k, v in d.items()}
-                  for i, d in fast.items()}
+    alone_fast = unflat(fast, [p[1:2].detach().clone().requires_grad_() for p in flat(fast)])
     alone, alone_losses = inner_loop(m, x0[1:2], [mk[1:2] for mk in masks], maskable[1:2], alone_fast, mc)
     for p, q in zip(flat(batched), flat(alone)):
         assert torch.allclose(p[1:2], q, atol=1e-6)
@@ -208,7 +265,7 @@ def test_outer_backward_updates_the_base_weights_only():
 def test_exact_bilevel_gradient_matches_finite_differences():
     """create_graph=True gives the true hypergradient of the outer loss through the inner updates."""
     m, x0, maskable, _ = _inner_setup(dtype=torch.float64)
-    mc = MemoryConfig(rank=4, inner_lr=0.5, clip=100.0)  # no clipping: a smooth function of theta
+    mc = MemoryConfig(rank=4, lr=0.5, clip=100.0)  # no clipping: a smooth function of theta
     w = m.layers[1].ffn.up_proj.weight
 
     def outer(create_graph):
@@ -238,9 +295,9 @@ def test_each_memory_scope_masks_only_the_tokens_it_names(scope, monkeypatch):
     seen = {}
     real = memory.inner_loop
 
-    def spy(model, x0, masks, maskable, fast, mcfg, key_pad=None, anchor=None, create_graph=False):
-        seen.update(masks=masks, key_pad=key_pad, anchor=anchor)
-        return real(model, x0, masks, maskable, fast, mcfg, key_pad, anchor, create_graph)
+    def spy(model, x0, masks, maskable, fast, mcfg, key_pad=None, bottoms=None, create_graph=False):
+        seen.update(masks=masks, key_pad=key_pad, bottoms=bottoms)
+        return real(model, x0, masks, maskable, fast, mcfg, key_pad, bottoms, create_graph)
     monkeypatch.setattr(memory, "inner_loop", spy)
     memdlm_loss(m, x0, response, MemoryConfig(rank=4, scope=scope), key_pad=pad,
                 generator=torch.Generator().manual_seed(0))
@@ -248,8 +305,10 @@ def test_each_memory_scope_masks_only_the_tokens_it_names(scope, monkeypatch):
     union = seen["masks"][0] | seen["masks"][-1]
     assert not (union & ~allowed).any() and union.any()
     if scope == "prompt":  # the inner loop sees the prompt alone, as adapt does at inference
-        assert torch.equal(seen["key_pad"], ~prompt) and seen["anchor"] is None
-        assert torch.equal(seen["masks"][-1].sum(1), torch.full((8,), 5))  # round(0.2 * 24)
+        assert torch.equal(seen["key_pad"], ~prompt) and seen["bottoms"] is None
+        assert (seen["masks"][-1].sum(1) >= 1).all()  # a Bernoulli(0.2) anchor, at least one token
+    if scope == "response":  # the last inner step reuses the outer pass's bottom layers at x_t
+        assert seen["bottoms"][0] is None and seen["bottoms"][1] is not None
     if scope == "all":
         assert (union & prompt).any() and (union & response).any()
 
@@ -337,7 +396,7 @@ def test_bad_input_gives_a_clear_error(tmp_path, args, message):
 def test_no_gpu_when_one_is_asked_for(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="no CUDA GPU"):
-        train.pick_device("cuda")
+        model.pick_device("cuda")
 
 
 def test_resume_or_init_from_another_config_is_refused(tmp_path):
@@ -392,7 +451,7 @@ def _ddp_rank(rank, port, out):
     raw = DiffusionLM(train.model_config(cfg, get_encoding("byte")))
     opt = train.make_optimizer(raw, cfg, False)
     model = torch.nn.parallel.DistributedDataParallel(raw)
-    data, mcfg = train.make_data(cfg, "cpu"), train.memory_config(cfg)
+    data, mcfg = train.make_data(cfg, "cpu"), MemoryConfig.from_config(cfg)
     for step in range(3):
         g_dev, g_cpu = train.step_generator(cfg["seed"], step, rank, "cpu")
         train.train_step(model, raw, raw, opt, data.batch("train", g_cpu), cfg, mcfg, g_dev, train.nullcontext())

@@ -8,7 +8,7 @@ from memory import MemoryConfig, flat
 from model import DiffusionLM, ModelConfig, forward_process, mdlm_loss
 from sample import generate, main, pad_batch, plan, reveal_schedule, write_memory
 
-MCFG = MemoryConfig(rank=4, layer_frac=0.5)  # fast weights on layer 1 of 2
+MCFG = MemoryConfig(rank=4, alpha=8.0, layer_frac=0.5)  # fast weights on layer 1 of 2, LoRA scale 2 as the default
 PROMPTS = [list(b"the quick"), list(b"over the lazy dog"), list(b"a")]
 
 

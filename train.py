@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from memory import MemoryConfig, memdlm_loss, memory_layers
-from model import DiffusionLM, ModelConfig, forward_process, load_model, mdlm_loss
+from model import DiffusionLM, ModelConfig, forward_process, load_model, mdlm_loss, pick_device
 from niah import NIAH_DEFAULTS, NiahData
 
 DEFAULTS = dict(
@@ -93,14 +93,6 @@ def cast(key, val, default):
         raise SystemExit(f"--{key}={val}: expected a {kind.__name__} (default {default!r})") from None
 
 
-def pick_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device={name} was asked for but no CUDA GPU is visible: use --device=cpu or auto")
-    return name
-
-
 # ---------------------------------------------------------------------------------------
 # data: random windows of a memmapped token file; every token maskable
 
@@ -139,19 +131,11 @@ def make_data(cfg, device):
 
 # ---------------------------------------------------------------------------------------
 
-def memory_config(cfg):
-    return MemoryConfig(rank=cfg["mem_rank"], alpha=cfg["mem_alpha"], layer_frac=cfg["mem_layer_frac"],
-                        adapter=cfg["mem_adapter"], inner_steps=cfg["mem_steps"], inner_lr=cfg["mem_lr"],
-                        clip=cfg["mem_clip"], pre_scale=cfg["mem_pre_scale"], trajectory=cfg["mem_trajectory"],
-                        scope=cfg["mem_scope"])
-
-
 def model_config(cfg, enc):
     mask_id = enc._special_tokens["<|mask|>"]
     return ModelConfig(vocab_size=64 * math.ceil(enc.n_vocab / 64), n_vocab=enc.n_vocab, mask_id=mask_id,
                        eot_id=enc.eot_token, block_size=cfg["block_size"], n_layer=cfg["n_layer"],
-                       n_head=cfg["n_head"], n_embd=cfg["n_embd"],
-                       lora_scale=cfg["mem_alpha"] / cfg["mem_rank"])
+                       n_head=cfg["n_head"], n_embd=cfg["n_embd"])
 
 
 def lr_at(it, cfg):
@@ -288,7 +272,7 @@ def main(argv):
 
     from data.tokenizer import get_encoding
     enc = get_encoding(cfg["tokenizer"])
-    mcfg = memory_config(cfg)
+    mcfg = MemoryConfig.from_config(cfg)
     mcfg.validate()
     data = make_data(cfg, device)
     # rank 0 evaluates on the global batch: equal eval data for equal global batches on any number of GPUs
