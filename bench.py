@@ -44,6 +44,27 @@ def peak_flops(device):
     return None, f"{name}: peak unknown"
 
 
+def flop_floor(model_cfg, mem_cfg, T):
+    """MemDLM's step FLOPs over MDLM's, by the design's own count (paper default: anchor
+    trajectory, scope response). Per token, a forward of L layers costs L f + h (f: a layer's
+    matmuls and full attention, h: the vocabulary projection); a backward twice its forward.
+    MDLM: 3 (L f + h). MemDLM, with the stack cut below the first memory layer into a bottom
+    (L_b layers) and a top (the memory layers and the head): the shared bottom forward and
+    backward for x_t (3 F_bot), a no-grad bottom forward for each of the K - 1 states above
+    the anchor, K inner stages of a top forward and a backward to the fast weights only
+    (2 F_top each: activation gradients, no weight gradients of theta), and the outer top
+    forward and backward (3 F_top). LoRA's own matmuls are counted in F_top."""
+    from memory import memory_layers
+    d, H, V, L = model_cfg.n_embd, model_cfg.ffn_hidden, model_cfg.vocab_size, model_cfg.n_layer
+    f = 2 * (4 * d * d + 3 * d * H) + 4 * T * d  # qkv + proj + gate/up/down, then QK^T and AV
+    n_top = len(memory_layers(L, mem_cfg.layer_frac))
+    lora = 2 * mem_cfg.rank * ((d + H) * 2 + (H + d)) if mem_cfg.adapter == "lora" else 2 * 3 * d * H
+    F_bot, F_top = (L - n_top) * f, n_top * (f + lora) + 2 * d * V
+    mdlm = 3 * (L * f + 2 * d * V)
+    memdlm = 3 * F_bot + (mem_cfg.steps - 1) * F_bot + 2 * mem_cfg.steps * F_top + 3 * F_top
+    return memdlm / mdlm
+
+
 def bench_training(cfg, mem, bench, device):
     """Median step time (s), peak memory (GiB) and the model of one mode, same seed and batches."""
     from data.tokenizer import get_encoding
@@ -158,14 +179,21 @@ def main(argv):
         n = raw.num_params()
         flops_per_token = 6 * n + 12 * raw.cfg.n_layer * raw.cfg.n_embd * cfg["block_size"]
         mfu = flops_per_token * tokens / dt / peak if peak else float("nan")
-        rows[mode] = dt
+        rows[mode], raw_cfg = dt, raw.cfg
         print(f"| {mode} | {n / 1e6:.1f}M | {dt * 1e3:.2f} ms | {tokens / dt:,.0f} tok/s | MFU {100 * mfu:.1f}% | "
               f"peak {mem_gib:.2f} GiB |")
         del raw
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     if "mdlm" in rows and "memdlm" in rows:
-        print(f"step-time ratio MemDLM/MDLM: {rows['memdlm'] / rows['mdlm']:.2f}")
+        ratio = rows["memdlm"] / rows["mdlm"]
+        mem_cfg = train.MemoryConfig.from_config(cfg)
+        if mem_cfg.trajectory == "anchor" and mem_cfg.scope == "response":
+            floor = flop_floor(raw_cfg, mem_cfg, cfg["block_size"])
+            print(f"step-time ratio MemDLM/MDLM: {ratio:.2f}; FLOP floor {floor:.2f} "
+                  f"(measured {100 * (ratio / floor - 1):+.1f}% over it)")
+        else:
+            print(f"step-time ratio MemDLM/MDLM: {ratio:.2f}")
 
 
 if __name__ == "__main__":

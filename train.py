@@ -30,13 +30,15 @@ DEFAULTS = dict(
     lr=1e-3, min_lr=1e-4, warmup_iters=100, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
     eval_interval=250, eval_iters=20, log_interval=25,
     seed=1337, device="auto", dtype="bfloat16", compile=True, compile_mode="default",
-    mem=True, mem_rank=32, mem_alpha=64.0, mem_layer_frac=0.1, mem_adapter="lora", mem_steps=2,
+    mem=True, mem_start=0, mem_rank=32, mem_alpha=64.0, mem_layer_frac=0.1, mem_adapter="lora", mem_steps=2,
     mem_lr=0.1, mem_clip=1.0, mem_pre_scale=1.5, mem_trajectory="anchor", mem_scope="response",
     resume=False, init_from="",
     **NIAH_DEFAULTS,  # read when dataset="niah": the needle tasks of niah.py as training rows
 )
 PRESETS = {
-    "small": {},  # ~14M parameters, the pydoc corpus, a few minutes on one GPU
+    # ~14M parameters, the pydoc corpus, a few minutes on one GPU; MDLM for 1000 steps, then MemDLM
+    # (the paper fine-tunes a pretrained DLM: from scratch the memory absorbs the targets)
+    "small": dict(mem_start=1000),
     # ~100M parameters at 1K context: for benchmarks and for users with several GPUs
     "base": dict(out_dir="out-base", block_size=1024, batch_size=32, max_iters=5000, n_layer=14, n_head=12,
                  n_embd=768, lr=6e-4, min_lr=6e-5, warmup_iters=200, eval_interval=500),
@@ -344,8 +346,12 @@ def main(argv):
             t_log = time.time()  # keep eval time out of tokens/s
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
+        if cfg["mem"] and step == cfg["mem_start"] and step > 0 and master:
+            write({"step": step, "switch": "MemDLM from here on"})
+            bar.write(f"step {step}: MDLM -> MemDLM")
+        step_cfg = cfg if step >= cfg["mem_start"] else {**cfg, "mem": False}
         g_dev, g_cpu = step_generator(cfg["seed"], step, rank, device)
-        loss, inner_losses = train_step(model, inner, raw, opt, data.batch("train", g_cpu), cfg, mcfg, g_dev, ctx)
+        loss, inner_losses = train_step(model, inner, raw, opt, data.batch("train", g_cpu), step_cfg, mcfg, g_dev, ctx)
         if (step + 1) % cfg["log_interval"] == 0 and master:
             lossf = loss.item()  # the only host sync of the loop
             dt = (time.time() - t_log) / cfg["log_interval"]
