@@ -251,11 +251,11 @@ def read_checkpoint(path, device="cpu"):
                          f"({found.group(1) if found else 'not a torch checkpoint'}), and loading "
                          f"anything else could run code: use checkpoints written by train.py only") from None
     except Exception as e:  # torch.load raises RuntimeError, EOFError, OSError... on a damaged file
-        why = re.split(r"\.\s|\n", str(e).strip())[0][:160] or "the file is empty"
+        why = re.split(r"\.\s|\n", str(e).strip())[0][:160] or "the file ends early"
         raise SystemExit(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {why}): it is "
                          f"damaged or not a checkpoint; restore it or train again") from None
     if not isinstance(ckpt, dict) or not {"model", "model_args", "config", "step"} <= ckpt.keys():
-        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise SystemExit(f"{path} is not a checkpoint of this model (it holds {keys}, not model, model_args, "
                          f"config and step): use a checkpoint written by train.py")
     return ckpt

@@ -4,8 +4,9 @@
     python train.py --config tiny --mem=False       # CPU, seconds
     torchrun --nproc_per_node=2 train.py --config small
 
-Every key of the preset can be overridden as --key=value. Writes out_dir/ckpt.pt
-(atomically) and out_dir/log.jsonl; --resume=True continues from the checkpoint.
+Every key of the preset can be overridden as --key=value, and every value is checked before
+any work. Writes out_dir/ckpt.pt (atomically, never a non-finite model) and out_dir/log.jsonl;
+--resume=True continues from the checkpoint, --overwrite=True lets a new run replace it.
 """
 import glob
 import io
