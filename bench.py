@@ -26,12 +26,30 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
 def parse(argv):
     bench, rest = dict(BENCH), []
     for a in argv:
-        key = a[2:].split("=", 1)[0] if a.startswith("--") else ""
+        key = a[2:].split("=", 1)[0] if a.startswith("--") and "=" in a else ""
         if key in BENCH:
             bench[key] = train.cast(key, a.split("=", 1)[1], BENCH[key])
         else:
             rest.append(a)
+    check(bench)
     return bench, train.parse_config(rest)
+
+
+def check(bench):
+    """Stop with one line at the first bench setting that cannot run."""
+    for k in ("steps", "sample_batch", "gen_len", "block"):
+        if bench[k] < 1:
+            raise SystemExit(f"--{k}={bench[k]}: must be a positive integer")
+    if bench["warmup"] < 0:
+        raise SystemExit(f"--warmup={bench['warmup']}: must be >= 0")
+    modes = bench["modes"].split(",")
+    if not modes or not set(modes) <= {"mdlm", "memdlm"}:
+        raise SystemExit(f"--modes={bench['modes']}: a comma list of mdlm and memdlm")
+    lens = bench["prompt_lens"].split(",")
+    if not all(v.strip().isdigit() and int(v) >= 1 for v in lens):
+        raise SystemExit(f"--prompt_lens={bench['prompt_lens']}: a comma list of positive integers, e.g. 1024,4096")
+    if bench["gen_len"] % bench["block"]:
+        raise SystemExit(f"--gen_len={bench['gen_len']} must be a multiple of --block={bench['block']}")
 
 
 def peak_flops(device):
@@ -71,9 +89,9 @@ def bench_training(cfg, mem, bench, device):
     cfg = {**cfg, "mem": mem}
     on_gpu = device.startswith("cuda")
     torch.manual_seed(cfg["seed"])
-    raw = train.DiffusionLM(train.model_config(cfg, get_encoding(cfg["tokenizer"]))).to(device)
-    opt = train.make_optimizer(raw, cfg, on_gpu)
-    inner = train.compiled(raw, cfg, on_gpu)
+    raw_model = train.DiffusionLM(train.model_config(cfg, get_encoding(cfg["tokenizer"]))).to(device)
+    opt = train.make_optimizer(raw_model, cfg, on_gpu)
+    model = train.compiled(raw_model, cfg, on_gpu)
     mcfg = train.MemoryConfig.from_config(cfg)
     data = train.make_data(cfg, device)
     ctx = train.autocast(cfg, on_gpu)
@@ -88,7 +106,7 @@ def bench_training(cfg, mem, bench, device):
         if on_gpu:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-        train.train_step(inner, inner, raw, opt, batches[i % 4], cfg, mcfg, g_dev, ctx)
+        train.train_step(model, model, raw_model, opt, batches[i % 4], cfg, mcfg, g_dev, ctx)
         if on_gpu:
             end.record()
             end.synchronize()
@@ -102,13 +120,13 @@ def bench_training(cfg, mem, bench, device):
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
         with profile(activities=acts) as prof:
             for i in range(5):
-                train.train_step(inner, inner, raw, opt, batches[i % 4], cfg, mcfg,
+                train.train_step(model, model, raw_model, opt, batches[i % 4], cfg, mcfg,
                                  train.step_generator(cfg["seed"], i, 0, device)[0], ctx)
             if on_gpu:
                 torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total" if on_gpu else "cpu_time_total", row_limit=25))
     peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else float("nan")
-    return statistics.median(times), peak, raw
+    return statistics.median(times), peak, raw_model
 
 
 def timed(fn, on_gpu):
@@ -175,14 +193,14 @@ def main(argv):
           f"compile {cfg['compile']}, {peak_note}")
     rows = {}
     for mode in bench["modes"].split(","):
-        dt, mem_gib, raw = bench_training(cfg, mode == "memdlm", bench, device)
-        n = raw.num_params()
-        flops_per_token = 6 * n + 12 * raw.cfg.n_layer * raw.cfg.n_embd * cfg["block_size"]
+        dt, mem_gib, raw_model = bench_training(cfg, mode == "memdlm", bench, device)
+        n = raw_model.num_params()
+        flops_per_token = 6 * n + 12 * raw_model.cfg.n_layer * raw_model.cfg.n_embd * cfg["block_size"]
         mfu = flops_per_token * tokens / dt / peak if peak else float("nan")
         rows[mode], raw_cfg = dt, raw.cfg
         print(f"| {mode} | {n / 1e6:.1f}M | {dt * 1e3:.2f} ms | {tokens / dt:,.0f} tok/s | MFU {100 * mfu:.1f}% | "
               f"peak {mem_gib:.2f} GiB |")
-        del raw
+        del raw_model
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     if "mdlm" in rows and "memdlm" in rows:

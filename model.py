@@ -8,6 +8,9 @@ base model's.
 """
 import math
 import os
+import pickle
+import re
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
@@ -219,23 +222,53 @@ def mdlm_loss(model, h, x0, mask, t, maskable):
 
 def pick_device(name):
     """'auto': the GPU if there is one, else the CPU; a GPU asked for must be there."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise SystemExit(f"--device={name}: use auto, cpu, cuda or cuda:N")
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device={name} was asked for but no CUDA GPU is visible: use --device=cpu or auto")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise SystemExit(f"--device={name}: only {torch.cuda.device_count()} GPU(s) visible, cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1}")
     return name
+
+
+def read_checkpoint(path, device="cpu"):
+    """torch.load of a checkpoint of train.py with weights_only=True: it holds tensors and plain
+    values only (dicts, lists, numbers, strings), so loading one never runs code from the file.
+    Anything else (a damaged, empty or foreign file, a pickled object) stops with one line."""
+    if not os.path.exists(path):
+        raise SystemExit(f"no checkpoint at {path}: train one first "
+                         f"(python train.py --out_dir={os.path.dirname(path)})")
+    try:
+        with warnings.catch_warnings():  # a foreign pickle's protocol warning: the error below says it all
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"WeightsUnpickler error:\s*(.*?)(\.\s|\n|$)", str(e))
+        raise SystemExit(f"{path} was not loaded: it is not a file of tensors and plain values "
+                         f"({found.group(1) if found else 'not a torch checkpoint'}), and loading "
+                         f"anything else could run code: use checkpoints written by train.py only") from None
+    except Exception as e:  # torch.load raises RuntimeError, EOFError, OSError... on a damaged file
+        why = re.split(r"\.\s|\n", str(e).strip())[0][:160] or "the file ends early"
+        raise SystemExit(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {why}): it is "
+                         f"damaged or not a checkpoint; restore it or train again") from None
+    if not isinstance(ckpt, dict) or not {"model", "model_args", "config", "step"} <= ckpt.keys():
+        keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise SystemExit(f"{path} is not a checkpoint of this model (it holds {keys}, not model, model_args, "
+                         f"config and step): use a checkpoint written by train.py")
+    return ckpt
 
 
 def load_model(out_dir, device="cpu"):
     """The model of out_dir/ckpt.pt (as train.py writes it) in eval mode, and its train config."""
     path = os.path.join(out_dir, "ckpt.pt")
-    if not os.path.exists(path):
-        raise SystemExit(f"no checkpoint at {path}: train one first (python train.py --out_dir={out_dir})")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    ckpt = read_checkpoint(path, device)
     try:
         names = {f.name for f in fields(ModelConfig)}  # older checkpoints also hold the LoRA scale
         model = DiffusionLM(ModelConfig(**{k: v for k, v in ckpt["model_args"].items() if k in names}))
         model.load_state_dict(ckpt["model"])
-    except (KeyError, TypeError, RuntimeError) as e:
+    except (AttributeError, TypeError, RuntimeError) as e:
         raise SystemExit(f"{path} is not a checkpoint of this model ({type(e).__name__}: {str(e)[:200]})") from None
     return model.to(device).eval(), ckpt["config"]

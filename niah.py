@@ -376,6 +376,7 @@ def main(argv=None):
     p.add_argument("--threshold", type=float, default=None, help="sampler: also reveal all above this confidence")
     p.add_argument("--prefix_cache", action="store_true", help="sampler: approximate prefix KV cache")
     p.add_argument("--json", default=None, help="results file (default: niah.json in the first out_dir)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results file if it exists")
     p.add_argument("--plot", action="store_true", help="a length x depth heatmap PNG per row (matplotlib)")
     a = p.parse_args(argv)
     if a.n < 1 or a.batch_size < 1 or min(a.lengths) < 1 or not all(0 <= d <= 100 for d in a.depths):
@@ -395,6 +396,12 @@ def main(argv=None):
     device = pick_device(a.device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     runs = [(d, *load_model(d, device)) for d in dirs]
+    path = a.json or os.path.join(dirs[0], "niah.json")  # checked now, not after the evaluation
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise SystemExit(f"--json={path}: the directory {os.path.dirname(os.path.abspath(path))} does not exist: "
+                         f"create it or choose another file")
+    if os.path.exists(path) and not a.overwrite:
+        raise SystemExit(f"{path} exists: choose another --json file, or pass --overwrite to replace it")
     tokenizers = {cfg["tokenizer"] for _, _, cfg in runs}
     if len(tokenizers) > 1:
         raise SystemExit(f"the checkpoints use different tokenizers ({', '.join(sorted(tokenizers))}): "
@@ -456,7 +463,6 @@ def main(argv=None):
         cell = [r["cells"][t][str(L)] for t, L in cols]
         print(f"| {r['label']} | " + " | ".join(f"{100 * c['mean']:.1f} ± {100 * c['stderr']:.1f} ({c['n']})"
                                                 for c in cell) + " |")
-    path = a.json or os.path.join(dirs[0], "niah.json")
     with open(path, "w") as f:
         json.dump(dict(args=vars(a), answer_len=answer_len, steps=steps, rows=rows), f, indent=1)
     for r in rows:  # the sampler's speed: --threshold and --prefix_cache trade it against the table

@@ -14,6 +14,7 @@ them applied (paper Sec. 4.5, "MemDLM Train & Inference").
 (Fast-dLLM's approximate prefix KV cache, see generate).
 """
 import argparse
+import math
 import sys
 from contextlib import nullcontext
 
@@ -223,8 +224,10 @@ def main(argv=None):
                    help="reuse the keys/values before the current block within it (approximate, faster)")
     a = p.parse_args(argv)
     steps = a.gen_len if a.steps is None else a.steps
-    if a.num_samples < 1 or a.temperature < 0 or a.adapt_steps < 1 or not 0 < a.adapt_ratio <= 1:
-        raise SystemExit("need --num_samples >= 1, --temperature >= 0, --adapt_steps >= 1 and 0 < --adapt_ratio <= 1")
+    if (a.num_samples < 1 or not a.temperature >= 0 or a.adapt_steps < 1 or not 0 < a.adapt_ratio <= 1
+            or not 0 <= a.adapt_lr < math.inf):
+        raise SystemExit("need --num_samples >= 1, --temperature >= 0, --adapt_steps >= 1, 0 < --adapt_ratio <= 1 "
+                         "and a finite --adapt_lr >= 0")
     try:
         plan(a.gen_len, steps, a.block_len)
     except ValueError as e:
@@ -236,6 +239,9 @@ def main(argv=None):
                 text = f.read()
         except OSError as e:
             raise SystemExit(f"cannot read --prompt_file={a.prompt_file}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise SystemExit(f"--prompt_file={a.prompt_file} is not UTF-8 text (byte {e.object[e.start]:#04x} at "
+                             f"offset {e.start}): save it as UTF-8") from None
         if not text.strip():
             raise SystemExit(f"--prompt_file={a.prompt_file} is empty: write a prompt in it, or leave the "
                              f"prompt out for unconditional samples")
@@ -254,6 +260,11 @@ def main(argv=None):
     out, losses = generate(model, [prompt] * a.num_samples, a.gen_len, steps, a.block_len, a.temperature,
                            a.remasking, a.threshold, gens, a.adapt, a.adapt_steps, a.adapt_lr, a.adapt_ratio,
                            MemoryConfig.from_config(cfg), progress=steps >= 64, prefix_cache=a.prefix_cache)
+    bad = next((k for k, v in enumerate(losses or []) if not v.isfinite().all()), None)
+    if bad is not None:  # the memory holds NaN or infinite weights: the samples would be noise
+        raise SystemExit(f"--adapt: the inner loss of step {bad + 1} is not finite "
+                         f"({' '.join(f'{v:.4g}' for v in losses[bad].tolist())}): the memory is unusable, "
+                         f"no samples printed; lower --adapt_lr (now {a.adapt_lr})")
     for k, l in enumerate(losses or []):
         print(f"adapt step {k + 1}/{len(losses)}: inner loss " + " ".join(f"{v:.4f}" for v in l.tolist()))
     for i, row in enumerate(out.tolist()):

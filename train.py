@@ -4,36 +4,66 @@
     python train.py --config tiny --mem=False       # CPU, seconds
     torchrun --nproc_per_node=2 train.py --config small
 
-Every key of the preset can be overridden as --key=value. Writes out_dir/ckpt.pt
-(atomically) and out_dir/log.jsonl; --resume=True continues from the checkpoint.
+Every key of the preset can be overridden as --key=value, and every value is checked before
+any work. Writes out_dir/ckpt.pt (atomically, never a non-finite model) and out_dir/log.jsonl;
+--resume=True continues from the checkpoint, --overwrite=True lets a new run replace it.
 """
+import glob
+import io
 import json
 import math
 import os
+import shlex
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import asdict
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from data.tokenizer import check_tokenizer, get_encoding
 from memory import MemoryConfig, memdlm_loss, memory_layers
-from model import DiffusionLM, ModelConfig, forward_process, load_model, mdlm_loss, pick_device
-from niah import NIAH_DEFAULTS, NiahData
+from model import DiffusionLM, ModelConfig, forward_process, load_model, mdlm_loss, pick_device, read_checkpoint
+from niah import HAYSTACKS, NIAH_DEFAULTS, NiahData, parse_tasks
 
 DEFAULTS = dict(
-    out_dir="out", dataset="pydoc", tokenizer="byte",
-    block_size=256, batch_size=64, max_iters=1500,
+    # I/O: out_dir holds one run (ckpt.pt, log.jsonl)
+    out_dir="out",
+    resume=False,          # continue the run in out_dir from its checkpoint
+    overwrite=False,       # let a new run replace the run in out_dir (refused otherwise)
+    init_from="",          # a new run starting from the weights of this out_dir's checkpoint
+    # data
+    dataset="pydoc",       # a directory of data/ with a prepare.py, or niah (rows made by niah.py)
+    tokenizer="byte",      # byte (built in, 258 tokens) or a tiktoken encoding such as gpt2
+    block_size=256,        # training context, tokens
+    batch_size=64,         # sequences per step (per GPU under torchrun)
+    # model
     n_layer=8, n_head=6, n_embd=384,
-    lr=1e-3, min_lr=1e-4, warmup_iters=100, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
-    eval_interval=250, eval_iters=20, log_interval=25,
-    seed=1337, device="auto", dtype="bfloat16", compile=True, compile_mode="default",
-    mem=True, mem_start=0, mem_rank=32, mem_alpha=64.0, mem_layer_frac=0.1, mem_adapter="lora", mem_steps=2,
-    mem_lr=0.1, mem_clip=1.0, mem_pre_scale=1.5, mem_trajectory="anchor", mem_scope="response",
-    resume=False, init_from="",
-    **NIAH_DEFAULTS,  # read when dataset="niah": the needle tasks of niah.py as training rows
+    # AdamW: linear warmup, then cosine decay to min_lr at max_iters
+    max_iters=1500, lr=1e-3, min_lr=1e-4, warmup_iters=100,
+    weight_decay=0.1, beta1=0.9, beta2=0.95,
+    grad_clip=1.0,         # global gradient norm of the outer step
+    # evaluation and logging
+    eval_interval=250,     # steps between evaluations, each followed by a checkpoint
+    eval_iters=20,         # batches per evaluation
+    log_interval=25,       # steps between log lines (each reads the loss: one host sync)
+    # system
+    seed=1337,
+    device="auto",         # auto, cpu, cuda or cuda:N
+    dtype="bfloat16",      # autocast dtype on the GPU (bfloat16, float16 or float32); the CPU runs float32
+    compile=True, compile_mode="default",  # torch.compile of the model (GPU only)
+    # MemDLM: mem_<field> is memory.MemoryConfig's field (see it for each)
+    mem=True,              # False: plain MDLM, no inner loop
+    mem_start=0,           # MemDLM from this step on, MDLM before it (the paper fine-tunes a pretrained DLM)
+    mem_rank=32, mem_alpha=64.0,  # LoRA fast weights: delta W = (alpha / rank) B A
+    mem_layer_frac=0.1,    # fast weights on the FFNs of the top 10% of layers (at least one)
+    mem_adapter="lora",    # or "full": a full-rank delta per projection
+    mem_steps=2, mem_lr=0.1, mem_clip=1.0,  # K inner SGD steps of step size eta, per-tensor gradient clip
+    mem_pre_scale=1.5,     # pre-anchor masked fraction: s times the anchor's
+    mem_trajectory="anchor", mem_scope="response",
+    **NIAH_DEFAULTS,       # read when dataset="niah": the needle tasks of niah.py as training rows
 )
 PRESETS = {
     # ~14M parameters, the pydoc corpus, a few minutes on one GPU; MDLM for 1000 steps, then MemDLM
@@ -42,11 +72,7 @@ PRESETS = {
     # ~100M parameters at 1K context: for benchmarks and for users with several GPUs
     "base": dict(out_dir="out-base", block_size=1024, batch_size=32, max_iters=5000, n_layer=14, n_head=12,
                  n_embd=768, lr=6e-4, min_lr=6e-5, warmup_iters=200, eval_interval=500),
-    # needle-in-a-haystack training rows (niah.py), prompt unmasked, answer scored; one GPU, minutes.
-    # Retrieval is learned abruptly, later at longer contexts and with more <|endoftext|> padding
-    # in the answer window (single at 256: step ~1500 with a 32-token window; at 512: ~1900 with
-    # 10, none in 4000 with 32; single+multikey at 256: 41% answer accuracy after 4000), hence
-    # one task, 256 tokens and a 16-token window
+    # needle-in-a-haystack rows (niah.py), prompt unmasked, answer scored: one task at 256 tokens, one GPU, minutes
     "niah": dict(out_dir="out-niah", dataset="niah", block_size=256, batch_size=128, max_iters=4000, n_layer=8,
                  n_head=8, n_embd=512, lr=6e-4, min_lr=6e-5, warmup_iters=200, eval_interval=500, eval_iters=10,
                  log_interval=50, niah_tasks="single", niah_answer_len=16),
@@ -58,6 +84,10 @@ PRESETS = {
                  mem_rank=8, compile=False),
 }
 MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "tokenizer")
+# keys a resumed run may change without changing what its steps compute; a change of any other is noted
+RESUME_FREE = ("out_dir", "resume", "overwrite", "init_from", "device", "compile", "compile_mode",
+               "eval_interval", "eval_iters", "log_interval")
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
 def parse_config(argv):
@@ -80,7 +110,57 @@ def parse_config(argv):
         if key not in DEFAULTS:
             raise SystemExit(f"unknown config key '{key}': valid keys are {', '.join(DEFAULTS)}")
         cfg[key] = cast(key, val, DEFAULTS[key])
+    check_config(cfg)
     return cfg
+
+
+def datasets():
+    """The names --dataset takes: niah (rows made by niah.py) and each directory of data/ with a prepare.py."""
+    return ["niah"] + sorted(d for d in os.listdir(DATA_DIR) if os.path.exists(os.path.join(DATA_DIR, d, "prepare.py")))
+
+
+def check_config(cfg):
+    """Stop with one line at the first setting that cannot train, before any work."""
+    def need(ok, msg):
+        if not ok:
+            raise SystemExit(msg)
+    for k in ("block_size", "batch_size", "n_layer", "n_head", "n_embd", "eval_interval", "eval_iters",
+              "log_interval", "niah_answer_len"):
+        need(cfg[k] >= 1, f"--{k}={cfg[k]}: must be a positive integer")
+    for k in ("max_iters", "warmup_iters", "niah_min_len"):
+        need(cfg[k] >= 0, f"--{k}={cfg[k]}: must be >= 0")
+    head = cfg["n_embd"] / cfg["n_head"]
+    need(head == int(head), f"--n_embd={cfg['n_embd']} is not a multiple of --n_head={cfg['n_head']}: "
+                            f"each head gets n_embd / n_head channels")
+    need(head % 2 == 0, f"head size n_embd / n_head = {head:.0f} is odd: RoPE rotates pairs of channels, "
+                        f"pick n_embd and n_head for an even head size")
+    need(math.isfinite(cfg["lr"]) and cfg["lr"] > 0, f"--lr={cfg['lr']}: must be a finite number > 0")
+    need(0 <= cfg["min_lr"] <= cfg["lr"], f"--min_lr={cfg['min_lr']}: must be within 0 and --lr={cfg['lr']}")
+    need(0 <= cfg["weight_decay"] < math.inf, f"--weight_decay={cfg['weight_decay']}: must be a finite number >= 0")
+    for k in ("beta1", "beta2"):
+        need(0 < cfg[k] < 1, f"--{k}={cfg[k]}: must be within 0 and 1 (exclusive)")
+    need(cfg["grad_clip"] > 0, f"--grad_clip={cfg['grad_clip']}: must be > 0")
+    need(cfg["dtype"] in ("bfloat16", "float16", "float32"),
+         f"--dtype={cfg['dtype']}: use bfloat16, float16 or float32")
+    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    need(cfg["compile_mode"] in modes, f"--compile_mode={cfg['compile_mode']}: use one of {', '.join(modes)}")
+    need(cfg["dataset"] in datasets(), f"unknown dataset '{cfg['dataset']}': choose one of {', '.join(datasets())}, "
+                                       f"or write data/{cfg['dataset']}/prepare.py and run python "
+                                       f"data/{cfg['dataset']}/prepare.py")
+    need(not (cfg["resume"] and (cfg["overwrite"] or cfg["init_from"])),
+         "--resume=True continues the run in out_dir: leave out --overwrite and --init_from")
+    check_tokenizer(cfg["tokenizer"])
+    pick_device(cfg["device"])  # an unknown name, or a GPU that is not there
+    try:
+        MemoryConfig.from_config(cfg).validate()
+    except ValueError as e:
+        raise SystemExit(f"--mem_{e}") from None  # the message starts with the field's name
+    try:
+        parse_tasks(cfg["niah_tasks"])
+    except ValueError as e:
+        raise SystemExit(f"--niah_tasks={cfg['niah_tasks']}: {e}") from None
+    need(0 <= cfg["niah_full_frac"] <= 1, f"--niah_full_frac={cfg['niah_full_frac']}: must be within 0 and 1")
+    need(cfg["niah_haystack"] in HAYSTACKS, f"--niah_haystack={cfg['niah_haystack']}: use {' or '.join(HAYSTACKS)}")
 
 
 def cast(key, val, default):
@@ -100,7 +180,7 @@ def cast(key, val, default):
 
 class TextData:
     def __init__(self, cfg, device):
-        d = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", cfg["dataset"])
+        d = os.path.join(DATA_DIR, cfg["dataset"])
         if not os.path.exists(os.path.join(d, "train.bin")):
             if cfg["dataset"] != "pydoc":
                 raise SystemExit(f"no data in {d}: run python data/{cfg['dataset']}/prepare.py first")
@@ -149,10 +229,36 @@ def lr_at(it, cfg):
 
 
 def save_checkpoint(path, obj):
-    """torch.save to a temporary file, then rename: a crash never leaves a broken checkpoint."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save to a temporary file of this process, flushed to the disk, then renamed over
+    path: a crash, Ctrl-C or a full disk never leaves a broken checkpoint, only the previous one.
+    obj must hold tensors and plain values only (read_checkpoint loads nothing else)."""
+    # one run writes to an out_dir (a second is refused), so any other temp is a crash's leftover
+    for stale in glob.glob(glob.escape(path) + ".tmp*"):
+        os.remove(stale)
+    tmp = f"{path}.tmp{os.getpid()}"
+    # serialised in memory first: torch.save reports a failed write as a RuntimeError that hides
+    # its cause, a plain write raises the OSError that names it (ENOSPC: the disk is full)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buf.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # ENOSPC, EDQUOT, EIO...
+        kept = ("the previous checkpoint is unchanged, continue with --resume=True once there is room"
+                if os.path.exists(path) else "no checkpoint was written")
+        raise SystemExit(f"cannot write {path} ({e.strerror or e}): {kept}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    with suppress(OSError, AttributeError):  # the rename itself made durable (POSIX only)
+        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def step_generator(seed, step, rank, device):
@@ -162,21 +268,21 @@ def step_generator(seed, step, rank, device):
     return g, torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + rank)
 
 
-def batch_loss(model, inner, batch, cfg, mcfg, gen):
+def batch_loss(ddp_model, model, batch, cfg, mem_cfg, gen):
     """Outer loss of one batch (MDLM, or MemDLM with its inner loop) and the inner losses.
-    model runs the stack from the token ids (the DDP wrapper under torchrun); inner is the
-    module itself, used by the inner loop and the layers above the memory."""
+    ddp_model runs the stack from the token ids (the DDP wrapper under torchrun, else model);
+    model (compiled) runs the inner loop and the layers above the memory."""
     x0, maskable, key_pad = batch
     if cfg["mem"]:
-        return memdlm_loss(inner, x0, maskable, mcfg, key_pad, gen, bottom=model)
-    x_t, mask, t = forward_process(x0, maskable, inner.cfg.mask_id, generator=gen)
-    return mdlm_loss(inner, model(x_t, key_pad=key_pad), x0, mask, t, maskable), []
+        return memdlm_loss(model, x0, maskable, mem_cfg, key_pad, gen, bottom=ddp_model)
+    x_t, mask, t = forward_process(x0, maskable, model.cfg.mask_id, generator=gen)
+    return mdlm_loss(model, ddp_model(x_t, key_pad=key_pad), x0, mask, t, maskable), []
 
 
-def compiled(raw, cfg, on_gpu):
+def compiled(raw_model, cfg, on_gpu):
     """torch.compile of the model's forward (the inner loop's autograd.grad stays outside)."""
-    return torch.compile(raw, mode=None if cfg["compile_mode"] == "default" else cfg["compile_mode"]) \
-        if cfg["compile"] and on_gpu else raw
+    return torch.compile(raw_model, mode=None if cfg["compile_mode"] == "default" else cfg["compile_mode"]) \
+        if cfg["compile"] and on_gpu else raw_model
 
 
 def autocast(cfg, on_gpu):
@@ -184,45 +290,45 @@ def autocast(cfg, on_gpu):
     return torch.autocast("cuda", dtype=getattr(torch, cfg["dtype"])) if on_gpu else nullcontext()
 
 
-def make_optimizer(raw, cfg, on_gpu):
+def make_optimizer(raw_model, cfg, on_gpu):
     """AdamW, weight decay on matrices only; fused on GPU."""
-    decay = [p for p in raw.parameters() if p.dim() >= 2]
-    no_decay = [p for p in raw.parameters() if p.dim() < 2]
+    decay = [p for p in raw_model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
                               {"params": no_decay, "weight_decay": 0.0}],
                              lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), fused=on_gpu)
 
 
-def train_step(model, inner, raw, opt, batch, cfg, mcfg, gen, ctx):
+def train_step(ddp_model, model, raw_model, opt, batch, cfg, mem_cfg, gen, ctx):
     """One optimizer step of theta; returns the (device) loss and inner losses, no host sync."""
     with ctx:
-        loss, inner_losses = batch_loss(model, inner, batch, cfg, mcfg, gen)
+        loss, inner_losses = batch_loss(ddp_model, model, batch, cfg, mem_cfg, gen)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"])
+    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"])
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss, inner_losses
 
 
-def answer_accuracy(raw, x0, maskable, key_pad):
+def answer_accuracy(model, x0, maskable, key_pad):
     """(correct, total) argmax predictions of the answers with every scored token of the rows
     that have a prompt masked at once, as at the sampler's first step; <|endoftext|> padding
     left out. A retrieval signal that needs no decoding; (0, 0) for plain text."""
     rows = (~maskable if key_pad is None else ~maskable & ~key_pad).any(1, keepdim=True)
-    target = maskable & rows & (x0 != raw.cfg.eot_id)
+    target = maskable & rows & (x0 != model.cfg.eot_id)
     if not target.any():
         return 0, 0
-    pred = raw.logits(raw(torch.where(maskable & rows, raw.cfg.mask_id, x0), key_pad=key_pad)[target]).argmax(-1)
+    pred = model.logits(model(torch.where(maskable & rows, model.cfg.mask_id, x0), key_pad=key_pad)[target]).argmax(-1)
     return (pred == x0[target]).sum().item(), target.sum().item()
 
 
 @torch.no_grad()
-def evaluate(raw, data, cfg, mcfg, device, ctx):
+def evaluate(raw_model, data, cfg, mem_cfg, device, ctx):
     """Eval losses on fixed batches and masks (the same in every run with the same seed):
     'eval_loss' is the base model alone (the train-only view); 'eval_loss_mem' first runs
     the inner loop on each eval batch, as in training (the paper's view), at the same x_t;
     'eval_answer_acc' (data with prompts) is answer_accuracy of the base model alone."""
-    raw.eval()
+    raw_model.eval()
     modes = (False, True) if cfg["mem"] else (False,)
     losses, hits = {mem: [] for mem in modes}, [0, 0]
     for i in range(cfg["eval_iters"]):
@@ -231,31 +337,77 @@ def evaluate(raw, data, cfg, mcfg, device, ctx):
         with ctx:
             for mem in modes:  # a fresh generator each: both see the same t and masks
                 g_dev = step_generator(cfg["seed"] + 1, i, 0, device)[0]
-                losses[mem].append(batch_loss(raw, raw, batch, {**cfg, "mem": mem}, mcfg, g_dev)[0].item())
-            hits = [a + b for a, b in zip(hits, answer_accuracy(raw, *batch))]
+                loss = batch_loss(raw_model, raw_model, batch, {**cfg, "mem": mem}, mem_cfg, g_dev)[0]
+                losses[mem].append(loss.item())
+            hits = [a + b for a, b in zip(hits, answer_accuracy(raw_model, *batch))]
     out = {"eval_loss_mem" if mem else "eval_loss": sum(v) / len(v) for mem, v in losses.items()}
     if hits[1]:
         out["eval_answer_acc"] = hits[0] / hits[1]
-    raw.train()
+    raw_model.train()
     return out
+
+
+def json_line(rec):
+    """One log.jsonl line: standard JSON, which has no NaN or infinity: such a value is written as null."""
+    def safe(v):
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+    return json.dumps({k: {kk: safe(vv) for kk, vv in v.items()} if isinstance(v, dict) else safe(v)
+                       for k, v in rec.items()}, allow_nan=False) + "\n"
+
+
+def read_log(path):
+    """The records of log.jsonl; a line that is not a JSON record (a crash mid-write, an edit) is
+    skipped, and reported in one line."""
+    recs, bad = [], []
+    with open(path, errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                rec = None
+            if isinstance(rec, dict) and isinstance(rec.get("step", 0), int):
+                recs.append(rec)
+            elif line.strip():
+                bad.append(n)
+    if bad:
+        print(f"note: {path}: skipped {len(bad)} unreadable line(s): {', '.join(map(str, bad[:10]))}"
+              f"{' ...' if len(bad) > 10 else ''}")
+    return recs
 
 
 def summarize(log_path, start, ev, wall, device):
     """One record for the results table: the last log steps' mean train loss, the final eval
     losses, the median tokens/s (the first log step, with compilation, left out), peak memory."""
-    with open(log_path) as f:
-        # this run's steps; a step logged twice (a crash, then resume) counts once, the last time
-        recs = list({r["step"]: r for r in map(json.loads, f) if "loss" in r and r["step"] > start}.values())
+    # this run's steps; a step logged twice (a crash, then resume) counts once, the last time
+    recs = list({r["step"]: r for r in read_log(log_path)
+                 if isinstance(r.get("loss"), float) and isinstance(r.get("tokens_per_s"), float)
+                 and r["step"] > start}.values())
     tail = recs[-4:]
     tps = sorted(r["tokens_per_s"] for r in recs[1:]) or [float("nan")]
-    return {"train_loss": sum(r["loss"] for r in tail) / max(1, len(tail)), **ev,
+    return {"train_loss": sum(r["loss"] for r in tail) / len(tail) if tail else None, **ev,
             "tokens_per_s": tps[len(tps) // 2], "wall_s": wall,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
             "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"}
 
 
+def max_abs_weight(raw_model):
+    """The largest |weight|: not finite as soon as one weight is NaN or infinite (max propagates NaN)."""
+    return torch.stack([p.detach().abs().max().float() for p in raw_model.parameters()]).max().item()
+
+
+def resume_command(argv, world):
+    """The command that continues this run from its checkpoint."""
+    args = [a for a in argv if not a.startswith(("--resume=", "--overwrite=", "--init_from="))]
+    launcher = f"torchrun --nproc_per_node={world}" if world > 1 else "python"
+    return f"{launcher} train.py {shlex.join(args)} --resume=True"
+
+
 def main(argv):
     cfg = parse_config(argv)
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    if os.path.exists(ckpt_path) and not cfg["resume"] and not cfg["overwrite"]:
+        raise SystemExit(f"{ckpt_path} exists, the checkpoint of an earlier run: continue that run with "
+                         f"--resume=True, train in another --out_dir, or replace it with --overwrite=True")
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
         torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -272,104 +424,153 @@ def main(argv):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    from data.tokenizer import get_encoding
     enc = get_encoding(cfg["tokenizer"])
-    mcfg = MemoryConfig.from_config(cfg)
-    mcfg.validate()
+    mem_cfg = MemoryConfig.from_config(cfg)
     data = make_data(cfg, device)
     # rank 0 evaluates on the global batch: equal eval data for equal global batches on any number of GPUs
     eval_data = make_data({**cfg, "batch_size": cfg["batch_size"] * world}, device) if world > 1 and master else data
     os.makedirs(cfg["out_dir"], exist_ok=True)
-    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
 
     start, ckpt = 0, None
     if cfg["resume"]:
         if not os.path.exists(ckpt_path):
             raise SystemExit(f"--resume=True but {ckpt_path} does not exist: train without --resume first")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ckpt = read_checkpoint(ckpt_path, device)
+        old = ckpt["config"]
         for k in MODEL_KEYS + ("mem",):
-            if ckpt["config"][k] != cfg[k]:
-                raise SystemExit(f"{ckpt_path} was trained with {k}={ckpt['config'][k]!r}, not {cfg[k]!r}: "
+            if old[k] != cfg[k]:
+                raise SystemExit(f"{ckpt_path} was trained with {k}={old[k]!r}, not {cfg[k]!r}: "
                                  f"use the same setting or another --out_dir")
+        changed = [f"{k} {old[k]!r} -> {cfg[k]!r}" for k in DEFAULTS
+                   if k not in RESUME_FREE and old.get(k, cfg[k]) != cfg[k]]
+        if changed and master:
+            print(f"note: resuming with settings other than the checkpoint's ({', '.join(changed)}): "
+                  f"the run goes on with them, not as the uninterrupted run would have")
         start = ckpt["step"]
-    mconf = model_config(cfg, enc)
-    raw = DiffusionLM(mconf).to(device)
+    model_cfg = model_config(cfg, enc)
+    raw_model = DiffusionLM(model_cfg).to(device)
     if ckpt is not None:
-        raw.load_state_dict(ckpt["model"])
+        raw_model.load_state_dict(ckpt["model"])
     elif cfg["init_from"]:
         src, _ = load_model(cfg["init_from"], device)
-        if asdict(src.cfg) != asdict(mconf):
+        if asdict(src.cfg) != asdict(model_cfg):
             raise SystemExit(f"--init_from={cfg['init_from']}: its model ({src.cfg}) differs from this "
-                             f"config's ({mconf}): set the same n_layer/n_head/n_embd/tokenizer")
-        raw.load_state_dict(src.state_dict())
+                             f"config's ({model_cfg}): set the same n_layer/n_head/n_embd/tokenizer")
+        raw_model.load_state_dict(src.state_dict())
 
-    opt = make_optimizer(raw, cfg, on_gpu)
+    opt = make_optimizer(raw_model, cfg, on_gpu)
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
 
-    inner = compiled(raw, cfg, on_gpu)
+    model = compiled(raw_model, cfg, on_gpu)
     # DDP wraps the module that runs the stack from the token ids (all of it for MDLM, the
-    # layers below the memory for MemDLM); the inner loop and the top run on the module itself
-    model = torch.nn.parallel.DistributedDataParallel(inner, device_ids=[device] if on_gpu else None) if ddp else inner
+    # layers below the memory for MemDLM); the inner loop and the top run on model itself
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if on_gpu else None) \
+        if ddp else model
     ctx = autocast(cfg, on_gpu)
 
     tokens_per_step = cfg["batch_size"] * cfg["block_size"] * world
     if master:
-        print(f"{cfg['config']}: {raw.num_params() / 1e6:.2f}M parameters, {'MemDLM' if cfg['mem'] else 'MDLM'}, "
-              f"fast weights on layers {memory_layers(mconf.n_layer, mcfg.layer_frac) if cfg['mem'] else '-'}, "
+        print(f"{cfg['config']}: {raw_model.num_params() / 1e6:.2f}M parameters, {'MemDLM' if cfg['mem'] else 'MDLM'}, "
+              f"fast weights on layers {memory_layers(model_cfg.n_layer, mem_cfg.layer_frac) if cfg['mem'] else '-'}, "
               f"device {device} x{world}, {tokens_per_step} tokens/step")
+        if cfg["compile"] and not on_gpu:
+            print("note: --compile applies on the GPU only; the CPU runs the model as it is")
         if not on_gpu and cfg["max_iters"] > start:
             # a rough CPU rate; tqdm's estimate takes over after the first steps
-            flops = 6 * raw.num_params() * tokens_per_step * (cfg["max_iters"] - start) * (1.5 if cfg["mem"] else 1)
+            flops = (6 * raw_model.num_params() * tokens_per_step * (cfg["max_iters"] - start)
+                     * (1.5 if cfg["mem"] else 1))
             print(f"note: no GPU, training on the CPU; roughly {flops / (2e10 * torch.get_num_threads()) / 60:.1f} "
                   f"minutes for {cfg['max_iters'] - start} steps")
-    log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") if master else None
+    # a resumed run appends to its log; a new one starts it afresh, and --overwrite=True removes
+    # the earlier run's checkpoint now, so out_dir never mixes two runs
+    if master and cfg["overwrite"] and os.path.exists(ckpt_path):
+        os.remove(ckpt_path)
+    log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a" if cfg["resume"] else "w") if master else None
+    saved = start if cfg["resume"] else None  # the step of the checkpoint in out_dir
 
     def write(rec):
-        log.write(json.dumps(rec) + "\n")
+        log.write(json_line(rec))
         log.flush()
 
-    def checkpoint(step):
-        save_checkpoint(ckpt_path, {"model": raw.state_dict(), "optimizer": opt.state_dict(), "config": cfg,
-                                    "model_args": asdict(mconf), "step": step})
+    def stop_unless_finite(step, values):
+        """Stop at a loss (or weight) that is NaN or infinite: nothing more is trained or saved."""
+        for name, v in values.items():
+            if not math.isfinite(v):
+                kept, then = (f"the checkpoint of step {saved} is unchanged", "continue with --resume=True") \
+                    if saved is not None else ("no checkpoint was written", "run again")
+                raise SystemExit(f"step {step}: {name} is {v}: training stopped, {kept}; lower --lr or --mem_lr, "
+                                 f"then {then}")
+
+    def checkpoint(step, last_loss):
+        nonlocal saved
+        # a non-finite model is never saved: the last train loss and the weights, one host sync
+        stop_unless_finite(step, {"the largest |weight|": max_abs_weight(raw_model),
+                                  **({"the train loss": last_loss.item()} if last_loss is not None else {})})
+        save_checkpoint(ckpt_path, {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "config": cfg,
+                                    "model_args": asdict(model_cfg), "step": step})
+        saved = step
+
+    def evaluate_and_log(step):
+        ev = evaluate(raw_model, eval_data, cfg, mem_cfg, device, ctx)
+        write({"step": step, **ev})
+        stop_unless_finite(step, ev)
+        return ev
 
     bar = tqdm(range(start, cfg["max_iters"]), initial=start, total=cfg["max_iters"], disable=not master,
                dynamic_ncols=True)
     t_start = t_log = time.time()
-    for step in bar:
-        if step % cfg["eval_interval"] == 0 and master:
-            ev = evaluate(raw, eval_data, cfg, mcfg, device, ctx)
-            write({"step": step, **ev})
-            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-            if step > start:
-                checkpoint(step)
-            t_log = time.time()  # keep eval time out of tokens/s
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        if cfg["mem"] and step == cfg["mem_start"] and step > 0 and master:
-            write({"step": step, "switch": "MemDLM from here on"})
-            bar.write(f"step {step}: MDLM -> MemDLM")
-        step_cfg = cfg if step >= cfg["mem_start"] else {**cfg, "mem": False}
-        g_dev, g_cpu = step_generator(cfg["seed"], step, rank, device)
-        loss, inner_losses = train_step(model, inner, raw, opt, data.batch("train", g_cpu), step_cfg, mcfg, g_dev, ctx)
-        if (step + 1) % cfg["log_interval"] == 0 and master:
-            lossf = loss.item()  # the only host sync of the loop
-            dt = (time.time() - t_log) / cfg["log_interval"]
-            t_log = time.time()
-            rec = {"step": step + 1, "loss": lossf, "lr": lr_at(step, cfg), "tokens_per_s": tokens_per_step / dt}
-            for k, l in enumerate(inner_losses):
-                rec[f"inner_loss_{k + 1}"] = l.mean().item()
-            write(rec)
-            bar.set_postfix(loss=f"{lossf:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-    if master:
-        if cfg["max_iters"] > start:
-            wall = time.time() - t_start
-            ev = evaluate(raw, eval_data, cfg, mcfg, device, ctx)
-            write({"step": cfg["max_iters"], **ev})
-            print(f"step {cfg['max_iters']}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-            write({"summary": summarize(log.name, start, ev, wall, device)})
-        checkpoint(max(start, cfg["max_iters"]))
-        log.close()
+    step, loss = start, None
+    try:
+        for step in bar:
+            if step % cfg["eval_interval"] == 0 and master:
+                ev = evaluate_and_log(step)
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+                if step > start:
+                    checkpoint(step, loss)
+                t_log = time.time()  # keep eval time out of tokens/s
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            if cfg["mem"] and step == cfg["mem_start"] and step > 0 and master:
+                write({"step": step, "switch": "MemDLM from here on"})
+                bar.write(f"step {step}: MDLM -> MemDLM")
+            step_cfg = cfg if step >= cfg["mem_start"] else {**cfg, "mem": False}
+            g_dev, g_cpu = step_generator(cfg["seed"], step, rank, device)
+            loss, inner_losses = train_step(ddp_model, model, raw_model, opt, data.batch("train", g_cpu), step_cfg,
+                                            mem_cfg, g_dev, ctx)
+            # the loss is read (a host sync) at log steps only; a NaN between them is caught here or
+            # by the check before the next evaluation and checkpoint
+            if (step + 1) % cfg["log_interval"] == 0 and master:
+                lossf = loss.item()
+                dt = (time.time() - t_log) / cfg["log_interval"]
+                t_log = time.time()
+                inner = {f"inner_loss_{k + 1}": v.mean().item() for k, v in enumerate(inner_losses)}
+                rec = {"step": step + 1, "loss": lossf, "lr": lr_at(step, cfg), "tokens_per_s": tokens_per_step / dt}
+                write({**rec, **inner})
+                stop_unless_finite(step + 1, {"the train loss": lossf, **inner})
+                bar.set_postfix(loss=f"{lossf:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        step = max(start, cfg["max_iters"])
+        if master:
+            if cfg["max_iters"] > start:
+                wall = time.time() - t_start
+                ev = evaluate_and_log(step)
+                print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+            checkpoint(step, loss)  # before the summary: nothing after the last step can cost it
+            if cfg["max_iters"] > start:
+                write({"summary": summarize(log.name, start, ev, wall, device)})
+    except KeyboardInterrupt:
+        # No checkpoint on Ctrl-C (as nanoGPT): the interrupt may land inside opt.step() and leave
+        # half-updated weights; the last periodic checkpoint is consistent, and resuming from it
+        # replays exactly the steps after it
+        if saved is None:
+            raise SystemExit(f"interrupted at step {step}, before the first checkpoint: nothing to resume, "
+                             f"run the command again") from None
+        raise SystemExit(f"interrupted at step {step}; the last checkpoint is step {saved} ({ckpt_path}): continue "
+                         f"with {resume_command(argv, world)}") from None
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
     if ddp:
         torch.distributed.destroy_process_group()
 

@@ -9,7 +9,15 @@ import tiktoken
 EOT, MASK = "<|endoftext|>", "<|mask|>"
 
 
+def check_tokenizer(name):
+    """Stop with one line unless name is byte or an encoding tiktoken knows."""
+    names = ["byte", *tiktoken.list_encoding_names()]
+    if name not in names:
+        raise SystemExit(f"unknown tokenizer '{name}': choose one of {', '.join(names)}")
+
+
 def get_encoding(name="byte"):
+    check_tokenizer(name)
     if name == "byte":
         # no merges: every byte is its own token; a GPT-2-like split keeps pieces short
         return tiktoken.Encoding(

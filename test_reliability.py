@@ -1,0 +1,436 @@
+"""Nothing lost, nothing run: checkpoints, bad input, interrupted and diverging runs. CPU, tiny runs."""
+import errno
+import hashlib
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import bench
+import niah
+import sample
+import train
+from model import load_model, read_checkpoint
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models gain nothing from more threads, and on a busy machine they slow each step many times over
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run(out_dir, *args):
+    train.main(["--config", "tiny", f"--out_dir={out_dir}", "--eval_iters=1", *args])
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def strict_log(path):
+    """log.jsonl as standard JSON: a bare NaN or Infinity fails."""
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON constant {token} in {path}")
+    with open(path) as f:
+        return [json.loads(line, parse_constant=refuse) for line in f]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A good run: checkpoint at step 10, log lines every 5 steps."""
+    d = tmp_path_factory.mktemp("base") / "run"
+    run(d, "--max_iters=10", "--eval_interval=10", "--log_interval=5")
+    return d
+
+
+@pytest.fixture
+def copy(base, tmp_path):
+    return shutil.copytree(base, tmp_path / "run")
+
+
+# ---- 1. loading a checkpoint runs no code ------------------------------------------------
+
+class Marker:
+    """Unpickling this calls open(path, "w"): the file appears if the pickle's code runs."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_checkpoint_whose_pickle_calls_a_function_is_refused_and_never_runs(base, tmp_path):
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    good = torch.load(base / "ckpt.pt", weights_only=True)
+    torch.save({**good, "model": Marker(str(marker))}, evil / "ckpt.pt")
+    for call in (lambda: load_model(str(evil)),  # sample.py, niah.py, bench.py
+                 lambda: sample.main([f"--out_dir={evil}", "--device=cpu"]),
+                 lambda: run(evil, "--resume=True", "--max_iters=12"),
+                 lambda: run(tmp_path / "new", f"--init_from={evil}", "--max_iters=1")):
+        with pytest.raises(SystemExit, match=r"was not loaded: .*Unsupported global.*could run code"):
+            call()
+    assert not marker.exists()
+    torch.load(evil / "ckpt.pt", weights_only=False)  # the file is armed: an unsafe load runs it
+    assert marker.exists()
+
+
+def test_what_train_saves_is_tensors_and_plain_values(base):
+    ckpt = read_checkpoint(str(base / "ckpt.pt"))  # weights_only=True
+    assert ckpt["step"] == 10 and set(ckpt) == {"model", "optimizer", "config", "model_args", "step"}
+    plain = (str, int, float, bool, type(None))
+    assert all(isinstance(v, plain) for v in ckpt["config"].values())
+    assert all(isinstance(v, plain) for v in ckpt["model_args"].values())
+
+
+# ---- 2. a non-finite loss stops training ------------------------------------------------
+
+@pytest.mark.parametrize("args", [["--lr=1e6"], ["--mem_lr=1e6"], ["--lr=1e6", "--log_interval=100"]])
+def test_a_diverging_resume_stops_in_one_line_and_keeps_the_good_checkpoint(copy, args):
+    before = digest(copy / "ckpt.pt")
+    with pytest.raises(SystemExit, match=r"^step \d+: \S.* is (nan|inf|-inf): training stopped, the checkpoint of "
+                                         r"step 10 is unchanged; lower --lr or --mem_lr, then continue with "
+                                         r"--resume=True$"):
+        run(copy, "--resume=True", "--max_iters=40", "--eval_interval=10", *args)
+    assert digest(copy / "ckpt.pt") == before
+    log = strict_log(copy / "log.jsonl")
+    assert any(None in r.values() for r in log)  # the non-finite values are written as null
+
+
+def _poisoned_step(monkeypatch, at, what):
+    """train_step as it is, but at step `at` an inner loss turns NaN, or a weight does."""
+    real, calls = train.train_step, []
+
+    def step(ddp_model, model, raw_model, *a):
+        loss, inner = real(ddp_model, model, raw_model, *a)
+        calls.append(1)
+        if len(calls) == at and what == "inner":
+            inner = [inner[0], torch.full_like(inner[1], float("nan"))]
+        if len(calls) == at and what == "weight":
+            with torch.no_grad():
+                raw_model.lm_head.weight[0, 0] = float("inf")
+        return loss, inner
+    monkeypatch.setattr(train, "train_step", step)
+
+
+def test_a_non_finite_inner_loss_stops_at_its_log_step(tmp_path, monkeypatch):
+    _poisoned_step(monkeypatch, 10, "inner")
+    with pytest.raises(SystemExit, match=r"^step 10: inner_loss_2 is nan: .* no checkpoint was written"):
+        run(tmp_path, "--max_iters=30", "--eval_interval=20", "--log_interval=5")
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_a_non_finite_model_is_never_saved(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "evaluate", lambda *a: {"eval_loss": 1.0})  # blind to the bad weight
+    _poisoned_step(monkeypatch, 7, "weight")
+    with pytest.raises(SystemExit, match=r"^step 10: the largest \|weight\| is (inf|nan)"):
+        run(tmp_path, "--max_iters=30", "--eval_interval=10", "--log_interval=100")
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_max_abs_weight_sees_one_bad_weight():
+    m = torch.nn.Linear(3, 3)
+    assert math.isfinite(train.max_abs_weight(m))
+    for bad in (float("nan"), float("inf")):
+        with torch.no_grad():
+            m.bias[1] = bad
+        assert not math.isfinite(train.max_abs_weight(m))
+
+
+def test_log_lines_are_standard_json():
+    line = train.json_line({"step": 3, "loss": float("nan"), "summary": {"x": float("inf"), "y": 1.5}})
+    assert json.loads(line) == {"step": 3, "loss": None, "summary": {"x": None, "y": 1.5}}
+
+
+def test_adapt_with_a_non_finite_inner_loss_says_so(base, capsys):
+    with pytest.raises(SystemExit, match=r"^--adapt: the inner loss of step \d is not finite .* lower --adapt_lr"):
+        sample.main([f"--out_dir={base}", "--prompt=Hello", "--gen_len=4", "--adapt", "--adapt_lr=1e30",
+                     "--device=cpu"])
+    assert "sample 1/1" not in capsys.readouterr().out
+
+
+# ---- 3. a run never overwrites another ---------------------------------------------------
+
+def test_a_new_run_into_a_trained_out_dir_is_refused_unless_overwrite(copy):
+    before = digest(copy / "ckpt.pt")
+    with pytest.raises(SystemExit, match=r"ckpt.pt exists.*--resume=True.*another --out_dir.*--overwrite=True"):
+        run(copy, "--max_iters=2")
+    assert digest(copy / "ckpt.pt") == before
+    run(copy, "--max_iters=3", "--eval_interval=100", "--log_interval=1", "--overwrite=True")
+    log = strict_log(copy / "log.jsonl")  # replaced: this run's lines only
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3] and read_checkpoint(str(copy / "ckpt.pt"))["step"] == 3
+
+
+# ---- 4. the final checkpoint comes first; a damaged log line is skipped --------------------
+
+def test_the_final_checkpoint_is_written_before_the_summary(tmp_path, monkeypatch):
+    def broken(*a):
+        raise RuntimeError("summary failed")
+    monkeypatch.setattr(train, "summarize", broken)
+    with pytest.raises(RuntimeError, match="summary failed"):
+        run(tmp_path, "--max_iters=4", "--eval_interval=100")
+    assert read_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 4
+
+
+def test_a_damaged_log_line_is_skipped_and_reported(copy, capsys):
+    with open(copy / "log.jsonl", "a") as f:
+        f.write('{"step": 11, "loss": 2.\n\x00\x00garbage\n[1, 2]\n')
+    run(copy, "--resume=True", "--max_iters=20", "--eval_interval=10", "--log_interval=5")
+    out = capsys.readouterr().out
+    assert re.search(r"note: .*log.jsonl: skipped 3 unreadable line\(s\): \d+, \d+, \d+\n", out)
+    summary = [r for r in train.read_log(copy / "log.jsonl") if "summary" in r][-1]["summary"]
+    assert math.isfinite(summary["train_loss"]) and read_checkpoint(str(copy / "ckpt.pt"))["step"] == 20
+
+
+# ---- 5. checkpoint writes -----------------------------------------------------------------
+
+def test_a_checkpoint_is_fsynced_under_a_name_of_this_process_then_renamed(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    for stale in ("ckpt.pt.tmp", "ckpt.pt.tmp1"):  # a crashed run's leftovers
+        (tmp_path / stale).write_bytes(b"partial")
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", os.path.basename(a)))
+                        or real_replace(a, b))
+    train.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+    assert events[:2] == [("fsync", False), ("replace", f"ckpt.pt.tmp{os.getpid()}")]
+    if sys.platform == "linux":  # the directory too, so the rename survives a power cut
+        assert events[2] == ("fsync", True)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"] and torch.load(path, weights_only=True)["step"] == 1
+
+
+@pytest.mark.parametrize("failure", ["disk full", "ctrl-c"])
+def test_a_failed_write_keeps_the_old_checkpoint_and_removes_the_temp(tmp_path, monkeypatch, failure):
+    path = str(tmp_path / "ckpt.pt")
+    train.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+    real_open = open
+
+    class FillsUp:  # the temp file takes a few bytes, then the disk is full (or the user presses Ctrl-C)
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, b):
+            self.f.write(bytes(b[:100]))
+            raise KeyboardInterrupt if failure == "ctrl-c" else OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(train, "open", lambda p, *a, **k: FillsUp(real_open(p, *a, **k)) if ".tmp" in str(p)
+                        else real_open(p, *a, **k), raising=False)
+    if failure == "ctrl-c":
+        with pytest.raises(KeyboardInterrupt):
+            train.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    else:
+        with pytest.raises(SystemExit, match=r"^cannot write .*ckpt.pt \(No space left on device\): the previous "
+                                             r"checkpoint is unchanged, continue with --resume=True"):
+            train.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and torch.load(path, weights_only=True)["step"] == 1
+
+
+# ---- 6. Ctrl-C ----------------------------------------------------------------------------
+
+def test_ctrl_c_names_the_steps_and_the_exact_command_that_resumes(tmp_path, monkeypatch):
+    args = ["--config", "tiny", f"--out_dir={tmp_path / 'b'}", "--eval_iters=1", "--max_iters=10",
+            "--eval_interval=5", "--log_interval=5"]
+    real, calls = train.train_step, []
+
+    def interrupted(*a):
+        calls.append(1)
+        if len(calls) == 8:  # during step 7
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(train, "train_step", interrupted)
+    try:
+        train.main(args)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped train.main as a KeyboardInterrupt")
+    except SystemExit as e:
+        msg = str(e)
+    monkeypatch.setattr(train, "train_step", real)
+    assert re.fullmatch(r"interrupted at step 7; the last checkpoint is step 5 \(.*ckpt.pt\): continue with "
+                        r"python train.py .* --resume=True", msg)
+    command = shlex.split(msg.split("continue with ")[1])
+    assert command[:2] == ["python", "train.py"]
+    train.main(command[2:])  # the command it gives continues the run exactly
+    train.main(["--config", "tiny", f"--out_dir={tmp_path / 'a'}", *args[3:]])
+    final = {d: [r for r in strict_log(tmp_path / d / "log.jsonl") if r.get("step") == 10 and "loss" in r][-1]
+             for d in ("a", "b")}
+    assert math.isclose(final["a"]["loss"], final["b"]["loss"], rel_tol=1e-6)
+
+
+def test_ctrl_c_in_a_real_process_gives_one_line_and_no_traceback(tmp_path):
+    # SIGINT restored in the child: a shell may start background jobs ignoring it
+    code = ("import signal, sys, train; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "train.main(sys.argv[1:])")
+    p = subprocess.Popen([sys.executable, "-c", code, "--config", "tiny", f"--out_dir={tmp_path}", "--eval_iters=1",
+                          "--max_iters=100000", "--eval_interval=2", "--log_interval=1000"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log, deadline = tmp_path / "log.jsonl", time.time() + 60
+    while time.time() < deadline and p.poll() is None:  # past the evaluation of step 4: the checkpoint of 2 is in
+        if log.exists() and '"step": 4' in log.read_text():
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    last = err.strip().splitlines()[-1]
+    assert p.returncode == 1 and "Traceback" not in err
+    assert re.fullmatch(r"interrupted at step \d+; the last checkpoint is step \d+ .* --resume=True", last), err[-500:]
+
+
+# ---- 7. every config value is checked before any work --------------------------------------
+
+@pytest.mark.parametrize("arg, message", [
+    ("--eval_interval=0", "--eval_interval=0: must be a positive integer"),
+    ("--batch_size=0", "--batch_size=0: must be a positive integer"),
+    ("--block_size=0", "--block_size=0: must be a positive integer"),
+    ("--log_interval=-1", "must be a positive integer"),
+    ("--eval_iters=0", "must be a positive integer"),
+    ("--n_layer=0", "must be a positive integer"),
+    ("--max_iters=-1", "--max_iters=-1: must be >= 0"),
+    ("--warmup_iters=-5", "must be >= 0"),
+    ("--n_embd=65", "--n_embd=65 is not a multiple of --n_head=2"),
+    ("--n_embd=66", "head size n_embd / n_head = 33 is odd: RoPE"),
+    ("--lr=nan", "--lr=nan: must be a finite number > 0"),
+    ("--lr=inf", "must be a finite number > 0"),
+    ("--lr=0", "must be a finite number > 0"),
+    ("--min_lr=1", "--min_lr=1.0: must be within 0 and --lr"),
+    ("--min_lr=-1e-4", "must be within 0 and --lr"),
+    ("--weight_decay=-0.1", "--weight_decay=-0.1: must be a finite number >= 0"),
+    ("--beta1=1", "--beta1=1.0: must be within 0 and 1"),
+    ("--beta2=0", "must be within 0 and 1"),
+    ("--grad_clip=0", "--grad_clip=0.0: must be > 0"),
+    ("--grad_clip=nan", "must be > 0"),
+    ("--device=foo", "--device=foo: use auto, cpu, cuda or cuda:N"),
+    ("--device=cuda:x", "use auto, cpu, cuda or cuda:N"),
+    ("--dtype=int8", "--dtype=int8: use bfloat16, float16 or float32"),
+    ("--compile_mode=fast", "--compile_mode=fast: use one of default"),
+    ("--mem_rank=0", "--mem_rank must be >= 1, got 0"),
+    ("--mem_steps=0", "--mem_steps must be >= 1"),
+    ("--mem_lr=nan", "--mem_lr must be finite"),
+    ("--mem_layer_frac=0", "--mem_layer_frac must be in"),
+    ("--mem_scope=everything", "--mem_scope must be one of"),
+    ("--niah_tasks=single,foo", "--niah_tasks=single,foo: unknown task 'foo'"),
+    ("--niah_full_frac=2", "must be within 0 and 1"),
+    ("--niah_haystack=hay", "--niah_haystack=hay: use noise or prose"),
+    ("--niah_answer_len=0", "must be a positive integer"),
+    ("--dataset=nowhere", r"unknown dataset 'nowhere': choose one of niah, .*pydoc.*, or write "
+                          r"data/nowhere/prepare.py"),
+    ("--tokenizer=foo", r"unknown tokenizer 'foo': choose one of byte, gpt2, .*o200k_base"),
+])
+def test_every_bad_setting_stops_parse_config_in_one_line(arg, message):
+    with pytest.raises(SystemExit, match=message) as e:
+        train.parse_config(["--config", "tiny", arg])
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("args", [["--resume=True", "--overwrite=True"], ["--resume=True", "--init_from=x"]])
+def test_resume_takes_neither_overwrite_nor_init_from(args):
+    with pytest.raises(SystemExit, match="--resume=True continues the run in out_dir"):
+        train.parse_config(["--config", "tiny", *args])
+
+
+def test_compile_on_the_cpu_is_noted(tmp_path, capsys):
+    run(tmp_path, "--max_iters=0", "--compile=True", "--device=cpu")
+    assert "note: --compile applies on the GPU only" in capsys.readouterr().out
+
+
+# ---- 8. the memory's settings are not the model's identity ---------------------------------
+
+def test_init_from_a_base_with_another_memory_rank_and_alpha(base, tmp_path):
+    run(tmp_path, f"--init_from={base}", "--max_iters=1", "--mem_rank=4", "--mem_alpha=16", "--eval_interval=100")
+    src, dst = strict_log(base / "log.jsonl"), strict_log(tmp_path / "log.jsonl")
+    # the same weights on the same eval batches: the base model's loss carries over exactly
+    assert dst[0]["step"] == 0 and dst[0]["eval_loss"] == [r for r in src if "eval_loss" in r][-1]["eval_loss"]
+    assert read_checkpoint(str(tmp_path / "ckpt.pt"))["config"]["mem_rank"] == 4
+
+
+def test_resume_with_another_memory_setting_or_seed_says_so(copy, capsys):
+    run(copy, "--resume=True", "--max_iters=10", "--mem_lr=0.05", "--seed=7", "--eval_interval=10")
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: resuming")]
+    assert len(notes) == 1 and "mem_lr 0.1 -> 0.05" in notes[0] and "seed 1337 -> 7" in notes[0]
+
+
+# ---- 9. one line, no traceback, for bad files and arguments ---------------------------------
+
+def _damage(src, dst, kind):
+    dst.mkdir(parents=True)
+    ckpt = dst / "ckpt.pt"
+    if kind == "truncated":
+        ckpt.write_bytes(open(src, "rb").read()[:5000])
+    elif kind == "empty":
+        ckpt.write_bytes(b"")
+    elif kind == "random":
+        ckpt.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0))
+                         .to(torch.uint8).numpy().tobytes())
+    else:
+        ckpt.mkdir()
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "random", "directory"])
+def test_a_damaged_checkpoint_gives_one_line_everywhere(base, tmp_path, kind):
+    bad = tmp_path / "bad"
+    _damage(base / "ckpt.pt", bad, kind)
+    for call in (lambda: sample.main([f"--out_dir={bad}", "--device=cpu"]),
+                 lambda: niah.main([f"--out_dir={bad}", "--device=cpu"]),
+                 lambda: run(bad, "--resume=True", "--max_iters=12")):
+        with pytest.raises(SystemExit, match=r"ckpt.pt (cannot be read as a checkpoint|was not loaded)") as e:
+            call()
+        assert "\n" not in str(e.value)
+
+
+def test_a_prompt_file_that_is_not_utf8(base, tmp_path):
+    (tmp_path / "p.txt").write_bytes(b"caf\xe9 au lait")
+    with pytest.raises(SystemExit, match=r"is not UTF-8 text \(byte 0xe9 at offset 3\)"):
+        sample.main([f"--out_dir={base}", f"--prompt_file={tmp_path / 'p.txt'}", "--device=cpu"])
+
+
+def test_niah_results_file_is_checked_before_the_evaluation(base, tmp_path, monkeypatch):
+    def evaluated(*a, **k):
+        raise AssertionError("the evaluation ran")
+    monkeypatch.setattr(sample, "generate", evaluated)
+    argv = [f"--out_dir={base}", "--device=cpu", "--tasks=single", "--lengths=200", "--n=1"]
+    with pytest.raises(SystemExit, match=r"the directory .*missing does not exist"):
+        niah.main(argv + [f"--json={tmp_path / 'missing' / 'r.json'}"])
+    (tmp_path / "r.json").write_text("earlier results")
+    with pytest.raises(SystemExit, match=r"r.json exists: choose another --json file, or pass --overwrite"):
+        niah.main(argv + [f"--json={tmp_path / 'r.json'}"])
+    with pytest.raises(AssertionError, match="the evaluation ran"):  # --overwrite lets it go on
+        niah.main(argv + [f"--json={tmp_path / 'r.json'}", "--overwrite"])
+    assert (tmp_path / "r.json").read_text() == "earlier results"
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--steps=0", "--steps=0: must be a positive integer"),
+    ("--warmup=-1", "--warmup=-1: must be >= 0"),
+    ("--prompt_lens=1024,abc", "--prompt_lens=1024,abc: a comma list of positive integers"),
+    ("--prompt_lens=0", "a comma list of positive integers"),
+    ("--modes=foo", "--modes=foo: a comma list of mdlm and memdlm"),
+    ("--gen_len=10", "--gen_len=10 must be a multiple of --block=32"),
+    ("--steps", "bad argument '--steps': write --key=value"),
+])
+def test_bench_arguments_are_checked(arg, message):
+    with pytest.raises(SystemExit, match=message):
+        bench.parse(["--config", "tiny", arg])
