@@ -1,4 +1,5 @@
 """The core: model, MDLM loss, MemDLM inner loop, training. CPU, tiny models, seconds."""
+import io
 import json
 import math
 import os
@@ -37,6 +38,28 @@ def test_bidirectional_attention():
     y = x.clone()
     y[0, -1] = (x[0, -1] + 1) % 256  # change the last token only
     assert not torch.allclose(logits(m, x)[0, 0], logits(m, y)[0, 0])
+
+
+def test_rope_turns_each_pair_by_position_times_its_frequency():
+    # head size 4, theta 100: the pairs (x0, x2) and (x1, x3) turn by p and p / 10 radians at position p
+    T, x = 8, torch.randn(1, 1, 8, 4, generator=torch.Generator().manual_seed(0))
+    cos, sin = model.rope_tables(T, 4, 100.0, None)
+    z = torch.complex(x[..., :2], x[..., 2:])  # a pair as a complex number: the rotation is z e^{i angle}
+    turned = z * torch.polar(torch.ones(T, 2), torch.arange(T)[:, None].float() * torch.tensor([1.0, 0.1]))
+    assert torch.allclose(model.apply_rope(x, cos, sin), torch.cat([turned.real, turned.imag], -1), atol=1e-5)
+
+
+def test_rope_scores_depend_on_the_relative_position_only():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 16, generator=g)
+    cos, sin = model.rope_tables(32, 16, 10000.0, None)
+    qr, kr = (model.apply_rope(v.expand(1, 1, 32, 16), cos, sin)[0, 0] for v in (q, k))
+    assert torch.allclose(qr.norm(dim=-1), q.norm().expand(32), atol=1e-5)  # a rotation keeps the norm
+    scores = qr @ kr.T  # q_m . k_n: constant along each diagonal m - n
+    for d in range(-31, 32):
+        diag = scores.diagonal(d)
+        assert torch.allclose(diag, diag[:1].expand_as(diag), atol=1e-4), d
+    assert len({round(scores[0, n].item(), 3) for n in range(32)}) > 16  # and it does vary with m - n
 
 
 def test_zero_fast_weights_give_the_base_output_exactly():
@@ -177,6 +200,20 @@ def test_inner_step_drives_a_large_gradient_to_the_clip():
     moved = [(q - p.detach()).flatten(1).norm(dim=1) for p, q in zip(flat(fast0), flat(fast1))]
     B_moves = torch.stack(moved[1::2])  # A gets no gradient while B = 0; every B hits the clip
     assert torch.allclose(B_moves, torch.full_like(B_moves, 0.1 * 1e-3))
+
+
+def test_the_memory_scale_alpha_over_r_reaches_the_inner_loop():
+    mc = MemoryConfig(rank=4, alpha=12.0, steps=1, lr=0.1, clip=1e9)  # scale 3, no clipping
+    assert MemoryConfig.from_config({"mem_rank": 4, "mem_alpha": 12.0}).scale == 3.0
+    m, x0, maskable, mask_t = _inner_setup()
+    fast0 = init_fast(m, 2, mc, torch.Generator().manual_seed(0))
+    fast1, _ = inner_loop(m, x0, [mask_t], maskable, fast0, mc)
+    assert fast0.scale == fast1.scale == 3.0
+    assert adapt(m, x0, mc, generator=torch.Generator().manual_seed(0))[0].scale == 3.0
+    # B starts at 0, so its gradient, and with no clipping its first step, is proportional to the scale
+    half, _ = inner_loop(m, x0, [mask_t], maskable, FastWeights(fast0.layers, 1.5), mc)
+    B1, B_half = flat(fast1)[1::2], flat(half)[1::2]
+    assert all(b.abs().max() > 0 and torch.allclose(b, 2 * h, rtol=1e-9, atol=0) for b, h in zip(B1, B_half))
 
 
 def test_the_adapt_anchor_is_bernoulli_at_the_ratio_with_at_least_one_token():
@@ -324,6 +361,21 @@ def test_adapt_writes_one_fresh_memory_per_prompt():
     assert all(torch.equal(p, q) for p, q in zip(flat(fast), flat(fast_b)))
 
 
+def test_adapt_scores_the_plain_mean_at_an_anchor_of_a_fifth_of_the_prompt():
+    """By default adapt masks 20% of the prompt at the anchor (the pre-anchor 1.5 times that) and
+    its inner loss is the plain mean NLL over the masked tokens, not training's 1/r weighting."""
+    m, prompts = tiny(), tokens(40, 100)
+    seen = []  # the token ids of every forward from the bottom: the inner loop's states
+    hook = m.register_forward_pre_hook(lambda mod, args: seen.append(args[0]) if not args[0].is_floating_point() else None)
+    _, losses = adapt(m, prompts, MemoryConfig(rank=4), generator=torch.Generator().manual_seed(0))
+    hook.remove()
+    pre, anchor = (x == MASK for x in seen)
+    assert (pre >= anchor).all() and abs(anchor.float().mean() - 0.2) < 0.025 and abs(pre.float().mean() - 0.3) < 0.035
+    # the first step runs at phi_0, which adds nothing: the base model's mean NLL over the pre-anchor's masks
+    nll = F.cross_entropy(logits(m, seen[0]).transpose(1, 2), prompts, reduction="none")
+    assert torch.allclose(losses[0], (nll * pre).sum(1) / pre.sum(1), atol=1e-5)
+
+
 # ---- training ---------------------------------------------------------------------------
 
 def run_train(tmp_path, *args):
@@ -344,26 +396,68 @@ def test_a_tiny_run_lowers_the_loss(tmp_path, mem):
         assert "eval_loss_mem" in evals[-1]
 
 
-def test_a_crash_keeps_the_last_checkpoint_and_resume_gives_the_same_losses(tmp_path, monkeypatch):
-    full = run_train(tmp_path / "a", "--max_iters=30", "--eval_interval=10")
-    real, calls = train.save_checkpoint, []
+class Killed(BaseException):
+    """The process dying at that instant: nothing catches it."""
 
-    def crash_on_third(path, obj):  # the final save dies half-way through writing
-        calls.append(obj["step"])
-        if len(calls) == 3:
-            open(path + ".tmp", "wb").write(b"partial")
-            raise KeyboardInterrupt
-        real(path, obj)
-    monkeypatch.setattr(train, "save_checkpoint", crash_on_third)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(tmp_path / "b", "--max_iters=30", "--eval_interval=10")
-    monkeypatch.setattr(train, "save_checkpoint", real)
-    assert calls == [10, 20, 30] and torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 20
-    resumed = run_train(tmp_path / "b", "--max_iters=30", "--eval_interval=10", "--resume=True")
+
+def test_a_crash_keeps_the_last_checkpoint_and_resume_gives_the_same_losses(tmp_path, monkeypatch):
+    args = ("--max_iters=6", "--eval_interval=2", "--log_interval=1")  # checkpoints at steps 2, 4 and 6
+    full = run_train(tmp_path / "a", *args)
+    real, steps = torch.save, []
+
+    def torn_save(obj, f, *a, **k):  # the third checkpoint dies half-way through writing its bytes
+        steps.append(obj["step"])
+        if len(steps) < 3:
+            return real(obj, f, *a, **k)
+        buf = io.BytesIO()
+        real(obj, buf)
+        part = buf.getvalue()[:buf.tell() // 2]
+        if isinstance(f, (str, os.PathLike)):
+            with open(f, "wb") as out:
+                out.write(part)
+        else:
+            f.write(part)
+        raise Killed
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(Killed):
+        run_train(tmp_path / "b", *args)
+    monkeypatch.setattr(torch, "save", real)
+    assert steps == [2, 4, 6] and torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 4
+    resumed = run_train(tmp_path / "b", *args, "--resume=True")
     loss_at = lambda log, s: [r["loss"] for r in log if r.get("step") == s and "loss" in r][-1]
-    assert math.isclose(loss_at(full, 30), loss_at(resumed, 30), rel_tol=1e-5)
+    assert math.isclose(loss_at(full, 6), loss_at(resumed, 6), rel_tol=1e-5)
     model, cfg = load_model(str(tmp_path / "b"))
-    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 30 and isinstance(model, DiffusionLM)
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 6 and isinstance(model, DiffusionLM)
+
+
+def test_the_learning_rate_warms_up_then_decays_to_min_lr():
+    cfg = dict(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    assert [train.lr_at(i, cfg) for i in (0, 4, 9, 10)] == pytest.approx([0.1, 0.5, 1.0, 1.0])
+    assert train.lr_at(60, cfg) == pytest.approx(0.55)  # cosine: half-way between lr and min_lr at mid-decay
+    assert train.lr_at(110, cfg) == pytest.approx(0.1) and train.lr_at(200, cfg) == pytest.approx(0.1)
+    decay = [train.lr_at(i, cfg) for i in range(10, 111)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+
+
+def test_a_train_step_clips_the_gradient_norm():
+    cfg = train.parse_config(["--config", "tiny", "--mem=False", "--grad_clip=0.001"])
+    m = tiny(dtype=torch.float64)
+    before = [p.detach().clone() for p in m.parameters()]
+    opt = torch.optim.SGD(m.parameters(), lr=1.0)  # a step of exactly the (clipped) gradient
+    batch = (tokens(4, 32), torch.ones(4, 32, dtype=torch.bool), None)
+    train.train_step(m, m, m, opt, batch, cfg, MemoryConfig.from_config(cfg), torch.Generator().manual_seed(0),
+                     train.nullcontext())
+    step = torch.cat([(p.detach() - b).flatten() for p, b in zip(m.parameters(), before)])
+    assert math.isclose(step.norm().item(), 1e-3, rel_tol=1e-6)
+
+
+def test_eval_loss_is_the_base_model_alone():
+    """eval_loss of a MemDLM run is the plain MDLM loss: that of a run without memory, same batches and masks."""
+    cfg = train.parse_config(["--config", "tiny", "--eval_iters=1", "--batch_size=4"])
+    m, data, mcfg = tiny(), train.make_data(cfg, "cpu"), MemoryConfig.from_config(cfg)
+    with_mem = train.evaluate(m, data, cfg, mcfg, "cpu", train.nullcontext())
+    alone = train.evaluate(m, data, {**cfg, "mem": False}, mcfg, "cpu", train.nullcontext())
+    assert with_mem["eval_loss"] == alone["eval_loss"] != with_mem["eval_loss_mem"]
 
 
 def test_init_from_loads_weights_and_resets_the_step(tmp_path):
@@ -435,54 +529,73 @@ def test_answer_accuracy_scores_answers_of_prompted_rows_only():
 
 
 
-def _free_port():
+def _free_ports(n):
     import socket
-    with socket.socket() as s:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
 
 
-def _ddp_rank(rank, port, out):
-    """Three MemDLM steps on this rank's own batches, wrapped as train.py wraps them."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _ddp_rank(rank, ports, out):
+    """One of two gloo ranks: two MemDLM steps wrapped as train.py wraps them (the weights saved),
+    then train.py itself as torchrun starts it (the training batches it drew saved)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[0]))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    cfg = train.parse_config(["--config", "tiny", "--batch_size=4"])
+    cfg = train.parse_config(["--config", "tiny", "--batch_size=2"])
     torch.manual_seed(0)
     raw = DiffusionLM(train.model_config(cfg, get_encoding("byte")))
     opt = train.make_optimizer(raw, cfg, False)
     model = torch.nn.parallel.DistributedDataParallel(raw)
     data, mcfg = train.make_data(cfg, "cpu"), MemoryConfig.from_config(cfg)
-    for step in range(3):
+    for step in range(2):
         g_dev, g_cpu = train.step_generator(cfg["seed"], step, rank, "cpu")
         train.train_step(model, raw, raw, opt, data.batch("train", g_cpu), cfg, mcfg, g_dev, train.nullcontext())
     torch.save(raw.state_dict(), os.path.join(out, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
+    os.environ.update(MASTER_PORT=str(ports[1]), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    drawn, batch = [], train.TextData.batch
 
-def test_ddp_keeps_every_weight_in_sync_though_the_top_runs_outside_the_wrapper(tmp_path):
+    def recorded(self, split, gen):
+        b = batch(self, split, gen)
+        if split == "train":
+            drawn.append(b[0])
+        return b
+    train.TextData.batch = recorded
+    train.main(["--config", "tiny", f"--out_dir={out}/run", "--batch_size=4", "--max_iters=2", "--eval_interval=2",
+                "--log_interval=1"])
+    torch.save(drawn, os.path.join(out, f"batches{rank}.pt"))
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    torch.multiprocessing.spawn(_ddp_rank, args=(_free_ports(2), str(out)), nprocs=2)
+    return out
+
+
+def test_ddp_keeps_every_weight_in_sync_though_the_top_runs_outside_the_wrapper(ddp_run):
     # DDP wraps the bottom layers' module; the inner loop and the layers above the memory run
     # on the bare module: their gradients must still be averaged over the ranks
-    port = _free_port()
-    torch.multiprocessing.spawn(_ddp_rank, args=(port, str(tmp_path)), nprocs=2)
-    w0, w1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    w0, w1 = (torch.load(ddp_run / f"rank{r}.pt") for r in (0, 1))
     torch.manual_seed(0)  # the ranks' initial weights
     init = DiffusionLM(train.model_config(train.parse_config(["--config", "tiny"]), get_encoding("byte"))).state_dict()
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     assert not torch.equal(w0["layers.1.ffn.up_proj.weight"], init["layers.1.ffn.up_proj.weight"])  # it trained
 
 
-def _torchrun_rank(rank, port, out):
-    """train.py under DDP, as torchrun would start it (gloo on the CPU)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2")
-    train.main(["--config", "tiny", f"--out_dir={out}", "--batch_size=4", "--max_iters=10", "--eval_interval=10"])
+def test_ddp_ranks_train_on_their_own_batches(ddp_run):
+    b0, b1 = (torch.load(ddp_run / f"batches{r}.pt") for r in (0, 1))
+    assert len(b0) == len(b1) == 2 and not any(torch.equal(x, y) for x, y in zip(b0, b1))
 
 
-def test_ddp_training_evaluates_on_the_global_batch(tmp_path):
-    port = _free_port()
-    torch.multiprocessing.spawn(_torchrun_rank, args=(port, str(tmp_path / "ddp")), nprocs=2)
-    with open(tmp_path / "ddp" / "log.jsonl") as f:
+def test_ddp_training_evaluates_on_the_global_batch(ddp_run, tmp_path):
+    with open(ddp_run / "run" / "log.jsonl") as f:
         ddp = [json.loads(line) for line in f]
-    one = run_train(tmp_path / "one", "--batch_size=8", "--max_iters=10", "--eval_interval=10")
+    one = run_train(tmp_path / "one", "--batch_size=8", "--max_iters=1", "--eval_interval=1")
     assert ddp[0]["step"] == one[0]["step"] == 0 and ddp[0] == one[0]  # same eval batches at the same weights
-    assert (tmp_path / "ddp" / "ckpt.pt").exists() and ddp[-1]["summary"]["train_loss"] > 0
+    assert (ddp_run / "run" / "ckpt.pt").exists() and ddp[-1]["summary"]["train_loss"] > 0

@@ -8,13 +8,17 @@ from memory import MemoryConfig, flat
 from model import DiffusionLM, ModelConfig, forward_process, mdlm_loss
 from sample import generate, main, pad_batch, plan, reveal_schedule, write_memory
 
+MASK = 257
 MCFG = MemoryConfig(rank=4, alpha=8.0, layer_frac=0.5)  # fast weights on layer 1 of 2, LoRA scale 2 as the default
 PROMPTS = [list(b"the quick"), list(b"over the lazy dog"), list(b"a")]
 
 
 @pytest.fixture(scope="module")
 def model():
-    """A tiny model trained a few steps on one sentence, so its confidences are far from uniform."""
+    """A tiny model trained a few steps on one sentence, so its confidences are far from uniform;
+    in float64, so two decodes that must agree (a row in a batch and alone) differ by rounding
+    only (~1e-16), far below any gap between two candidates or confidences: their tokens must
+    match on any BLAS, where float32 rounding could flip a near-tie."""
     torch.manual_seed(0)
     m = DiffusionLM(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64))
     text = torch.tensor(list(b"the quick brown fox jumps over the lazy dog. " * 4))
@@ -26,7 +30,7 @@ def model():
         mdlm_loss(m, m(x_t), x0, mask, t, maskable).backward()
         opt.step()
         opt.zero_grad()
-    return m.eval()
+    return m.double().eval()
 
 
 class Recorder(torch.nn.Module):
@@ -95,6 +99,49 @@ def test_blocks_reveal_on_schedule(model, kw):
         kept = before != mask_id
         assert (after[kept] == before[kept]).all()  # revealed tokens never change
     assert (out != mask_id).all() and (out < model.cfg.n_vocab).all()
+
+
+class Fixed(torch.nn.Module):
+    """A stand-in for the model: the logits at canvas position i of row b are table[b, i],
+    whatever the canvas holds."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.cfg = ModelConfig()  # the byte tokenizer's ids: 258 real tokens, the mask 257
+        self.table = torch.nn.Parameter(table, requires_grad=False)
+        self.canvases = []
+
+    def forward(self, x, **kw):
+        self.canvases.append(x.clone())
+        return self.table[:, :x.shape[1]]
+
+    def logits(self, h):
+        return h
+
+
+def test_each_step_reveals_the_most_confident_positions():
+    strength = torch.tensor([[1.0, 5, 3, 6, 2, 4], [6.0, 1, 2, 3, 5, 4]])  # each position's peak logit
+    table = torch.zeros(2, 6, 320)
+    table[:, torch.arange(6), 10 + torch.arange(6)] = strength  # position i proposes token 10 + i
+    stub = Fixed(table)
+    out, _ = generate(stub, [[], []], gen_len=6, steps=3)
+    assert (out == 10 + torch.arange(6)).all()
+    revealed = [(a == MASK) & (b != MASK) for a, b in zip(stub.canvases, stub.canvases[1:] + [out])]
+    # two a step, in the order of confidence: the strengths 6 and 5, then 4 and 3, then 2 and 1
+    assert [r.nonzero()[:, 1].view(2, 2).tolist() for r in revealed] == \
+        [[[1, 3], [0, 4]], [[2, 5], [3, 5]], [[0, 4], [1, 2]]]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_temperature_samples_the_softmax_of_logits_over_temperature(temperature):
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    table = torch.full((1, 8000, 320), float("-inf"))
+    table[..., :4] = p.log()
+    out, _ = generate(Fixed(table), [[]], gen_len=8000, steps=1, temperature=temperature,
+                      generator=torch.Generator().manual_seed(0))
+    want = p ** (1 / temperature) / (p ** (1 / temperature)).sum() * 8000
+    seen = torch.bincount(out[0], minlength=4).double()
+    assert len(seen) == 4 and ((seen - want) ** 2 / want).sum() < 16.3  # chi-square, 3 dof: p = 0.001
 
 
 def test_only_real_tokens(model):
