@@ -293,7 +293,7 @@ def main(argv=None):
     src.add_argument("--prompt_file", help="read the prompt from this file")
     src.add_argument("--unconditional", action="store_true", help="no prompt: samples from nothing (as --prompt=)")
     p.add_argument("--num_samples", type=int, default=1, help="samples of the prompt, decoded as one batch")
-    p.add_argument("--gen_len", type=int, default=GEN_LEN, help="tokens to generate")
+    p.add_argument("--gen_len", type=int, default=GEN_LEN, help=f"tokens to generate (default {GEN_LEN})")
     p.add_argument("--steps", type=int, default=None, help="denoising steps in all (default gen_len)")
     p.add_argument("--block_len", type=int, default=None,
                    help=f"semi-autoregressive block (default {BLOCK_LEN} where it divides gen_len, else gen_len)")
