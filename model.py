@@ -71,23 +71,55 @@ def fast_linear(x, lin, fw, scale):
     return y + torch.bmm(x, fw[0].mT.to(x.dtype))
 
 
+class KVCache:
+    """The keys and values of a prefix of the canvas, per layer, for sample.py's prefix cache
+    (as nanochat's KVCache, here for a bidirectional model). Two modes:
+
+    recording  (reading=False) a forward of the whole canvas stores each layer's keys (rotated)
+               and values [B, H, T, D]; keep_prefix then cuts them to a prefix and switches
+    reading    (reading=True) a forward of a slice of the canvas at positions pos [B, T] (for
+               RoPE) attends to the cached keys/values [B, H, P, D] and then to its own
+    """
+
+    def __init__(self):
+        self.keys, self.values = {}, {}  # layer index -> [B, H, P, D]
+        self.pad = None       # [B, P], True at cached positions the reader must not see; None: all seen
+        self.pos = None       # [B, T], the positions of the tokens a reading forward runs
+        self.reading = False
+
+    def update(self, layer, k, v):
+        """A layer's own keys/values [B, H, T, D] -> the keys/values it attends to."""
+        if not self.reading:
+            self.keys[layer], self.values[layer] = k, v
+            return k, v
+        return torch.cat([self.keys[layer], k], 2), torch.cat([self.values[layer], v], 2)
+
+    def keep_prefix(self, ends, pos):
+        """Keep each row's positions before ends [B] (cut to the longest such prefix, P; a row's
+        positions from its end on are hidden by pad) and read from now on, at positions pos [B, T]."""
+        P = int(ends.max())
+        self.keys = {i: k[:, :, :P] for i, k in self.keys.items()}
+        self.values = {i: v[:, :, :P] for i, v in self.values.items()}
+        stale = torch.arange(P, device=ends.device) >= ends[:, None]
+        self.pad = stale if stale.any() else None  # no mask at all: SDPA may use its fastest kernel
+        self.pos, self.reading = pos, True
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer):
         super().__init__()
-        self.n_head = cfg.n_head
+        self.n_head, self.layer = cfg.n_head, layer
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask, past=None, kv_out=None):
+    def forward(self, x, cos, sin, attn_mask, cache=None):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # [B, H, T, D] each
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_out is not None:  # this call's own keys (rotated) and values, for a later call's past
-            kv_out.append((k, v))
-        if past is not None:  # cached keys/values of other positions, attended to before our own
-            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+        if cache is not None:  # record k, v; or attend to the cached prefix's too: [B, H, P + T, D]
+            k, v = cache.update(self.layer, k, v)
         # bidirectional: every position sees every (non-padding) position
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False)  # [B, H, T, D]
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -106,15 +138,15 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.n_embd)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.ffn_norm = nn.RMSNorm(cfg.n_embd)
         self.ffn = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, attn_mask, fast=None, scale=1.0, past=None, kv_out=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, past, kv_out)
+    def forward(self, x, cos, sin, attn_mask, fast=None, scale=1.0, cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, cache)
         return x + self.ffn(self.ffn_norm(x), fast, scale)
 
 
@@ -125,7 +157,7 @@ class DiffusionLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = nn.RMSNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         # RoPE tables for the training length, computed once; longer inputs get fresh ones
@@ -145,7 +177,7 @@ class DiffusionLM(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, x, fast=None, key_pad=None, lo=0, hi=None, pos=None, past=None, kv_out=None):
+    def forward(self, x, fast=None, key_pad=None, lo=0, hi=None, cache=None):
         """Hidden states after layers [lo, hi).
 
         x: token ids [B, T] when lo == 0, else the hidden states [B, T, C] entering layer lo.
@@ -153,16 +185,14 @@ class DiffusionLM(nn.Module):
         Running (lo=0, hi=k) then (lo=k) equals one full run: the inner loop uses this to
         reuse the bottom layers' output. key_pad: bool [B, T], True at padding (never
         attended to). The final norm is applied when hi reaches the top.
-
-        For a prefix cache (sample.py): pos, long [B, T], is each token's position for RoPE
-        (default 0..T-1), so a row may run a slice of its sequence starting anywhere. past: per
-        layer of [lo, hi), cached (k, v) [B, H, P, D] (rotated keys) of other positions, which
-        the T tokens attend to as well; key_pad then covers [P + T]. kv_out: a list to which
-        each layer appends this call's own (k, v) [B, H, T, D].
+        cache: a KVCache (sample.py's prefix cache). Recording, the forward stores every
+        layer's keys/values; reading, x is a slice of the sequence at positions cache.pos, with
+        no padding, which also attends to the cached prefix (key_pad is then cache.pad's).
         """
         hi = self.cfg.n_layer if hi is None else hi
         h = self.tok_emb(x) if lo == 0 else x
-        T = h.shape[1]
+        B, T = h.shape[:2]
+        pos = cache.pos if cache is not None and cache.reading else None
         n = T if pos is None else int(pos.max()) + 1  # positions the RoPE tables must cover
         if n <= self.rope_cos.shape[0]:
             cos, sin = self.rope_cos[:n], self.rope_sin[:n]
@@ -170,10 +200,12 @@ class DiffusionLM(nn.Module):
             cos, sin = rope_tables(n, self.cfg.n_embd // self.cfg.n_head, self.cfg.rope_theta, h.device)
         if pos is not None:  # each row its own positions: [B, 1, T, D/2], broadcast over heads
             cos, sin = cos[pos][:, None], sin[pos][:, None]
-        attn_mask = None if key_pad is None else ~key_pad[:, None, None, :]
+        if pos is not None:  # the keys: the cached prefix's, then the T tokens' own (no padding among them)
+            key_pad = None if cache.pad is None else torch.cat([cache.pad, cache.pad.new_zeros(B, T)], 1)
+        attn_mask = None if key_pad is None else ~key_pad[:, None, None, :]  # [B, 1, 1, keys]
         for i in range(lo, hi):
             h = self.layers[i](h, cos, sin, attn_mask, None if fast is None else fast.layers.get(i),
-                               1.0 if fast is None else fast.scale, None if past is None else past[i - lo], kv_out)
+                               1.0 if fast is None else fast.scale, cache)
         return self.norm(h) if hi == self.cfg.n_layer else h
 
     def logits(self, h):

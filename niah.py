@@ -23,7 +23,6 @@ import time
 import numpy as np
 import torch
 
-TASKS = ("single", "multikey", "multivalue", "vartrack", "cwe", "babi")
 HAYSTACKS = ("noise", "prose")
 # the keys NiahData reads from the train config, with their defaults
 NIAH_DEFAULTS = dict(niah_tasks="all", niah_min_len=0, niah_full_frac=0.25, niah_answer_len=32,
@@ -155,6 +154,7 @@ def _cwe(rng, d):
 
 
 BUILDERS = dict(single=_single, multikey=_multikey, multivalue=_multivalue, vartrack=_vartrack, cwe=_cwe, babi=_babi)
+TASKS = tuple(BUILDERS)  # the task names, each registered once (in BUILDERS)
 
 
 def _cwe_list(common, budget, rng, enc):

@@ -1,8 +1,11 @@
 """Sample from a trained masked diffusion LM by iterative unmasking, optionally with MemDLM's
 inference-time parametric memory (--adapt).
 
+    python sample.py --adapt                            # after python train.py --config small
+    python sample.py --show                             # watch the denoising, one line per step
     python sample.py --out_dir=out-tiny --prompt="The with statement"
-    python sample.py --out_dir=out --prompt_file=p.txt --gen_len=128 --block_len=32 --adapt
+    python sample.py --prompt_file=p.txt --gen_len=256 --block_len=64 --adapt
+    python sample.py --unconditional
 
 The generated part starts fully masked after the prompt. Each step predicts every masked
 position at once and reveals the most confident predictions; the others stay masked for the
@@ -11,21 +14,36 @@ remasking). With block_len < gen_len the blocks are decoded left to right (semi-
 --adapt first writes the prompt into fresh fast weights with the inner loop, then decodes with
 them applied (paper Sec. 4.5, "MemDLM Train & Inference").
 --prefix_cache reuses the keys/values of the positions before the current block within it
-(Fast-dLLM's approximate prefix KV cache, see generate).
+(Fast-dLLM's approximate prefix KV cache, see block_logits_cached).
+
+Defaults of the command line: --out_dir=out (where train.py --config small writes); 128
+tokens in 4 blocks of 32, one token per step (LLaDA's semi-autoregressive layout: a block is
+decoded once the text to its left is final, so a short-context model never fills the far end
+first). With no prompt given, a passage of the checkpoint's held-out split is the prompt
+(printed first: it is what --adapt writes into the memory): the training context left after
+gen_len (128 tokens for the small preset), from a line start to a word end.
 """
 import argparse
+import json
 import math
+import os
+import random
+import re
 import sys
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from data.tokenizer import decode, get_encoding
 from memory import ADAPT_RATIO, MemoryConfig, adapt as adapt_memory, flat, unflat
-from model import load_model, pick_device
+from model import KVCache, load_model, pick_device
+from niah import make_example, parse_tasks
 
 REMASKING = ("low_confidence", "random")
+GEN_LEN, BLOCK_LEN = 128, 32  # the command line's defaults: 4 blocks of 32, one token per step
+MASK_CHAR, NEWLINE_CHAR = "█", "⏎"  # --show: a masked position, a newline
 
 
 def pad_batch(seqs, pad_id):
@@ -62,40 +80,37 @@ def plan(gen_len, steps, block_len=None):
     return block_len, reveal_schedule(block_len, steps // n_blocks)
 
 
-def block_cache(kv, ends, n_active):
-    """The prefix cache of a block from a full forward's per-layer (k, v) [B, H, T, D]: the
-    positions before each row's block start ends [B], cut to the longest such prefix P. Returns
-    (past, key_pad [B, P + n_active]): key_pad hides a row's cached positions from its block
-    start on (its own block, later blocks, padding), as the active region recomputes them; the
-    active region itself (the row's block to its end of canvas) has no padding."""
-    P = int(ends.max())
-    past = [(k[:, :, :P], v[:, :, :P]) for k, v in kv]
-    stale = torch.arange(P, device=ends.device) >= ends[:, None]
-    if not stale.any():  # rows of one prompt length: no mask, SDPA may use its fastest kernel
-        return past, None
-    return past, torch.cat([stale, stale.new_zeros(len(ends), n_active)], 1)
-
-
-def row_uniform(gens, active, shape, device):
+def row_uniform(gens, rows_left, shape, device):
     """U[0, 1) draws [B, *shape] in float64, row b from gens[b] alone. Rows with nothing left to
     reveal draw nothing, so a row's stream never depends on its batch-mates."""
-    return torch.stack([torch.rand(shape, generator=g, device=device, dtype=torch.float64) if a
+    return torch.stack([torch.rand(shape, generator=g, device=device, dtype=torch.float64) if left
                         else torch.full(shape, 0.5, device=device, dtype=torch.float64)
-                        for g, a in zip(gens, active)])
+                        for g, left in zip(gens, rows_left)])
 
 
-def propose(logits, temperature, remasking, gens, active):
+def propose(logits, temperature, remasking, gens, rows_left):
     """A candidate token and its confidence at every position of the block ([B, L] each)."""
     if temperature > 0:
         # Gumbel-max: argmax(logits / T + g), g ~ Gumbel(0, 1), is a sample of softmax(logits / T);
         # float64 noise, as low-precision Gumbel noise degrades masked diffusion samples (arXiv:2409.02908)
-        u = row_uniform(gens, active, logits.shape[1:], logits.device)
-        x = (logits.double() / temperature - (-u.log()).log()).argmax(-1)
+        u = row_uniform(gens, rows_left, logits.shape[1:], logits.device)
+        proposal = (logits.double() / temperature - (-u.log()).log()).argmax(-1)
     else:
-        x = logits.argmax(-1)
+        proposal = logits.argmax(-1)
     if remasking == "random":
-        return x, row_uniform(gens, active, logits.shape[1:2], logits.device)
-    return x, logits.softmax(-1).gather(-1, x[..., None]).squeeze(-1)
+        return proposal, row_uniform(gens, rows_left, logits.shape[1:2], logits.device)
+    return proposal, logits.softmax(-1).gather(-1, proposal[..., None]).squeeze(-1)
+
+
+def choose(confidence, masked, n_reveal, threshold=None):
+    """Which positions of the block [B, L] to reveal: the n_reveal most confident masked ones
+    (and, with a threshold, every masked one above it)."""
+    confidence = confidence.masked_fill(~masked, float("-inf"))  # prompt and revealed tokens stay
+    n = torch.full((len(masked), 1), n_reveal, device=masked.device)
+    if threshold is not None:
+        n = torch.maximum(n, (confidence > threshold).sum(1, keepdim=True))
+    rank = confidence.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+    return masked & (rank < n)
 
 
 def sampling_autocast(device):
@@ -108,25 +123,56 @@ def write_memory(model, prompts, mcfg, ratio, steps, lr, generator):
     prompt alone, anchor mask ratio `ratio` (paper Sec. 4.5). Returns (fast, per-step losses [B])."""
     if not all(prompts):
         raise ValueError("adapt=True writes the prompt into the memory: every row needs a non-empty prompt")
-    dev = next(model.parameters()).device
+    device = next(model.parameters()).device
     kw = dict(ratio=ratio, steps=steps, lr=lr)
     if not isinstance(generator, (list, tuple)):  # one padded batch, the rows sharing one stream
         ids, key_pad = pad_batch(prompts, model.cfg.eot_id)
-        return adapt_memory(model, ids.to(dev), mcfg, key_pad=key_pad.to(dev) if key_pad.any() else None,
+        return adapt_memory(model, ids.to(device), mcfg, key_pad=key_pad.to(device) if key_pad.any() else None,
                             generator=generator, **kw)
     # memory.adapt draws a whole batch's masks and phi_0 from one generator: rows with a generator
     # of their own adapt one at a time, so each gets exactly its memory alone
-    rows = [adapt_memory(model, torch.tensor([p], device=dev), mcfg, generator=g, **kw)
+    rows = [adapt_memory(model, torch.tensor([p], device=device), mcfg, generator=g, **kw)
             for p, g in zip(prompts, generator)]
     fast = unflat(rows[0][0], [torch.cat(ts) for ts in zip(*(flat(f) for f, _ in rows))])
     return fast, [torch.cat(ls) for ls in zip(*(losses for _, losses in rows))]
+
+
+def token_logits(model, h):
+    """Vocabulary logits (float) of hidden states, without the embedding's padding rows and with
+    the mask token ruled out."""
+    logits = model.logits(h).float()[..., :model.cfg.n_vocab]
+    logits[..., model.cfg.mask_id] = float("-inf")
+    return logits
+
+
+def block_logits(model, canvas, block, fast, key_pad):
+    """Logits [B, L, n_vocab] at the block's canvas positions block [B, L], from a forward of
+    the whole canvas; never the mask itself."""
+    h = model(canvas, fast=fast, key_pad=key_pad)
+    return token_logits(model, h.gather(1, block[..., None].expand(-1, -1, h.shape[-1])))
+
+
+def block_logits_cached(model, canvas, active, block_len, fast, key_pad, cache):
+    """block_logits with Fast-dLLM's approximate prefix KV cache. active [B, A]: each row's
+    positions from its block start to its end of canvas (the block, then the masked blocks
+    after it). cache: this block's KVCache. Its first call is a full forward that records every
+    layer's keys/values, keeping those before the block (prompt and decoded blocks); later
+    calls run the model on the active region alone, which attends to that cache. Approximate,
+    as the bidirectional prefix's keys/values depend on the block's tokens, which change within
+    it: refreshed at every block start. With one step per block, exactly block_logits."""
+    if not cache.reading:
+        h = model(canvas, fast=fast, key_pad=key_pad, cache=cache)
+        cache.keep_prefix(active[:, 0], active)
+        return token_logits(model, h.gather(1, active[:, :block_len, None].expand(-1, -1, h.shape[-1])))
+    h = model(canvas.gather(1, active), fast=fast, cache=cache)
+    return token_logits(model, h[:, :block_len])
 
 
 @torch.no_grad()
 def generate(model, prompts, gen_len=64, steps=64, block_len=None, temperature=0.0,
              remasking="low_confidence", threshold=None, generator=None,
              adapt=False, adapt_steps=2, adapt_lr=0.1, adapt_ratio=ADAPT_RATIO, mcfg=None, progress=False,
-             prefix_cache=False):
+             prefix_cache=False, on_step=None):
     """prompts: list of lists of token ids (may be empty lists = unconditional, lengths may differ).
     Returns (tokens LongTensor [B, gen_len] of the generated part, adapt_losses list or None).
 
@@ -139,12 +185,8 @@ def generate(model, prompts, gen_len=64, steps=64, block_len=None, temperature=0
     draws from its own only (adapt's masks and phi_0, Gumbel noise, random confidences), and
     gets exactly what it gets decoded alone. adapt: write each prompt into its own fresh memory
     first (adapt_* and mcfg as memory.adapt takes them) and decode with it.
-    prefix_cache: Fast-dLLM's approximate prefix KV cache. The first step of a block is a full
-    forward that also keeps every layer's keys/values of the positions before the block (prompt
-    and decoded blocks); its other steps run the model only from the block to the end of the
-    canvas, attending to that cache. Approximate, as the bidirectional prefix's keys/values
-    depend on the block's tokens, which change within it; refreshed at every block start. With
-    one step per block, exactly the plain path.
+    prefix_cache: Fast-dLLM's approximate prefix KV cache (block_logits_cached).
+    on_step: called with the generated part [B, gen_len] after every step (--show prints it).
     """
     if remasking not in REMASKING:
         raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
@@ -155,65 +197,111 @@ def generate(model, prompts, gen_len=64, steps=64, block_len=None, temperature=0
     gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * B
     if len(gens) != B:
         raise ValueError(f"{len(gens)} generators for {B} prompts: give one per row, or a single one")
-    dev = next(model.parameters()).device
+    device = next(model.parameters()).device
     canvas, key_pad = pad_batch([list(p) + [cfg.mask_id] * gen_len for p in prompts], cfg.eot_id)
-    canvas = canvas.to(dev)
-    key_pad = key_pad.to(dev) if key_pad.any() else None  # no padding: SDPA may use its fastest kernel
+    canvas = canvas.to(device)
+    key_pad = key_pad.to(device) if key_pad.any() else None  # no padding: SDPA may use its fastest kernel
     # canvas positions of the generated tokens: each row's start at its own prompt length
-    gen_pos = torch.tensor([len(p) for p in prompts], device=dev)[:, None] + torch.arange(gen_len, device=dev)
+    gen_pos = torch.tensor([len(p) for p in prompts], device=device)[:, None] + torch.arange(gen_len, device=device)
     fast = losses = None
-    with sampling_autocast(dev):
+    with sampling_autocast(device):
         if adapt:
             fast, losses = write_memory(model, prompts, mcfg, adapt_ratio, adapt_steps, adapt_lr, generator)
         bar = tqdm(total=steps, disable=not progress, desc="unmasking", leave=False, dynamic_ncols=True)
         for start in range(0, gen_len, block_len):
-            pos = gen_pos[:, start:start + block_len]  # the current block
-            act = gen_pos[:, start:]  # with the cache: the block and the masked blocks after it
-            past = None  # the block's prefix cache, set by its first (full) forward
-            for k in schedule:
-                cur = canvas.gather(1, pos)
-                masked = cur == cfg.mask_id
-                active = masked.any(1).tolist()
-                if not any(active):  # threshold mode finished the block early
+            active = gen_pos[:, start:]  # this block and the masked blocks after it
+            block = active[:, :block_len]  # the canvas positions of this block [B, L]
+            cache = KVCache() if prefix_cache else None
+            for n_reveal in schedule:
+                tokens = canvas.gather(1, block)
+                masked = tokens == cfg.mask_id
+                rows_left = masked.any(1).tolist()
+                if not any(rows_left):  # threshold mode finished the block early
                     break
-                if past is None:
-                    kv = [] if prefix_cache else None
-                    h, where = model(canvas, fast=fast, key_pad=key_pad, kv_out=kv), pos
-                    if prefix_cache:
-                        past, past_pad = block_cache(kv, pos[:, 0], act.shape[1])
-                else:  # the block is the first block_len positions of the active region
-                    h = model(canvas.gather(1, act), fast=fast, key_pad=past_pad, pos=act, past=past)
-                    where = torch.arange(block_len, device=dev).expand(B, -1)
-                # score only the current block; drop the embedding's padding rows and the mask itself
-                logits = model.logits(h.gather(1, where[..., None].expand(-1, -1, h.shape[-1]))).float()
-                logits = logits[..., :cfg.n_vocab]
-                logits[..., cfg.mask_id] = float("-inf")
-                x, conf = propose(logits, temperature, remasking, gens, active)
-                conf = conf.masked_fill(~masked, float("-inf"))  # prompt and revealed tokens stay
-                n = torch.full((B,), k, device=dev)
-                if threshold is not None:
-                    n = torch.maximum(n, (conf > threshold).sum(1))
-                rank = conf.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
-                canvas.scatter_(1, pos, torch.where(masked & (rank < n[:, None]), x, cur))
+                if cache is None:
+                    logits = block_logits(model, canvas, block, fast, key_pad)
+                else:
+                    logits = block_logits_cached(model, canvas, active, block_len, fast, key_pad, cache)
+                proposal, confidence = propose(logits, temperature, remasking, gens, rows_left)
+                reveal = choose(confidence, masked, n_reveal, threshold)
+                canvas.scatter_(1, block, torch.where(reveal, proposal, tokens))
                 bar.update()
+                if on_step is not None:
+                    on_step(canvas.gather(1, gen_pos))
         bar.close()
     return canvas.gather(1, gen_pos), losses
 
 
+def held_out_prompt(cfg, enc, n_tokens, seed):
+    """A prompt the model never trained on, and a line saying where it comes from: about n_tokens
+    of the held-out split of the checkpoint's corpus (data/<dataset>/val.bin), inside one
+    document, from a line start (else a word start) to a word end; for the needle corpus
+    (dataset niah) a needle example of niah.make_example, n_tokens to block_size long."""
+    rng = random.Random(seed)
+    if cfg["dataset"] == "niah":
+        task, depth = rng.choice(parse_tasks(cfg["niah_tasks"])), rng.randrange(0, 101, 25)
+        try:
+            ex = make_example(task, (n_tokens, cfg["block_size"]), depth, rng, enc, cfg["niah_haystack"])
+        except ValueError as e:
+            raise SystemExit(f"{e}: give a --prompt") from None
+        return decode(enc, ex["prompt"]), f"a needle example ({task}, depth {depth}%, answer {ex['target'].strip()})"
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", cfg["dataset"])
+    path = os.path.join(folder, "val.bin")
+    try:
+        with open(os.path.join(folder, "meta.json")) as f:
+            meta = json.load(f)
+        tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
+    except OSError:
+        raise SystemExit(f"no held-out split at {path} to draw a prompt from: run python data/{cfg['dataset']}"
+                         f"/prepare.py --tokenizer={cfg['tokenizer']}, or give --prompt") from None
+    if meta["tokenizer"] != cfg["tokenizer"]:
+        raise SystemExit(f"{path} holds '{meta['tokenizer']}' tokens, the checkpoint reads '{cfg['tokenizer']}': "
+                         f"rerun data/{cfg['dataset']}/prepare.py --tokenizer={cfg['tokenizer']}, or give --prompt")
+    n = min(n_tokens, len(tokens))
+    for _ in range(100):  # a window inside one document: no <|endoftext|> in it
+        start = rng.randrange(len(tokens) - n + 1)
+        if not (tokens[start:start + n] == enc.eot_token).any():
+            break
+    window = decode(enc, tokens[start:start + n].tolist())
+    line = window.find("\n") + 1
+    text = window[line:].lstrip("\n") if 0 < line <= len(window) // 2 else window[re.search(r"\s|$", window).end():]
+    text = text[:re.search(r"\s*\S*$", text.rstrip()).start()] or window  # the last word may be cut: drop it
+    return text, f"{len(enc.encode_ordinary(text))} tokens of data/{cfg['dataset']}/val.bin, held out"
+
+
+def show_line(enc, ids, mask_id):
+    """The generated part on one line: MASK_CHAR at each masked position, newlines as NEWLINE_CHAR,
+    the text up to the first <|endoftext|> (where the sample ends)."""
+    pieces, run = [], []
+    for i in ids + [enc.eot_token]:
+        if i in (mask_id, enc.eot_token):
+            pieces.append(decode(enc, run))
+            run = []
+            if i == enc.eot_token:
+                break
+            pieces.append(MASK_CHAR)
+        else:
+            run.append(i)
+    return "".join(pieces).replace("\n", NEWLINE_CHAR)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Sample from a checkpoint of train.py by iterative unmasking.")
-    p.add_argument("--out_dir", required=True, help="directory holding ckpt.pt")
+    p.add_argument("--out_dir", default="out", help="directory holding ckpt.pt (default out: train.py --config small)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", default="", help="text to continue (none: unconditional samples)")
+    src.add_argument("--prompt", default=None,
+                     help="text to continue (default: a passage of the checkpoint's held-out split, printed first)")
     src.add_argument("--prompt_file", help="read the prompt from this file")
+    src.add_argument("--unconditional", action="store_true", help="no prompt: samples from nothing (as --prompt=)")
     p.add_argument("--num_samples", type=int, default=1, help="samples of the prompt, decoded as one batch")
-    p.add_argument("--gen_len", type=int, default=64, help="tokens to generate")
+    p.add_argument("--gen_len", type=int, default=GEN_LEN, help=f"tokens to generate (default {GEN_LEN})")
     p.add_argument("--steps", type=int, default=None, help="denoising steps in all (default gen_len)")
-    p.add_argument("--block_len", type=int, default=None, help="semi-autoregressive block (default gen_len)")
+    p.add_argument("--block_len", type=int, default=None,
+                   help=f"semi-autoregressive block (default {BLOCK_LEN} where it divides gen_len, else gen_len)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--remasking", choices=REMASKING, default="low_confidence")
     p.add_argument("--threshold", type=float, default=None, help="also reveal all above this confidence")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seed", type=int, default=1337, help="the sampling noise and the held-out passage")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--adapt", action=argparse.BooleanOptionalAction, default=False,
                    help="write the prompt into fast weights first")
@@ -222,17 +310,21 @@ def main(argv=None):
     p.add_argument("--adapt_ratio", type=float, default=ADAPT_RATIO)
     p.add_argument("--prefix_cache", action=argparse.BooleanOptionalAction, default=False,
                    help="reuse the keys/values before the current block within it (approximate, faster)")
+    p.add_argument("--show", action="store_true",
+                   help=f"watch the denoising: the first sample's generated part after every step, one line "
+                        f"each, {MASK_CHAR} where still masked, {NEWLINE_CHAR} for a newline")
     a = p.parse_args(argv)
     steps = a.gen_len if a.steps is None else a.steps
+    block_len = a.block_len if a.block_len is not None else BLOCK_LEN if a.gen_len % BLOCK_LEN == 0 else a.gen_len
     if (a.num_samples < 1 or not a.temperature >= 0 or a.adapt_steps < 1 or not 0 < a.adapt_ratio <= 1
             or not 0 <= a.adapt_lr < math.inf):
         raise SystemExit("need --num_samples >= 1, --temperature >= 0, --adapt_steps >= 1, 0 < --adapt_ratio <= 1 "
                          "and a finite --adapt_lr >= 0")
     try:
-        plan(a.gen_len, steps, a.block_len)
+        plan(a.gen_len, steps, block_len)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    text = a.prompt
+    text = "" if a.unconditional else a.prompt
     if a.prompt_file:
         try:
             with open(a.prompt_file, encoding="utf-8") as f:
@@ -243,23 +335,34 @@ def main(argv=None):
             raise SystemExit(f"--prompt_file={a.prompt_file} is not UTF-8 text (byte {e.object[e.start]:#04x} at "
                              f"offset {e.start}): save it as UTF-8") from None
         if not text.strip():
-            raise SystemExit(f"--prompt_file={a.prompt_file} is empty: write a prompt in it, or leave the "
-                             f"prompt out for unconditional samples")
-    if a.adapt and not text:
-        raise SystemExit("--adapt writes the prompt into the memory: give --prompt or --prompt_file")
+            raise SystemExit(f"--prompt_file={a.prompt_file} is empty: write a prompt in it, or use "
+                             f"--unconditional for unconditional samples")
+    if a.adapt and text == "":
+        raise SystemExit("--adapt writes the prompt into the memory: give a prompt, or none for a held-out passage")
 
     device = pick_device(a.device)
     model, cfg = load_model(a.out_dir, device)
     enc = get_encoding(cfg["tokenizer"])
+    if text is None:  # the prompt budget: the training context left after gen_len
+        text, source = held_out_prompt(cfg, enc, max(model.cfg.block_size - a.gen_len, model.cfg.block_size // 4),
+                                       a.seed)
+        print(f"---------- prompt: {source} ----------")
+        print(text)
     prompt = enc.encode_ordinary(text)
     if len(prompt) + a.gen_len > model.cfg.block_size:
         print(f"warning: prompt ({len(prompt)} tokens) + gen_len ({a.gen_len}) exceeds the training context "
               f"block_size={model.cfg.block_size}; RoPE extrapolates, quality may drop", file=sys.stderr)
+
+    def show(generated):  # --show: the first sample's generated part after each step
+        print(show_line(enc, generated[0].tolist(), model.cfg.mask_id))
+    if a.show:
+        print(f"---------- sample 1, one line per step ({MASK_CHAR} masked) ----------")
     # a generator per sample: sample i is the same whatever --num_samples
     gens = [torch.Generator(device).manual_seed(a.seed * 1_000_003 + i) for i in range(a.num_samples)]
-    out, losses = generate(model, [prompt] * a.num_samples, a.gen_len, steps, a.block_len, a.temperature,
+    out, losses = generate(model, [prompt] * a.num_samples, a.gen_len, steps, block_len, a.temperature,
                            a.remasking, a.threshold, gens, a.adapt, a.adapt_steps, a.adapt_lr, a.adapt_ratio,
-                           MemoryConfig.from_config(cfg), progress=steps >= 64, prefix_cache=a.prefix_cache)
+                           MemoryConfig.from_config(cfg), progress=steps >= 64 and not a.show,
+                           prefix_cache=a.prefix_cache, on_step=show if a.show else None)
     bad = next((k for k, v in enumerate(losses or []) if not v.isfinite().all()), None)
     if bad is not None:  # the memory holds NaN or infinite weights: the samples would be noise
         raise SystemExit(f"--adapt: the inner loss of step {bad + 1} is not finite "

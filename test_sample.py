@@ -5,7 +5,7 @@ import torch
 
 import train
 from memory import MemoryConfig, flat
-from model import DiffusionLM, ModelConfig, forward_process, mdlm_loss
+from model import DiffusionLM, KVCache, ModelConfig, forward_process, mdlm_loss
 from sample import generate, main, pad_batch, plan, reveal_schedule, write_memory
 
 MASK = 257
@@ -246,18 +246,17 @@ def test_exact_prefix_reproduces_full_forward(model, adapt):
     """The active region (each row from its block start to its end of canvas) on the exact prefix
     keys/values gives the full forward's hidden states and logits there, for a padded batch of
     different prompt lengths, with and without fast weights."""
-    from sample import block_cache
     gen_len, start, cfg = 16, 4, model.cfg
     fast = write_memory(model, PROMPTS, MCFG, 0.2, 2, 0.1, gens(1, 2, 3))[0] if adapt else None
     torch.manual_seed(0)
     rows = [p + torch.randint(cfg.n_vocab, (gen_len,)).tolist() for p in PROMPTS]  # a partly decoded canvas
     canvas, key_pad = pad_batch(rows, cfg.eot_id)
-    kv = []
-    full = model(canvas, fast=fast, key_pad=key_pad, kv_out=kv)
+    cache = KVCache()
+    full = model(canvas, fast=fast, key_pad=key_pad, cache=cache)
     act = torch.tensor([len(p) + start for p in PROMPTS])[:, None] + torch.arange(gen_len - start)
-    past, past_pad = block_cache(kv, act[:, 0], act.shape[1])
-    assert past_pad is not None and past[0][0].shape[2] == max(map(len, PROMPTS)) + start
-    h = model(canvas.gather(1, act), fast=fast, key_pad=past_pad, pos=act, past=past)
+    cache.keep_prefix(act[:, 0], act)
+    assert cache.pad is not None and cache.keys[0].shape[2] == max(map(len, PROMPTS)) + start
+    h = model(canvas.gather(1, act), fast=fast, cache=cache)
     ref = full.gather(1, act[..., None].expand(-1, -1, full.shape[-1]))
     assert (h - ref).abs().max() < 1e-5
     assert (model.logits(h) - model.logits(ref)).abs().max() < 1e-5
@@ -267,12 +266,14 @@ def test_rope_positions_beyond_the_table(model):
     """pos past the cached RoPE tables (block_size 64) gets fresh ones, as a long input does."""
     x = torch.randint(model.cfg.n_vocab, (1, 80), generator=torch.Generator().manual_seed(0))
     full = model(x)
-    pos = torch.arange(70, 80)[None]
-    kv = []
-    model(x, kv_out=kv)
-    past = [(k[:, :, :70], v[:, :, :70]) for k, v in kv]  # the exact prefix: from the full forward
-    assert (model(x[:, 70:], pos=pos, past=past) - full[:, 70:]).abs().max() < 1e-5
-    assert torch.equal(model(x, pos=torch.arange(80)[None]), full)  # pos 0..T-1 is the default
+    cache = KVCache()
+    model(x, cache=cache)
+    cache.keep_prefix(torch.tensor([70]), torch.arange(70, 80)[None])  # the exact prefix: from the full forward
+    assert (model(x[:, 70:], cache=cache) - full[:, 70:]).abs().max() < 1e-5
+    cache = KVCache()
+    model(x, cache=cache)
+    cache.keep_prefix(torch.tensor([0]), torch.arange(80)[None])  # no prefix: positions 0..T-1 are the default
+    assert torch.equal(model(x, cache=cache), full)
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(temperature=0.8, block_len=4),
@@ -315,7 +316,7 @@ def test_cli_samples(ckpt, capsys):
     out = capsys.readouterr().out
     assert "adapt step 1/2: inner loss" in out and "adapt step 2/2" in out
     assert "sample 2/2" in out and out.count("\nHello") == 2
-    main([f"--out_dir={ckpt}", "--gen_len=8", "--block_len=4", "--steps=4"])  # unconditional
+    main([f"--out_dir={ckpt}", "--gen_len=8", "--block_len=4", "--steps=4", "--unconditional"])
     assert "sample 1/1" in capsys.readouterr().out
     main([f"--out_dir={ckpt}", "--prompt=Hello", "--gen_len=8", "--block_len=4", "--prefix_cache", "--adapt"])
     assert "sample 1/1" in capsys.readouterr().out
@@ -340,7 +341,7 @@ def test_cli_errors(ckpt, tmp_path):
              ([f"--out_dir={ckpt}", "--gen_len=16", "--block_len=4", "--steps=2"], "multiple of the 4 blocks"),
              ([f"--out_dir={ckpt}", "--gen_len=16", "--block_len=4", "--steps=6"], "multiple of the 4 blocks"),
              ([f"--out_dir={ckpt}", "--gen_len=16", "--steps=32"], "at most one step per token"),
-             ([f"--out_dir={ckpt}", "--adapt"], "--adapt writes the prompt")]
+             ([f"--out_dir={ckpt}", "--adapt", "--unconditional"], "--adapt writes the prompt")]
     if not torch.cuda.is_available():
         cases.append(([f"--out_dir={ckpt}", "--device=cuda"], "no CUDA GPU"))
     for argv, msg in cases:

@@ -1,0 +1,109 @@
+"""Tests of the first run and the lessons: sample.py with no arguments (a held-out prompt),
+sample.py --show, hypergrad.py (its table, and the exact hypergradient against finite
+differences). CPU only, seconds: python -m pytest -q test_teach.py"""
+import os
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import hypergrad
+import sample
+import train
+from data.tokenizer import decode, get_encoding
+from memory import MemoryConfig, memdlm_loss
+from model import load_model
+
+ENC = get_encoding("byte")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A directory whose out/ holds a tiny checkpoint, as train.py --config small leaves out/."""
+    d = tmp_path_factory.mktemp("first_run")
+    train.main(["--config", "tiny", f"--out_dir={d / 'out'}", "--max_iters=5", "--eval_iters=1"])
+    return d
+
+
+def printed(capsys, argv):
+    sample.main(argv)
+    return capsys.readouterr().out.splitlines()
+
+
+def test_first_run_prompts_with_held_out_text(workdir, capsys, monkeypatch):
+    monkeypatch.chdir(workdir)
+    lines = printed(capsys, [])  # --out_dir defaults to out, no prompt given
+    assert lines[0].startswith("---------- prompt: ") and "tokens of data/pydoc/val.bin, held out" in lines[0]
+    end = lines.index("---------- sample 1/1 ----------")
+    prompt = "\n".join(lines[1:end])
+    val = np.memmap(os.path.join(os.path.dirname(sample.__file__), "data", "pydoc", "val.bin"), dtype=np.uint16)
+    docs = [decode(ENC, doc.tolist()) for doc in np.split(val, np.flatnonzero(val == ENC.eot_token) + 1)]
+    assert len(prompt) >= 4 and any(prompt in doc for doc in docs)  # a passage of one held-out document
+    assert not prompt[-1].isspace()  # cut at a word end
+    sample_text = "\n".join(lines[end + 1:])
+    assert sample_text.startswith(prompt) and len(sample_text) > len(prompt)
+    # another seed, another passage; --unconditional (or an empty prompt) prints none
+    assert printed(capsys, ["--seed=7", "--gen_len=8"])[1:3] != lines[1:3]
+    for argv in (["--unconditional"], ["--prompt="]):
+        out = printed(capsys, argv + ["--gen_len=8"])
+        assert out[0] == "---------- sample 1/1 ----------"
+
+
+def test_show_one_line_per_step(workdir, capsys):
+    out = str(workdir / "out")
+    lines = printed(capsys, [f"--out_dir={out}", "--prompt=The with", "--show", "--adapt", "--gen_len=16",
+                             "--block_len=8", "--steps=8"])
+    start = lines.index(f"---------- sample 1, one line per step ({sample.MASK_CHAR} masked) ----------")
+    steps = lines[start + 1:start + 9]
+    assert lines[start + 9].startswith("adapt step 1/2")  # 8 steps, then the rest
+    masks = [s.count(sample.MASK_CHAR) for s in steps]
+    assert masks[0] > 0 and masks[-1] == 0 and all(a >= b for a, b in zip(masks, masks[1:]))
+    # the final line is the sample's continuation, newlines shown as NEWLINE_CHAR
+    continuation = "\n".join(lines[lines.index("---------- sample 1/1 ----------") + 1:])[len("The with"):]
+    assert steps[-1] == continuation.replace("\n", sample.NEWLINE_CHAR)
+
+
+def test_show_line():
+    mask = 257
+    ids = list(b"a") + [mask] + list(b"\nb") + [mask, ENC.eot_token] + list(b"c")
+    assert sample.show_line(ENC, ids, mask) == f"a{sample.MASK_CHAR}{sample.NEWLINE_CHAR}b{sample.MASK_CHAR}"
+
+
+def test_hypergrad_table(workdir, capsys):
+    hypergrad.main([f"--out_dir={workdir / 'out'}", "--ks=1,2", "--batches=1", "--batch_size=2"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split("|")[1:-1] for line in lines if line.startswith(("| 1 ", "| 2 "))]
+    assert len(rows) == 2 and lines[-4].startswith("| K | cos, all theta |") and len(lines[-4].split("|")) == 11
+    for row in rows:
+        assert all(-1 <= float(v) <= 1 for v in row[1:4]) and float(row[4]) > 0
+        assert row[7].strip() == row[8].strip() == "-"  # no GPU memory on the CPU
+
+
+def test_exact_hypergradient_matches_finite_differences(workdir):
+    """Along the direction u where the two gradients differ, the loss changes at the exact
+    gradient's rate, not the first-order one's (K = 2, no clipping, float64)."""
+    model, cfg = load_model(str(workdir / "out"))
+    model.double()
+    mcfg = replace(MemoryConfig.from_config(cfg), steps=2, clip=1e9)
+    batch = hypergrad.training_batches(cfg, 1, 2, 0, "cpu")[0]
+    loss_fo, fo = hypergrad.outer_gradient(model, batch, mcfg, 0, exact=False)
+    loss_ex, ex = hypergrad.outer_gradient(model, batch, mcfg, 0, exact=True)
+    assert loss_fo == loss_ex  # the same draws, the same loss
+    assert 0 < hypergrad.cosine(fo, ex) < 1
+    fo, ex = torch.cat([g.flatten() for g in fo]), torch.cat([g.flatten() for g in ex])
+    u = (ex - fo) / (ex - fo).norm()
+    params = list(model.parameters())
+
+    def loss_at(eps):
+        with torch.no_grad():
+            for p, d in zip(params, u.split([p.numel() for p in params])):
+                p += eps * d.view_as(p)
+            loss = memdlm_loss(model, *batch[:2], mcfg, batch[2], torch.Generator().manual_seed(0))[0].item()
+            for p, d in zip(params, u.split([p.numel() for p in params])):
+                p -= eps * d.view_as(p)
+        return loss
+
+    slope = (loss_at(1e-3) - loss_at(-1e-3)) / 2e-3
+    gap = (u @ ex - u @ fo).item()  # = |ex - fo| > 0
+    assert abs(slope - (u @ ex).item()) < 0.02 * gap
