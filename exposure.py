@@ -125,9 +125,9 @@ def table(t, kinds):
     error over runs, and the share of the response tokens decoded right."""
     A = len(t)
     cols = sorted({min(A - 1, round(i * A / 8)) for i in range(8)} | {A - 1})
-    lines = [f"R_EB = L_seq / L_static on the answer window ({A} tokens), by masked fraction t "
-             "(the steps decoded so far: A (1 - t)); mean ± standard error over runs. Decoded right: the "
-             "share of the response tokens (answer and <|endoftext|> padding) the decoding got right.", "",
+    lines = [(f"R_EB = L_seq / L_static on the answer window ({A} tokens), by masked fraction t (the steps "
+              "decoded so far: A (1 - t)); mean ± standard error over runs. Decoded right: the share of the "
+              "response tokens (answer and <|endoftext|> padding) the decoding got right."), "",
              "| row | " + " | ".join(f"t={t[k]:.2f}" for k in cols) + " | mean over t | decoded right |",
              "|---|" + "---|" * (len(cols) + 2)]
     for kind, s in kinds.items():

@@ -303,7 +303,7 @@ def gather(root):
         name = os.path.basename(sdir)
         runs = {}
         for run in RUNS:
-            train, evals, summary = read_log(os.path.join(sdir, run))
+            _, evals, summary = read_log(os.path.join(sdir, run))
             if not evals:
                 continue
             last = evals[-1]
@@ -348,9 +348,9 @@ def score_tables(seeds):
 
 
 def markdown(seeds, tables, exposure_md):
-    lines = ["## Per seed", "", "Onset: the base's first eval with answer accuracy >= "
-             f"{ONSET_ACC}. Losses at the last eval (train loss: the mean of the last log steps; "
-             "MemDLM's eval loss is its base model alone, with memory in parentheses).", ""]
+    lines = ["## Per seed", "", (f"Onset: the base's first eval with answer accuracy >= {ONSET_ACC}. Losses at the "
+                                 "last eval (train loss: the mean of the last log steps; MemDLM's eval loss is its "
+                                 "base model alone, with memory in parentheses)."), ""]
     runs = [r for r in RUNS if any(r in s["runs"] for s in seeds.values())]
     lines += ["| seed | onset | " + " | ".join(f"{r} train / eval (mem) / acc" for r in runs) + " |",
               "|---|---|" + "---|" * len(runs)]
@@ -374,8 +374,8 @@ def markdown(seeds, tables, exposure_md):
             lines.append(f"| {label} (n={cells[cols[0]]['n']}) | " +
                          " | ".join(f"{c['mean']:.1f} ± {c['stderr']:.1f}" for c in cells.values()) + " |")
         if t["diffs"]:
-            lines += ["", f"Paired difference with Standard MDLM, forms `{forms}` (points, mean [95% t interval "
-                      "over seeds]; tie: the interval contains 0)", ""] + head
+            lines += ["", (f"Paired difference with Standard MDLM, forms `{forms}` (points, mean [95% t interval "
+                           "over seeds]; tie: the interval contains 0)"), ""] + head
             lines += [f"| {label} | " + " | ".join(fmt_diff(d) for d in cells.values()) + " |"
                       for label, cells in t["diffs"].items()]
     if exposure_md:
@@ -428,7 +428,7 @@ def write_results(root, seeds):
         md = os.path.join(root, "exposure.md")
         done = subprocess.run([sys.executable, os.path.join(HERE, "exposure.py"), "--summary", *exposure_files,
                                f"--json={os.path.join(root, 'exposure.json')}", f"--md={md}",
-                               f"--png={os.path.join(root, 'exposure.png')}"], cwd=HERE)
+                               f"--png={os.path.join(root, 'exposure.png')}"], cwd=HERE, check=False)
         if done.returncode == 0:
             with open(md) as f:
                 exposure_md = f.read()
