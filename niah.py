@@ -100,8 +100,9 @@ def _source(enc, kind):
 # MORE_WORDS, values of 4-8 digits, variables of 2-4 letters, more people, rooms and verbs,
 # and one of several templates per task, so a model learns to retrieve rather than one
 # format. Every fifth word and name (in sorted order) and the templates and verbs listed as
-# held out never appear in rows drawn with forms="train": an evaluation with
-# forms="heldout" measures retrieval in forms that training never saw; "all" draws from both.
+# held out never appear in rows drawn with forms="train" (prose filler, being English, may
+# hold any word, never as a key): an evaluation with forms="heldout" measures retrieval in
+# forms that training never saw; "all" draws from both.
 
 FORMS = ("fixed", "train", "heldout", "all")
 # no word is a substring of another, so scoring by substring stays exact for cwe
@@ -531,7 +532,7 @@ def main(argv=None):
     enc = get_encoding(tokenizers.pop())
     answer_len = a.answer_len or runs[0][2].get("niah_answer_len", NIAH_DEFAULTS["niah_answer_len"])
     steps = a.steps or answer_len
-    forms = a.forms or runs[0][2].get("niah_forms", "fixed")
+    forms = a.forms or runs[0][2].get("niah_forms", NIAH_DEFAULTS["niah_forms"])
     try:
         plan(answer_len, steps)  # the sampler's own check of gen_len and steps
     except ValueError as e:

@@ -259,3 +259,23 @@ def test_exposure_summary_and_table(tmp_path):
     bad.write_text(json.dumps({"kinds": {}}))
     with pytest.raises(SystemExit, match="not a measurement"):
         exposure.main(["--summary", str(bad)])
+
+
+def test_tiny_checkpoints_end_to_end(tmp_path):
+    """niah.py --forms and exposure.py on real (tiny, one-step) checkpoints."""
+    import train
+    mdlm, mem = str(tmp_path / "mdlm"), str(tmp_path / "mem")
+    for d, flag in ((mdlm, "False"), (mem, "True")):
+        train.main(["--config", "niah_tiny", f"--out_dir={d}", "--max_iters=1", f"--mem={flag}"])
+    niah.main([f"--out_dir={mdlm}", "--tasks=single", "--lengths=256", "--n=2", "--forms=heldout", "--adapt=off",
+               "--device=cpu", f"--json={tmp_path / 'n.json'}"])
+    assert json.loads((tmp_path / "n.json").read_text())["forms"] == "heldout"
+    exposure.main(["--out_dir", mdlm, mem, "--n=3", "--batch_size=2", "--device=cpu", f"--json={tmp_path / 'e.json'}",
+                   f"--md={tmp_path / 'e.md'}"])
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert [r["kind"] for r in res["rows"]] == ["Standard MDLM", "MemDLM (Train-Only)", "MemDLM (Train & Inference)"]
+    assert res["answer_len"] == 32 and len(res["t"]) == 32 and res["t"][0] == 1.0
+    for r in res["rows"]:
+        assert r["ratio"][0] == 1.0 and all(math.isfinite(v) for v in r["ratio"]) and 0 <= r["token_acc"] <= 1
+    assert res["rows"][1]["seq"] != res["rows"][2]["seq"]  # the memory changes the decoding's losses
+    assert "| MemDLM (Train & Inference) (n=1) | 1.00 ± 0.00 |" in (tmp_path / "e.md").read_text()
