@@ -275,7 +275,9 @@ def run_jobs(jobs, slots, log_dir, deadline=None, poll=0.5):
             log = open(os.path.join(log_dir, job.name.replace("/", "_") + ".log"), "a")
             log.write(" ".join(argv) + "\n")
             log.flush()
-            env = dict(os.environ) if slot is None else {**os.environ, "CUDA_VISIBLE_DEVICES": str(slot)}
+            env = {**os.environ, "TQDM_MININTERVAL": "30"}  # a progress line every 30 s in the log, not 10 a second
+            if slot is not None:
+                env["CUDA_VISIBLE_DEVICES"] = str(slot)
             running[i] = (job, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=HERE),
                           time.time(), log)
             say(f"start {job.name}" + ("" if slot is None else f" on GPU {slot}") + (f" ({note})" if note else ""))
