@@ -243,7 +243,11 @@ def run_jobs(jobs, slots, log_dir, deadline=None, poll=0.5):
             del running[i]
             state[job.name] = "done" if proc.returncode == 0 else "failed"
             say(f"{state[job.name]} {job.name} in {time.time() - t0:.0f} s" +
-                (f" (exit {proc.returncode}, see {log.name})" if proc.returncode else ""))
+                (f" (exit {proc.returncode}, see {log.name}):" if proc.returncode else ""))
+            if proc.returncode:  # the error, the log's last lines (progress bars cut at their last update)
+                with open(log.name, errors="replace") as f:
+                    tail = [ln.split("\r")[-1] for ln in f.read().splitlines() if ln.strip()][-3:]
+                print("\n".join("    " + ln for ln in tail), flush=True)
         if deadline is not None and time.time() >= deadline:
             for job, proc, t0, log in running.values():
                 proc.terminate()
