@@ -326,8 +326,8 @@ def make_example(task, length, depth, rng, enc=None, haystack="noise", answer_le
     a model should write, needle_pos=token index of the needle, or None for cwe).
 
     length: prompt + answer_len tokens (the prompt fills it, cwe's within one list item), or
-    a (lo, hi) range: uniform over [max(lo, this example's minimum), hi], the example drawn
-    again while it cannot fit hi (keys and names vary in length).
+    a (lo, hi) range: uniform over [max(lo, this example's minimum), hi]. An example that
+    cannot fit (keys, names and templates vary in length) is drawn again, up to 100 times.
     depth: the share of the haystack before the needle in percent (0 start, 100 end). rng: a
     random.Random or a seed. enc: a tiktoken Encoding (default: the byte-level one).
     haystack: "noise" or "prose" (cwe has none: its list fills the context).
@@ -340,7 +340,7 @@ def make_example(task, length, depth, rng, enc=None, haystack="noise", answer_le
     if haystack not in HAYSTACKS:
         raise ValueError(f"unknown haystack '{haystack}': choose from {', '.join(HAYSTACKS)}")
     lo, hi = length if isinstance(length, tuple) else (length, length)
-    for _ in range(100 if isinstance(length, tuple) else 1):  # a range: draw again until one fits
+    for _ in range(100):  # draw again until one fits
         facts, question, target, answers = BUILDERS[task](rng, depth / 100, s)
         question = _tok(enc, question)
         if task == "cwe":  # its facts are the common words; room for the shortest list of the longest words

@@ -209,6 +209,20 @@ def test_answers_fit_their_bound():
         niah.NiahData({**cfg, "niah_forms": "odd"}, "cpu")
 
 
+def test_a_length_near_the_minimum_draws_again():
+    """Varied templates and keys vary the room the facts need: an example that cannot fit a
+    fixed length is drawn again rather than failing an evaluation (multivalue at 230 tokens
+    fits about half the draws; the longest need 258)."""
+    fits = 0
+    for i in range(20):
+        ex = niah.make_example("multivalue", 230, 50, i, ENC, "noise", 32, "train")
+        assert len(ex["prompt"]) == 230 - 32
+        fits += ex == niah.make_example("multivalue", (230, 230), 50, i, ENC, "noise", 32, "train")
+    assert fits == 20
+    with pytest.raises(ValueError, match="too short"):
+        niah.make_example("multivalue", 150, 50, 0, ENC, "noise", 32, "train")
+
+
 def test_no_word_is_part_of_another():
     """Scoring finds answers as substrings: a word inside another would score a wrong cwe answer."""
     words = niah.surface("all").words
