@@ -10,6 +10,8 @@ babi (where a person is after people moved between rooms). Facts sit in a haysta
 RULER's "noise" filler sentences or of prose from the documentation text that ships with
 CPython (pydoc_data.topics), at sentence boundaries; the question comes last and the answer
 follows it. A length counts prompt + answer window, so a model sees its training layout.
+Surface forms (FORMS): "fixed" is one wording per task; "train" varies templates, keys,
+value lengths and names; "heldout" uses only templates and words that "train" never does.
 Scoring as RULER: the fraction of the reference answers found in the output.
 """
 import argparse
@@ -19,6 +21,7 @@ import os
 import random
 import re
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -26,7 +29,7 @@ import torch
 HAYSTACKS = ("noise", "prose")
 # the keys NiahData reads from the train config, with their defaults
 NIAH_DEFAULTS = dict(niah_tasks="all", niah_min_len=0, niah_full_frac=0.25, niah_answer_len=32,
-                     niah_haystack="noise")
+                     niah_haystack="noise", niah_forms="fixed")
 
 NOISE = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
 # a small vocabulary, so a small byte-level model can learn the format in minutes
@@ -90,81 +93,197 @@ def _source(enc, kind):
 
 
 # ---------------------------------------------------------------------------------------
+# Surface forms. "fixed": one template per task, keys from WORDS, 7-digit values (5 in
+# vartrack), 3-letter variables, bAbI's people and verbs: one format, as the first needle
+# models here learned it. The varied forms draw keys of one or two words from WORDS +
+# MORE_WORDS, values of 4-8 digits, variables of 2-4 letters, more people, rooms and verbs,
+# and one of several templates per task, so a model learns to retrieve rather than one
+# format. Every fifth word and name (in sorted order) and the templates and verbs listed as
+# held out never appear in rows drawn with forms="train" (prose filler, being English, may
+# hold any word, never as a key): an evaluation with forms="heldout" measures retrieval in
+# forms that training never saw; "all" draws from both.
+
+FORMS = ("fixed", "train", "heldout", "all")
+# no word is a substring of another, so scoring by substring stays exact for cwe
+MORE_WORDS = """acorn adobe agate alley amber antler anvil apron atlas autumn avocado bacon bagel bamboo
+banjo barley barrel beacon beaver beetle bench bison blanket blossom bonnet boulder bracelet bramble bronze
+buffalo bugle cabin cactus canal canoe canyon caramel cargo carrot cashew cello cement cereal chapel cheetah
+chimney cider cinnamon citadel clover cobalt cobra cobweb compass cookie cricket crocus daisy dagger dolphin
+donkey dune elbow ember emerald fern ferret fjord flannel flute forge garlic gazelle geyser ginger glacier
+goblet gondola gorilla granite gravel griffin guitar hammock hazel hedge heron hickory hornet husky iceberg
+igloo ivory jasmine jigsaw juniper kayak kernel kiwi koala lagoon larch lava lentil lilac linen lizard
+lobster locket lotus lynx magnet mango maple meteor mitten mosaic moth muffin mustard nectar nutmeg oasis
+oboe orchid otter oyster paddle pagoda papaya parrot pebble pelican pencil piano plume pony poplar puffin
+quartz quill quiver raccoon raven reef rhubarb saffron sandal satchel scarf sequoia sherbet shovel sickle
+sled sorrel spruce squid sundial swan teapot thimble thistle timber toffee topaz trumpet tulip tundra
+umbrella velvet vessel vinegar volcano waffle walrus whistle willow wombat yacht zebra zephyr""".split()
+MORE_NAMES = ("Anna", "Omar", "Lucy", "Pablo", "Grace", "Ivan", "Nora", "Kenji", "Rosa", "Tom", "Emma", "Hugo",
+              "Lena", "Zoe", "Ravi", "Elsa", "Yusuf", "Clara", "Felix", "Maya", "Igor", "Wendy")
+MORE_ROOMS = ("cellar", "attic", "library", "garage", "balcony", "pantry", "studio", "porch")
+# (train, held out) templates; the first train template of each is the fixed form's.
+# Needles of single, multikey, multivalue: (fact, question for one value, for all values)
+NEEDLES = (
+    ((" The magic number of {k} is {v}.", "What is the magic number of {k}?", "What are all the magic numbers of {k}?"),
+     (" The special number for {k} is {v}.", "What is the special number for {k}?",
+      "What are all the special numbers for {k}?"),
+     (" Remember: the code for {k} is {v}.", "What is the code for {k}?", "What are all the codes for {k}?"),
+     (" {k} has the secret value {v}.", "Which secret value does {k} have?", "Which secret values does {k} have?"),
+     (" The number filed under {k} is {v}.", "Which number is filed under {k}?", "Which numbers are filed under {k}?")),
+    ((" Note that the id of {k} is {v}.", "What is the id of {k}?", "What are all the ids of {k}?"),
+     (" {k}'s lucky number is {v}.", "What is {k}'s lucky number?", "What are all of {k}'s lucky numbers?")))
+# vartrack: (a value into a variable, a variable into a variable, question)
+ASSIGNMENTS = (
+    ((" VAR {a} = {v}.", " VAR {b} = VAR {a}.", "Which variables hold the value {v}?"),
+     (" Let {a} be {v}.", " Let {b} be {a}.", "Which variables are equal to {v}?"),
+     (" Set {a} to {v}.", " Set {b} to {a}.", "Which variables end up as {v}?"),
+     (" {a} := {v}.", " {b} := {a}.", "Name every variable whose value is {v}.")),
+    ((" {a} <- {v}.", " {b} <- {a}.", "Which variables carry {v} in the end?"),))
+CWE_QUESTIONS = (("Which {n} words appear most often in the list?", "What are the {n} most common words in the list?",
+                  "Which {n} words does the list repeat the most?"),
+                 ("Name the {n} most frequent words of the list.",))
+BABI_QUESTIONS = (("Where is {p}?", "Where is {p} now?", "In which room is {p}?"), ("Which room is {p} in at the end?",))
+BABI_VERBS = (VERBS + ("walked to", "ran to", "headed to"), ("hurried to", "strolled to"))
+
+
+def _split(items):
+    """(train, held out) of a vocabulary: every fifth item of its sorted list held out."""
+    items = sorted(items)
+    return tuple(w for i, w in enumerate(items) if i % 5 != 4), tuple(items[4::5])
+
+
+@functools.lru_cache(maxsize=None)
+def surface(forms):
+    """What rows drawn with `forms` (see FORMS) are made of: vocabularies, (lo, hi) lengths of
+    values and variable names, and templates."""
+    if forms not in FORMS:
+        raise ValueError(f"unknown forms '{forms}': choose from {', '.join(FORMS)}")
+    if forms == "fixed":
+        return SimpleNamespace(words=tuple(WORDS), two_words=False, digits=(7, 7), vt_digits=(5, 5), var_len=(3, 3),
+                               needles=NEEDLES[0][:1], assignments=ASSIGNMENTS[0][:1], cwe=CWE_QUESTIONS[0][:1],
+                               babi=BABI_QUESTIONS[0][:1], names=NAMES, rooms=ROOMS, verbs=VERBS)
+
+    def share(pair):
+        return {"train": pair[0], "heldout": pair[1], "all": pair[0] + pair[1]}[forms]
+    return SimpleNamespace(words=share(_split(WORDS + MORE_WORDS)), two_words=True, digits=(4, 8), vt_digits=(4, 8),
+                           var_len=(2, 4), needles=share(NEEDLES), assignments=share(ASSIGNMENTS),
+                           cwe=share(CWE_QUESTIONS), babi=share(BABI_QUESTIONS), names=share(_split(NAMES + MORE_NAMES)),
+                           rooms=ROOMS + MORE_ROOMS, verbs=share(BABI_VERBS))
+
+
+def max_answer_len(task, forms="fixed"):
+    """The longest answer (target) of a task in bytes: byte tokens, and a bound for any
+    tokenizer (a token covers at least one byte). The answer window needs one more token,
+    for <|endoftext|>."""
+    s = surface(forms)
+    value, word = s.digits[1], max(len(w) for w in s.words)
+    return 1 + dict(single=value, multikey=value, multivalue=N_VALUES * value + 2 * (N_VALUES - 1),
+                    vartrack=VT_VARS * s.var_len[1] + VT_VARS - 1, cwe=CWE_TOP * word + CWE_TOP - 1,
+                    babi=max(len(r) for r in s.rooms))[check_task(task)]
+
+
+# ---------------------------------------------------------------------------------------
 # Tasks: each draws its facts as (text, share of the haystack before it) with the needle
 # first, the question, the answer text the window holds (target) and the reference answers.
+# s: the surface forms (surface()).
 
-def _needle(key, value):
-    return f" The magic number of {key} is {value}."
+def _pick(rng, items):
+    """rng.choice; one item draws nothing, so the fixed forms draw as they always did."""
+    return items[0] if len(items) == 1 else rng.choice(items)
+
+
+def _width(rng, lo_hi):
+    lo, hi = lo_hi
+    return lo if lo == hi else rng.randint(lo, hi)
+
+
+def _question(template, **kw):
+    return f"\n{template.format(**kw)} Answer:"
+
+
+def _keys(rng, n, s):
+    """n distinct keys: words of s.words, or one or two of them each."""
+    if not s.two_words:
+        return rng.sample(s.words, n)
+    keys = []
+    while len(keys) < n:
+        k = " ".join(rng.sample(s.words, rng.randint(1, 2)))
+        keys += [k] * (k not in keys)
+    return keys
 
 
 def _values(rng, n, digits):
-    return [str(v) for v in rng.sample(range(10 ** (digits - 1), 10 ** digits), n)]
+    """n distinct values of one length, so none is a substring of another (exact scores)."""
+    d = _width(rng, digits)
+    return [str(v) for v in rng.sample(range(10 ** (d - 1), 10 ** d), n)]
 
 
-def _single(rng, d):
-    key, (value,) = rng.choice(WORDS), _values(rng, 1, 7)
-    return [(_needle(key, value), d)], f"\nWhat is the magic number of {key}? Answer:", f" {value}", [value]
+def _single(rng, d, s):
+    (key,), (value,) = _keys(rng, 1, s), _values(rng, 1, s.digits)
+    fact, question, _ = _pick(rng, s.needles)
+    return [(fact.format(k=key, v=value), d)], _question(question, k=key), f" {value}", [value]
 
 
-def _multikey(rng, d):
-    keys, values = rng.sample(WORDS, N_KEYS), _values(rng, N_KEYS, 7)
-    facts = [(_needle(k, v), d if i == 0 else rng.random()) for i, (k, v) in enumerate(zip(keys, values))]
-    return facts, f"\nWhat is the magic number of {keys[0]}? Answer:", f" {values[0]}", values[:1]
+def _multikey(rng, d, s):
+    keys, values = _keys(rng, N_KEYS, s), _values(rng, N_KEYS, s.digits)
+    fact, question, _ = _pick(rng, s.needles)
+    facts = [(fact.format(k=k, v=v), d if i == 0 else rng.random()) for i, (k, v) in enumerate(zip(keys, values))]
+    return facts, _question(question, k=keys[0]), f" {values[0]}", values[:1]
 
 
-def _multivalue(rng, d):
-    key, values = rng.choice(WORDS), _values(rng, N_VALUES, 7)
+def _multivalue(rng, d, s):
+    (key,), values = _keys(rng, 1, s), _values(rng, N_VALUES, s.digits)
+    fact, _, question = _pick(rng, s.needles)
     fracs = [d] + [rng.random() for _ in values[1:]]
-    facts = [(_needle(key, v), f) for v, f in zip(values, fracs)]
+    facts = [(fact.format(k=key, v=v), f) for v, f in zip(values, fracs)]
     order = sorted(range(N_VALUES), key=lambda i: (fracs[i], i))  # as they appear in the context
-    return (facts, f"\nWhat are all the magic numbers of {key}? Answer:",
-            " " + ", ".join(values[i] for i in order), values)
+    return facts, _question(question, k=key), " " + ", ".join(values[i] for i in order), values
 
 
-def _vartrack(rng, d):
-    names = []
+def _vartrack(rng, d, s):
+    names, k = [], _width(rng, s.var_len)  # one length: no name is a substring of another
     while len(names) < VT_CHAINS * VT_VARS:
-        v = "".join(rng.choices("ABCDEFGHIJKLMNOPQRSTUVWXYZ", k=3))
+        v = "".join(rng.choices("ABCDEFGHIJKLMNOPQRSTUVWXYZ", k=k))
         names += [v] * (v not in names)
-    values, facts = _values(rng, VT_CHAINS, 5), []
+    values, facts = _values(rng, VT_CHAINS, s.vt_digits), []
+    first, copy, question = _pick(rng, s.assignments)
     for c in range(VT_CHAINS):  # the asked chain starts at the depth; each chain's hops follow it in order
         chain = names[c * VT_VARS:(c + 1) * VT_VARS]
         start = d if c == 0 else rng.random()
         fracs = [start] + sorted(rng.uniform(start, 1) for _ in chain[1:])
-        facts += [(f" VAR {chain[0]} = {values[c]}.", start)]
-        facts += [(f" VAR {v} = VAR {u}.", f) for u, v, f in zip(chain, chain[1:], fracs[1:])]
+        facts += [(first.format(a=chain[0], v=values[c]), start)]
+        facts += [(copy.format(a=u, b=v), f) for u, v, f in zip(chain, chain[1:], fracs[1:])]
     asked = names[:VT_VARS]
-    return facts, f"\nWhich variables hold the value {values[0]}? Answer:", " " + " ".join(asked), asked
+    return facts, _question(question, v=values[0]), " " + " ".join(asked), asked
 
 
-def _babi(rng, d):
-    people, room = rng.sample(NAMES, BABI_PEOPLE), rng.choice(ROOMS)
-    facts = [(f" {people[0]} {rng.choice(VERBS)} the {room}.", d)]  # the asked person's last move
+def _babi(rng, d, s):
+    people, room = rng.sample(s.names, BABI_PEOPLE), rng.choice(s.rooms)
+    facts = [(f" {people[0]} {rng.choice(s.verbs)} the {room}.", d)]  # the asked person's last move
     for _ in range(BABI_MOVES - 1):
         f = rng.random()  # only moves before the last one may be the asked person's
         who = rng.choice(people if f < d else people[1:])
-        facts.append((f" {who} {rng.choice(VERBS)} the {rng.choice(ROOMS)}.", f))
-    return facts, f"\nWhere is {people[0]}? Answer:", f" {room}", [room]
+        facts.append((f" {who} {rng.choice(s.verbs)} the {rng.choice(s.rooms)}.", f))
+    return facts, _question(_pick(rng, s.babi), p=people[0]), f" {room}", [room]
 
 
-def _cwe(rng, d):
+def _cwe(rng, d, s):
     # no facts but the common words: the list is drawn once the length is known
-    common = rng.sample(WORDS, CWE_TOP)
-    return common, f"\nWhich {CWE_TOP} words appear most often in the list? Answer:", " " + " ".join(common), common
+    common = rng.sample(s.words, CWE_TOP)
+    return common, _question(_pick(rng, s.cwe), n=CWE_TOP), " " + " ".join(common), common
 
 
 BUILDERS = dict(single=_single, multikey=_multikey, multivalue=_multivalue, vartrack=_vartrack, cwe=_cwe, babi=_babi)
 TASKS = tuple(BUILDERS)  # the task names, each registered once (in BUILDERS)
 
 
-def _cwe_list(common, budget, rng, enc):
+def _cwe_list(common, budget, rng, enc, words):
     """A numbered list " 1. word 2. word ..." of at most `budget` tokens (within one item):
-    each common word appears f ~ n/10 times (at least twice), the other words fill the rest,
-    cycling, so each appears fewer times. Returns the tokens and the common words in order of
-    first appearance."""
-    rare = [w for w in WORDS if w not in common]
+    each common word appears f ~ n/10 times (at least twice), the other words of `words` fill
+    the rest, cycling, so each appears fewer times. Returns the tokens and the common words in
+    order of first appearance."""
+    rare = [w for w in words if w not in common]
     rng.shuffle(rare)
-    avg = sum(len(_tok(enc, " " + w)) for w in WORDS) / len(WORDS) + len(_tok(enc, f" {budget // 8}."))
+    avg = sum(len(_tok(enc, " " + w)) for w in words) / len(words) + len(_tok(enc, f" {budget // 8}."))
     f = max(2, int(budget / avg) // 10)
     words = [w for w in common for _ in range(f)]
     used = sum(len(_tok(enc, f" {i + 1}.")) + len(_tok(enc, " " + w)) for i, w in enumerate(words))
@@ -202,28 +321,30 @@ def _place(facts, budget, rng, enc, haystack):
     return out + filler[last:], pos
 
 
-def make_example(task, length, depth, rng, enc=None, haystack="noise", answer_len=0):
+def make_example(task, length, depth, rng, enc=None, haystack="noise", answer_len=0, forms="fixed"):
     """One example: dict(prompt=token ids, answers=reference strings, target=the answer text
     a model should write, needle_pos=token index of the needle, or None for cwe).
 
     length: prompt + answer_len tokens (the prompt fills it, cwe's within one list item), or
-    a (lo, hi) range: uniform over [max(lo, this example's minimum), hi], the example drawn
-    again while it cannot fit hi (keys and names vary in length).
+    a (lo, hi) range: uniform over [max(lo, this example's minimum), hi]. An example that
+    cannot fit (keys, names and templates vary in length) is drawn again, up to 100 times.
     depth: the share of the haystack before the needle in percent (0 start, 100 end). rng: a
     random.Random or a seed. enc: a tiktoken Encoding (default: the byte-level one).
     haystack: "noise" or "prose" (cwe has none: its list fills the context).
+    forms: the surface forms, see FORMS.
     """
     rng = rng if isinstance(rng, random.Random) else random.Random(rng)
     enc = enc or byte_encoding()
     check_task(task)
+    s = surface(forms)
     if haystack not in HAYSTACKS:
         raise ValueError(f"unknown haystack '{haystack}': choose from {', '.join(HAYSTACKS)}")
     lo, hi = length if isinstance(length, tuple) else (length, length)
-    for _ in range(100 if isinstance(length, tuple) else 1):  # a range: draw again until one fits
-        facts, question, target, answers = BUILDERS[task](rng, depth / 100)
+    for _ in range(100):  # draw again until one fits
+        facts, question, target, answers = BUILDERS[task](rng, depth / 100, s)
         question = _tok(enc, question)
         if task == "cwe":  # its facts are the common words; room for the shortest list of the longest words
-            fixed = CWE_MIN_ITEMS * (len(_tok(enc, f" {CWE_MIN_ITEMS}.")) + max(len(_tok(enc, " " + w)) for w in WORDS))
+            fixed = CWE_MIN_ITEMS * (len(_tok(enc, f" {CWE_MIN_ITEMS}.")) + max(len(_tok(enc, " " + w)) for w in s.words))
         else:
             facts = [(_tok(enc, text), frac) for text, frac in facts]
             fixed = sum(len(t) for t, _ in facts)
@@ -238,7 +359,7 @@ def make_example(task, length, depth, rng, enc=None, haystack="noise", answer_le
                          f"with <|endoftext|>: raise answer_len={answer_len}")
     length = rng.randint(max(lo, need), hi)
     if task == "cwe":
-        context, common = _cwe_list(facts, length - answer_len - len(question), rng, enc)
+        context, common = _cwe_list(facts, length - answer_len - len(question), rng, enc, s.words)
         target, pos = " " + " ".join(common), None  # the same words, in order of first appearance
     else:
         context, pos = _place(facts, length - need, rng, enc, haystack)
@@ -262,17 +383,24 @@ class NiahData:
     by the batch's maskable tokens, so full rows in a mixed batch would outweigh the answers
     (at 0.25 and 512 tokens, 84% of the weight) and retrieval would learn far more slowly.
     Lengths (prompt + window) are uniform over [max(niah_min_len, the task's minimum),
-    block_size], depths over 0-100, tasks over niah_tasks."""
+    block_size], depths over 0-100, tasks over niah_tasks, haystacks over niah_haystack (a
+    comma list: "noise,prose" mixes both); niah_forms is the surface forms (FORMS)."""
 
     def __init__(self, cfg, device):
         from data.tokenizer import get_encoding
         self.enc, self.device = get_encoding(cfg["tokenizer"]), device
         self.T, self.B, self.A, self.seed = cfg["block_size"], cfg["batch_size"], cfg["niah_answer_len"], cfg["seed"]
-        self.min_len, self.full_frac, self.haystack = cfg["niah_min_len"], cfg["niah_full_frac"], cfg["niah_haystack"]
+        self.min_len, self.full_frac = cfg["niah_min_len"], cfg["niah_full_frac"]
+        self.haystacks, self.forms = cfg["niah_haystack"].split(","), cfg["niah_forms"]
         try:
             self.tasks = parse_tasks(cfg["niah_tasks"])
-            for t in self.tasks:  # fail now, not at some step: every task must fit block_size
-                make_example(t, (self.T, self.T), 50, 0, self.enc, self.haystack, self.A)
+            for t in self.tasks:  # fail now, not at some step: every task must fit the window and block_size
+                need = max_answer_len(t, self.forms) + 1
+                if self.enc.name == "byte" and need > self.A:  # else a longer answer would be drawn again, unseen
+                    raise ValueError(f"the answers of task {t} take up to {need} tokens with <|endoftext|>: "
+                                     f"set niah_answer_len >= {need}")
+                for h in self.haystacks:
+                    make_example(t, (self.T, self.T), 50, 0, self.enc, h, self.A, self.forms)
         except ValueError as e:
             raise SystemExit(f"niah: {e} (block_size={self.T}, niah_answer_len={self.A})") from None
 
@@ -287,7 +415,7 @@ class NiahData:
         full = rng.random() < self.full_frac
         for b in range(self.B):
             ex = make_example(rng.choice(self.tasks), (self.min_len, self.T), rng.uniform(0, 100), rng,
-                              self.enc, self.haystack, self.A)
+                              self.enc, _pick(rng, self.haystacks), self.A, self.forms)
             ans = _tok(self.enc, ex["target"])
             row = ex["prompt"] + list(ans) + [eot] * (self.A - len(ans))
             x[b, :len(row)] = row
@@ -369,6 +497,8 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=25, help="examples per task and length, spread over the depths")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--haystack", choices=HAYSTACKS, default="noise")
+    p.add_argument("--forms", choices=FORMS, default=None,
+                   help="surface forms (heldout: those training never saw; default: the first checkpoint's)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--device", default="auto")
     p.add_argument("--answer_len", type=int, default=None, help="answer window (default: the first checkpoint's)")
@@ -409,6 +539,7 @@ def main(argv=None):
     enc = get_encoding(tokenizers.pop())
     answer_len = a.answer_len or runs[0][2].get("niah_answer_len", NIAH_DEFAULTS["niah_answer_len"])
     steps = a.steps or answer_len
+    forms = a.forms or runs[0][2].get("niah_forms", NIAH_DEFAULTS["niah_forms"])
     try:
         plan(answer_len, steps)  # the sampler's own check of gen_len and steps
     except ValueError as e:
@@ -421,7 +552,7 @@ def main(argv=None):
             for t in tasks:
                 for i in range(a.n):
                     d = a.depths[i % len(a.depths)]
-                    ex = make_example(t, L, d, random.Random(f"{a.seed}:{t}:{L}:{i}"), enc, a.haystack, answer_len)
+                    ex = make_example(t, L, d, random.Random(f"{a.seed}:{t}:{L}:{i}"), enc, a.haystack, answer_len, forms)
                     examples.append({**ex, "task": t, "length": L, "depth": None if t == "cwe" else d})
     except ValueError as e:
         raise SystemExit(str(e)) from None
@@ -464,7 +595,7 @@ def main(argv=None):
         print(f"| {r['label']} | " + " | ".join(f"{100 * c['mean']:.1f} ± {100 * c['stderr']:.1f} ({c['n']})"
                                                 for c in cell) + " |")
     with open(path, "w") as f:
-        json.dump(dict(args=vars(a), answer_len=answer_len, steps=steps, rows=rows), f, indent=1)
+        json.dump(dict(args=vars(a), answer_len=answer_len, steps=steps, forms=forms, rows=rows), f, indent=1)
     for r in rows:  # the sampler's speed: --threshold and --prefix_cache trade it against the table
         print(f"{r['label']}: {r['decode_s']:.1f} s decoding, {len(examples) / r['decode_s']:.1f} answers/s")
     print(f"wrote {path}")

@@ -1,0 +1,525 @@
+"""The needle experiment over seeds in one command: the paper's protocol (a trained MDLM, then
+fine-tunes with and without memory) and MemDLM from scratch, each evaluated with and without
+inference-time memory, summarised over seeds with paired confidence intervals.
+
+    python protocol.py --root=out-proto --config=niah_proto --seeds=1,2,3,4,5 --deadline=540
+    python protocol.py --root=out-proto --table_only
+
+Per seed S, in root/sS/ (every run a `python train.py` or `python niah.py` subprocess):
+  base       MDLM from scratch (train.py --config C --mem=False --seed=S)
+  ft_mdlm    base + F steps of MDLM (--init_from=base --max_iters=F, a fresh optimizer)
+  ft_mem     base + F steps of MemDLM, scope response (the paper's)
+  ft_prompt  base + F steps of MemDLM, scope prompt
+  scratch    MemDLM from scratch, as many steps as the base
+  niah_ft_<forms>.json, niah_scratch_<forms>.json   niah.py --adapt=both on the runs above,
+             once per surface form set (--forms: those trained on, and held-out ones)
+  exposure.json   exposure.py on ft_mdlm and ft_mem (the exposure-bias ratio)
+Jobs run on the visible GPUs, --per_gpu at a time on each (CUDA_VISIBLE_DEVICES), in order
+of need. A job whose results exist is skipped; an interrupted training run resumes from its
+last checkpoint. --deadline stops the jobs in time to write the tables: rerun the same command
+to go on. Other --key=value arguments go to every train.py run.
+
+Writes root/protocol.json (per seed: the base's onset step, the final losses, the needle
+scores per row x task x length), root/protocol.md (the tables), root/loss_curves.png, and
+with exposure.py root/exposure.{json,md,png}; each job's output is in root/logs/.
+"""
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from niah import summarise
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STAGES = ("base", "finetune", "scratch", "eval", "exposure")
+# training runs: (stage, train.py arguments, starts from the base)
+RUNS = {
+    "base": ("base", ["--mem=False"], False),
+    "ft_mdlm": ("finetune", ["--mem=False"], True),
+    "ft_mem": ("finetune", ["--mem=True", "--mem_scope=response"], True),
+    "ft_prompt": ("finetune", ["--mem=True", "--mem_scope=prompt"], True),
+    "scratch": ("scratch", ["--mem=True", "--mem_scope=response"], False),
+}
+EVALS = {"ft": ("base", "ft_mdlm", "ft_mem", "ft_prompt"), "scratch": ("scratch",)}  # one niah.py call each
+OWN_KEYS = ("config", "mem", "mem_scope", "seed", "out_dir", "init_from", "resume", "max_iters")
+# the table's rows: (run, adapt) and their names; the MemDLM rows are also compared with Standard MDLM
+ROWS = (("base", False, "MDLM base (before fine-tuning)"), ("ft_mdlm", False, "Standard MDLM"),
+        ("ft_mdlm", True, "Standard MDLM + adapt"), ("ft_mem", False, "MemDLM (Train-Only)"),
+        ("ft_mem", True, "MemDLM (Train & Inference)"), ("ft_prompt", False, "MemDLM scope prompt (Train-Only)"),
+        ("ft_prompt", True, "MemDLM scope prompt (Train & Inference)"),
+        ("scratch", False, "MemDLM from scratch (Train-Only)"), ("scratch", True, "MemDLM from scratch (Train & Inference)"))
+REFERENCE = ("ft_mdlm", False)
+ONSET_ACC = 0.9  # the base has learned retrieval at the first eval with eval_answer_acc >= this
+# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t975(df):
+    """The 0.975 quantile of Student's t: the table to 30 degrees of freedom, then the
+    Cornish-Fisher expansion around the normal (within 1e-3 there)."""
+    if df < 1:
+        raise ValueError("a t interval needs at least 2 values")
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def paired(a, b):
+    """The paired difference a - b over seeds: mean, its standard error, n, and the 95% t
+    interval (lo, hi; None for one seed); tie when the interval contains 0."""
+    s = summarise([x - y for x, y in zip(a, b)])
+    if s["n"] < 2:
+        return {**s, "lo": None, "hi": None, "tie": None}
+    half = t975(s["n"] - 1) * s["stderr"]
+    return {**s, "lo": s["mean"] - half, "hi": s["mean"] + half, "tie": s["mean"] - half <= 0 <= s["mean"] + half}
+
+
+def fmt_diff(d):
+    if d["lo"] is None:
+        return f"{d['mean']:+.1f} (n=1)"
+    return f"{d['mean']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]" + (" tie" if d["tie"] else "")
+
+
+# ---------------------------------------------------------------------------------------
+# What exists on disk
+
+def ckpt_info(out_dir):
+    """(step, train config) of out_dir/ckpt.pt, or None when there is none."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return ckpt["step"], ckpt["config"]
+
+
+def read_log(out_dir):
+    """The train and eval records of out_dir/log.jsonl, one per step (a step logged again after
+    a resume counts once, the last time), and the last summary record."""
+    train, evals, summary = {}, {}, None
+    path = os.path.join(out_dir, "log.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            for rec in map(json.loads, f):
+                if "summary" in rec:
+                    summary = rec["summary"]
+                elif "loss" in rec:
+                    train[rec["step"]] = rec
+                elif "eval_loss" in rec:
+                    evals[rec["step"]] = rec
+    return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)], summary
+
+
+def onset(evals):
+    """The first eval step with eval_answer_acc >= ONSET_ACC, or None."""
+    return next((r["step"] for r in evals if r.get("eval_answer_acc", 0) >= ONSET_ACC), None)
+
+
+# ---------------------------------------------------------------------------------------
+# Jobs
+
+@dataclass
+class Job:
+    name: str
+    stage: str
+    deps: list
+    argv: callable            # the command, built at launch (it depends on what exists then)
+    done: callable            # True when the results exist
+    note: callable = field(default=lambda: "")  # a word on the launch (resume from step ...)
+    wanted: bool = True       # in --stages; a job left out still counts when its results exist
+
+
+def train_job(a, seed, run, extras):
+    stage, flags, from_base = RUNS[run]
+    sdir = os.path.join(a.root, f"s{seed}")
+    out = os.path.join(sdir, run)
+    iters = a.ft_iters if from_base else a.base_iters
+
+    def state():
+        info = ckpt_info(out)
+        if info is None:
+            return None
+        return info[0], (iters or info[1]["max_iters"])
+
+    def argv():
+        cmd = [sys.executable, os.path.join(HERE, "train.py"), "--config", a.config, *extras, *flags,
+               f"--seed={seed}", f"--out_dir={out}"]
+        cmd += [f"--max_iters={iters}"] if iters else []
+        cmd += [f"--init_from={os.path.join(sdir, 'base')}"] if from_base else []
+        return cmd + (["--resume=True"] if state() else [])
+
+    def done():
+        s = state()
+        return s is not None and s[0] >= s[1]
+
+    def note():
+        s = state()
+        return f"resumes at step {s[0]}" if s else ""
+    return Job(f"s{seed}/{run}", stage, [f"s{seed}/base"] if from_base else [], argv, done, note)
+
+
+def eval_job(a, seed, group, forms):
+    sdir = os.path.join(a.root, f"s{seed}")
+    dirs = [os.path.join(sdir, r) for r in EVALS[group]]
+    path = os.path.join(sdir, f"niah_{group}_{forms}.json")
+
+    def argv():
+        cfg = ckpt_info(dirs[0])[1]
+        T = cfg["block_size"]
+        lengths = a.lengths or f"{T},{2 * T}"  # the longest training rows, and twice as long
+        return [sys.executable, os.path.join(HERE, "niah.py"), "--out_dir", *dirs, "--adapt=both",
+                f"--tasks={a.tasks or cfg['niah_tasks']}", f"--lengths={lengths}", f"--n={a.n}",
+                f"--forms={forms}", f"--batch_size={a.eval_batch}", f"--json={path}"]
+    return Job(f"s{seed}/niah_{group}_{forms}", "eval", [f"s{seed}/{r}" for r in EVALS[group]], argv,
+               lambda: newer(path, dirs))
+
+
+def exposure_job(a, seed):
+    sdir = os.path.join(a.root, f"s{seed}")
+    dirs = [os.path.join(sdir, r) for r in ("ft_mdlm", "ft_mem")]
+    path = os.path.join(sdir, "exposure.json")
+
+    def argv():
+        return [sys.executable, os.path.join(HERE, "exposure.py"), "--out_dir", *dirs, f"--n={a.exposure_n}",
+                f"--json={path}"]
+    return Job(f"s{seed}/exposure", "exposure", [f"s{seed}/ft_mdlm", f"s{seed}/ft_mem"], argv,
+               lambda: newer(path, dirs))
+
+
+def newer(path, dirs):
+    """path exists and is newer than every checkpoint in dirs."""
+    return os.path.exists(path) and all(os.path.getmtime(path) >= os.path.getmtime(os.path.join(d, "ckpt.pt"))
+                                        for d in dirs if os.path.exists(os.path.join(d, "ckpt.pt")))
+
+
+def plan(a, extras):
+    """Every job of the protocol, in order of preference: the bases first (everything else
+    waits for them), the fine-tunes and their evaluations, then MemDLM from scratch."""
+    seeds, forms = a.seeds, a.forms.split(",")
+    jobs = [train_job(a, s, "base", extras) for s in seeds]
+    jobs += [train_job(a, s, r, extras) for s in seeds for r in ("ft_mdlm", "ft_mem", "ft_prompt")]
+    jobs += [eval_job(a, s, "ft", f) for s in seeds for f in forms] + [exposure_job(a, s) for s in seeds]
+    jobs += [train_job(a, s, "scratch", extras) for s in seeds]
+    jobs += [eval_job(a, s, "scratch", f) for s in seeds for f in forms]
+    for j in jobs:
+        j.wanted = j.stage in a.stages
+    return jobs
+
+
+def initial_state(jobs):
+    """skipped (its results exist), excluded (not in --stages, no results) or pending."""
+    return {j.name: "skipped" if j.done() else "pending" if j.wanted else "excluded" for j in jobs}
+
+
+def run_jobs(jobs, slots, log_dir, deadline=None, poll=0.5):
+    """Run each job not yet done once the jobs it needs are done, on a free slot (a GPU id, or
+    None for no CUDA_VISIBLE_DEVICES), its output appended to log_dir/<name>.log. At the
+    deadline (time.time() value) the running jobs are stopped. Returns {name: state}, state
+    one of done, skipped (done before), excluded (not wanted), failed, blocked (a job it needs
+    failed or is excluded), stopped (the deadline)."""
+    os.makedirs(log_dir, exist_ok=True)
+    state = initial_state(jobs)
+    pending = [j for j in jobs if state[j.name] == "pending"]
+    running = {}  # slot index -> (job, process, start time, log file)
+    t_start = time.time()
+
+    def say(msg):
+        print(f"[{time.time() - t_start:6.0f} s] {msg}", flush=True)
+    for name, s in state.items():
+        if s == "skipped":
+            say(f"skip {name}: done")
+    while pending or running:
+        for i, (job, proc, t0, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[i]
+            state[job.name] = "done" if proc.returncode == 0 else "failed"
+            say(f"{state[job.name]} {job.name} in {time.time() - t0:.0f} s" +
+                (f" (exit {proc.returncode}, see {log.name}):" if proc.returncode else ""))
+            if proc.returncode:  # the error, the log's last lines (progress bars cut at their last update)
+                with open(log.name, errors="replace") as f:
+                    tail = [ln.split("\r")[-1] for ln in f.read().splitlines() if ln.strip()][-3:]
+                print("\n".join("    " + ln for ln in tail), flush=True)
+        if deadline is not None and time.time() >= deadline:
+            for job, proc, t0, log in running.values():
+                proc.terminate()
+            for job, proc, t0, log in running.values():
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                log.close()
+                state[job.name] = "stopped"
+                say(f"stopped {job.name} at the deadline (rerun to continue)")
+            for job in pending:
+                state[job.name] = "stopped"
+            break
+        for job in list(pending):  # a job that can never run
+            if any(state[d] in ("failed", "blocked", "excluded") for d in job.deps):
+                pending.remove(job)
+                state[job.name] = "blocked"
+                say(f"blocked {job.name}: needs {', '.join(job.deps)}")
+        for i, slot in enumerate(slots):
+            if i in running:
+                continue
+            job = next((j for j in pending if all(state.get(d) in ("done", "skipped") for d in j.deps)), None)
+            if job is None:
+                break
+            pending.remove(job)
+            note, argv = job.note(), job.argv()
+            log = open(os.path.join(log_dir, job.name.replace("/", "_") + ".log"), "a")
+            log.write(" ".join(argv) + "\n")
+            log.flush()
+            env = {**os.environ, "TQDM_MININTERVAL": "30"}  # a progress line every 30 s in the log, not 10 a second
+            if slot is not None:
+                env["CUDA_VISIBLE_DEVICES"] = str(slot)
+            running[i] = (job, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=HERE),
+                          time.time(), log)
+            say(f"start {job.name}" + ("" if slot is None else f" on GPU {slot}") + (f" ({note})" if note else ""))
+        if running:
+            time.sleep(poll)
+    return state
+
+
+def visible_gpus():
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+# ---------------------------------------------------------------------------------------
+# Results
+
+def gather(root):
+    """Everything on disk under root: per seed the runs' onset, final losses, and the needle
+    scores {forms: {run or run+adapt: {task: {length: score in %}}}}, and the exposure results."""
+    seeds = {}
+    dirs = [d for d in glob.glob(os.path.join(root, "s*")) if os.path.isdir(d) and os.path.basename(d)[1:].isdigit()]
+    for sdir in sorted(dirs, key=lambda d: int(os.path.basename(d)[1:])):
+        name = os.path.basename(sdir)
+        runs = {}
+        for run in RUNS:
+            _, evals, summary = read_log(os.path.join(sdir, run))
+            if not evals:
+                continue
+            last = evals[-1]
+            runs[run] = {"onset": onset(evals), "final_step": last["step"],
+                         **{k: last[k] for k in ("eval_loss", "eval_loss_mem", "eval_answer_acc") if k in last},
+                         **{k: (summary or {}).get(k) for k in ("train_loss", "wall_s", "device")}}
+        niah = {}
+        for path in sorted(glob.glob(os.path.join(sdir, "niah_*.json"))):
+            with open(path) as f:
+                res = json.load(f)
+            rows = niah.setdefault(res.get("forms", "fixed"), {})
+            for r in res["rows"]:
+                key = os.path.basename(os.path.normpath(r["out_dir"])) + ("+adapt" if r["adapt"] else "")
+                rows[key] = {t: {L: 100 * c["mean"] for L, c in by_len.items()} for t, by_len in r["cells"].items()}
+        exposure = os.path.join(sdir, "exposure.json")
+        seeds[name[1:]] = {"onset": runs.get("base", {}).get("onset"), "runs": runs, "niah": niah,
+                           "exposure": exposure if os.path.exists(exposure) else None}
+    return seeds
+
+
+def score_tables(seeds):
+    """{forms: {"columns": [(task, length)], "rows": {row name: {column: summary over seeds}},
+    "diffs": {row name: {column: paired difference with Standard MDLM}}}}, scores in %."""
+    out = {}
+    for forms in sorted({f for s in seeds.values() for f in s["niah"]}):
+        per_seed = {sid: s["niah"][forms] for sid, s in seeds.items() if forms in s["niah"]}
+        cols = list(dict.fromkeys((t, L) for rows in per_seed.values() for r in rows.values() for t in r for L in r[t]))
+        ref = REFERENCE[0] + ("+adapt" if REFERENCE[1] else "")
+        table = {"columns": [f"{t} {L}" for t, L in cols], "rows": {}, "diffs": {}}
+        for run, adapt, label in ROWS:
+            key = run + ("+adapt" if adapt else "")
+            have = {sid: rows[key] for sid, rows in per_seed.items() if key in rows}
+            if not have:
+                continue
+            table["rows"][label] = {f"{t} {L}": summarise([r[t][L] for r in have.values()]) for t, L in cols}
+            both = [sid for sid in have if ref in per_seed[sid]]
+            if run.startswith(("ft_mem", "ft_prompt", "scratch")) and both:
+                table["diffs"][label] = {f"{t} {L}": paired([have[s][t][L] for s in both],
+                                                            [per_seed[s][ref][t][L] for s in both]) for t, L in cols}
+        out[forms] = table
+    return out
+
+
+def markdown(seeds, tables, exposure_md):
+    lines = ["## Per seed", "", (f"Onset: the base's first eval with answer accuracy >= {ONSET_ACC}. Losses at the "
+                                 "last eval (train loss: the mean of the last log steps; MemDLM's eval loss is its "
+                                 "base model alone, with memory in parentheses)."), ""]
+    runs = [r for r in RUNS if any(r in s["runs"] for s in seeds.values())]
+    lines += ["| seed | onset | " + " | ".join(f"{r} train / eval (mem) / acc" for r in runs) + " |",
+              "|---|---|" + "---|" * len(runs)]
+    for sid, s in seeds.items():
+        cells = []
+        for r in runs:
+            v = s["runs"].get(r)
+            if v is None:
+                cells.append("-")
+                continue
+            mem = f" ({v['eval_loss_mem']:.3f})" if "eval_loss_mem" in v else ""
+            train = "-" if v["train_loss"] is None else f"{v['train_loss']:.3f}"
+            acc = f"{v['eval_answer_acc']:.3f}" if "eval_answer_acc" in v else "-"
+            cells.append(f"{train} / {v['eval_loss']:.3f}{mem} / {acc} @{v['final_step']}")
+        lines.append(f"| {sid} | {s['onset'] if s['onset'] is not None else 'none'} | " + " | ".join(cells) + " |")
+    for forms, t in tables.items():
+        cols = t["columns"]
+        head = ["| row | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        lines += ["", f"## Needle scores, forms `{forms}` (%, mean ± standard error over seeds)", ""] + head
+        for label, cells in t["rows"].items():
+            lines.append(f"| {label} (n={cells[cols[0]]['n']}) | " +
+                         " | ".join(f"{c['mean']:.1f} ± {c['stderr']:.1f}" for c in cells.values()) + " |")
+        if t["diffs"]:
+            lines += ["", (f"Paired difference with Standard MDLM, forms `{forms}` (points, mean [95% t interval "
+                           "over seeds]; tie: the interval contains 0)"), ""] + head
+            lines += [f"| {label} | " + " | ".join(fmt_diff(d) for d in cells.values()) + " |"
+                      for label, cells in t["diffs"].items()]
+    if exposure_md:
+        lines += ["", "## Exposure-bias ratio", "", exposure_md]
+    return "\n".join(lines) + "\n"
+
+
+def plot_losses(root, seeds, path):
+    """Paper Fig. 4: train loss and eval loss (base alone; MemDLM also with memory) against
+    steps, MDLM vs MemDLM, fine-tuned and from scratch: the mean over seeds, seeds faint."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    pairs = (("fine-tune", "ft_mdlm", "ft_mem"), ("from scratch", "base", "scratch"))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    for col, (title, mdlm, mem) in enumerate(pairs):
+        for row, kind in enumerate(("train", "eval")):
+            ax = axes[row, col]
+            lines = [(mdlm, "loss" if kind == "train" else "eval_loss", "MDLM", "C0", "-"),
+                     (mem, "loss" if kind == "train" else "eval_loss", "MemDLM" + ("" if kind == "train" else " (base alone)"), "C3", "-")]
+            if kind == "eval":
+                lines.append((mem, "eval_loss_mem", "MemDLM (with memory)", "C3", "--"))
+            for run, key, label, color, style in lines:
+                curves = []
+                for sid in seeds:
+                    train, evals, _ = read_log(os.path.join(root, f"s{sid}", run))
+                    recs = train if kind == "train" else evals
+                    curve = {r["step"]: r[key] for r in recs if key in r}
+                    if curve:
+                        curves.append(curve)
+                        ax.plot(list(curve), list(curve.values()), color=color, ls=style, alpha=0.2, lw=0.8)
+                steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+                if steps:
+                    ax.plot(steps, [sum(c[s] for c in curves) / len(curves) for s in steps], color=color, ls=style,
+                            lw=2, label=f"{label} (mean of {len(curves)})")
+            ax.set(title=f"{title}: {kind} loss", xlabel="step", ylabel=f"{kind} loss", yscale="log")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(root, seeds):
+    """root's results into protocol.json and protocol.md (printed), the loss curves and,
+    through exposure.py, the exposure-bias summary."""
+    exposure_files = [s["exposure"] for s in seeds.values() if s["exposure"]]
+    exposure_md = None
+    if exposure_files:
+        md = os.path.join(root, "exposure.md")
+        done = subprocess.run([sys.executable, os.path.join(HERE, "exposure.py"), "--summary", *exposure_files,
+                               f"--json={os.path.join(root, 'exposure.json')}", f"--md={md}",
+                               f"--png={os.path.join(root, 'exposure.png')}"], cwd=HERE, check=False)
+        if done.returncode == 0:
+            with open(md) as f:
+                exposure_md = f.read()
+        else:
+            print("note: the exposure summary failed (see above); the tables leave it out")
+    tables = score_tables(seeds)
+    base = ckpt_info(os.path.join(root, f"s{next(iter(seeds))}", "base"))  # the settings, for the record
+    with open(os.path.join(root, "protocol.json"), "w") as f:
+        json.dump({"root": root, "base_config": base and base[1], "seeds": seeds, "tables": tables}, f, indent=1)
+    text = markdown(seeds, tables, exposure_md)
+    with open(os.path.join(root, "protocol.md"), "w") as f:
+        f.write(text)
+    print(text)
+    try:
+        plot_losses(root, seeds, os.path.join(root, "loss_curves.png"))
+        print(f"wrote {os.path.join(root, 'loss_curves.png')}")
+    except ImportError:
+        print("note: the loss-curve figure needs matplotlib (pip install matplotlib); none written")
+    print(f"wrote {os.path.join(root, 'protocol.json')} and protocol.md")
+
+
+def int_list(s):
+    return [int(v) for v in s.split(",")]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="The needle protocol over seeds: train, fine-tune, evaluate, tabulate.",
+                                epilog="Other --key=value arguments are passed to every train.py run.")
+    p.add_argument("--root", required=True, help="directory of all runs and results")
+    p.add_argument("--seeds", type=int_list, default=[1, 2, 3, 4, 5])
+    p.add_argument("--config", default="niah_proto", help="train.py preset")
+    p.add_argument("--base_iters", type=int, default=None, help="steps of the base and of scratch (default: the preset's)")
+    p.add_argument("--ft_iters", type=int, default=1000, help="steps of each fine-tune")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
+    p.add_argument("--gpus", default=None, help="comma list of GPU ids (default: the visible ones; none: the CPU)")
+    p.add_argument("--per_gpu", type=int, default=1, help="jobs at a time on each GPU")
+    p.add_argument("--tasks", default=None, help="niah.py --tasks (default: the tasks trained)")
+    p.add_argument("--lengths", default=None, help="niah.py --lengths (default: block_size and twice it)")
+    p.add_argument("--forms", default="train,heldout", help="surface forms to evaluate, one niah.py call each")
+    p.add_argument("--n", type=int, default=100, help="niah.py examples per task and length")
+    p.add_argument("--eval_batch", type=int, default=250, help="niah.py --batch_size")
+    p.add_argument("--exposure_n", type=int, default=256, help="exposure.py rows")
+    p.add_argument("--deadline", type=float, default=None, help="seconds: stop the jobs then and write the tables")
+    p.add_argument("--table_only", action="store_true", help="only gather the results on disk into the tables")
+    p.add_argument("--dry_run", action="store_true", help="print each job's state and command, run nothing")
+    a, extras = p.parse_known_args(argv)
+    a.root = os.path.abspath(a.root)
+    a.stages = a.stages.split(",")
+    for e in extras:
+        key = e[2:].split("=", 1)[0]
+        if not e.startswith("--") or "=" not in e:
+            raise SystemExit(f"unknown argument '{e}': train.py settings are written --key=value")
+        if key in OWN_KEYS:
+            raise SystemExit(f"--{key} is set by the protocol for each run: use --config, --base_iters or "
+                             f"--ft_iters instead")
+    if bad := [s for s in a.stages if s not in STAGES]:
+        raise SystemExit(f"unknown stage '{bad[0]}': choose from {', '.join(STAGES)}")
+    if a.per_gpu < 1 or a.n < 1 or a.ft_iters < 1 or (a.base_iters is not None and a.base_iters < 1):
+        raise SystemExit("--per_gpu, --n, --ft_iters and --base_iters must be >= 1")
+    if a.table_only:
+        seeds = gather(a.root)
+        if not seeds:
+            raise SystemExit(f"no results under {a.root}: run the protocol first (without --table_only)")
+        return write_results(a.root, seeds)
+    jobs = plan(a, extras)
+    if a.dry_run:
+        state = initial_state(jobs)
+        for j in jobs:
+            waits = [d for d in j.deps if state[d] != "skipped"]
+            what = f"waits for {', '.join(waits)}" if waits else (j.note() + ": " if j.note() else "") + " ".join(j.argv())
+            print(f"{j.name}: {state[j.name]}" + ("" if state[j.name] == "skipped" else f", {what}"))
+        return
+    gpus = visible_gpus() if a.gpus is None else [g for g in a.gpus.split(",") if g]
+    slots = [g for _ in range(a.per_gpu) for g in gpus] or [None] * a.per_gpu
+    print(f"{sum(j.wanted for j in jobs)} jobs on {len(slots)} slots ({', '.join(gpus) or 'the CPU'}, {a.per_gpu} each)")
+    deadline = None if a.deadline is None else time.time() + a.deadline
+    state = run_jobs(jobs, slots, os.path.join(a.root, "logs"), deadline)
+    seeds = gather(a.root)
+    if seeds:
+        write_results(a.root, seeds)
+    left = {k: v for k, v in state.items() if v not in ("done", "skipped", "excluded")}
+    if left:
+        print("not finished: " + ", ".join(f"{k} ({v})" for k, v in left.items()))
+        sys.exit(1 if "failed" in left.values() else 2)
+
+
+if __name__ == "__main__":
+    main()

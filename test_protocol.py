@@ -1,0 +1,295 @@
+"""Tests of protocol.py (paired intervals, ties, skipping finished runs, scheduling, tables),
+exposure.py (the exposure-bias ratio) and niah.py's surface forms. CPU, tiny, seconds."""
+import json
+import math
+import os
+import re
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import exposure
+import niah
+import protocol
+from data.tokenizer import decode
+from memory import MemoryConfig, adapt
+from model import DiffusionLM, ModelConfig
+
+ENC = niah.byte_encoding()
+
+
+# ---- statistics -------------------------------------------------------------------------
+
+def test_paired_interval_by_hand():
+    d = protocol.paired([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])  # differences 1, 2, 3: mean 2, sd 1
+    half = 4.302653 / math.sqrt(3)  # t(0.975, 2) x sd / sqrt(n)
+    assert d["mean"] == pytest.approx(2) and d["stderr"] == pytest.approx(1 / math.sqrt(3))
+    assert (d["lo"], d["hi"]) == (pytest.approx(2 - half, abs=1e-3), pytest.approx(2 + half, abs=1e-3))
+    assert d["tie"] and protocol.fmt_diff(d) == "+2.0 [-0.5, +4.5] tie"  # 3 seeds: t = 4.30
+    # paired: a common per-seed shift cancels
+    assert protocol.paired([11.0, 52.0, 93.0], [10.0, 50.0, 90.0])["mean"] == pytest.approx(2)
+    # beyond the table: within 1e-3 of the exact quantiles (40: 2.0211, 120: 1.9799)
+    assert protocol.t975(40) == pytest.approx(2.0211, abs=1e-3) and protocol.t975(120) == pytest.approx(1.9799, abs=1e-3)
+
+
+def test_tie_marking():
+    tie = protocol.paired([1.0, -1.0, 2.0], [0.0, 0.0, 0.0])
+    assert tie["lo"] < 0 < tie["hi"] and tie["tie"] and protocol.fmt_diff(tie).endswith(" tie")
+    worse = protocol.paired([0.0, 0.0, 0.0, 0.0], [3.0, 4.0, 3.5, 4.5])
+    assert worse["hi"] < 0 and not worse["tie"] and "tie" not in protocol.fmt_diff(worse)
+    one = protocol.paired([5.0], [1.0])
+    assert one["tie"] is None and protocol.fmt_diff(one) == "+4.0 (n=1)"
+
+
+# ---- skipping, resuming, scheduling -------------------------------------------------------
+
+def fake_ckpt(out_dir, step, max_iters):
+    os.makedirs(out_dir, exist_ok=True)
+    torch.save({"step": step, "config": {"max_iters": max_iters, "block_size": 256, "niah_tasks": "single"}},
+               os.path.join(out_dir, "ckpt.pt"))
+
+
+def args(root, **kw):
+    return SimpleNamespace(**{**dict(root=str(root), seeds=[1], config="niah", base_iters=None, ft_iters=10,
+                                     forms="train,heldout", stages=list(protocol.STAGES), tasks=None, lengths=None,
+                                     n=5, eval_batch=5, exposure_n=4), **kw})
+
+
+def test_finished_runs_are_skipped_and_interrupted_ones_resume(tmp_path):
+    s = tmp_path / "s1"
+    fake_ckpt(s / "base", 40, 40)      # finished
+    fake_ckpt(s / "ft_mdlm", 5, 10)    # interrupted
+    fake_ckpt(s / "scratch", 40, 40)   # finished, but a longer base is asked for below
+    for r in ("ft_mem", "ft_prompt"):
+        fake_ckpt(s / r, 10, 10)
+    time.sleep(0.01)
+    (s / "niah_scratch_train.json").write_text("{}")  # newer than the checkpoint: done
+    jobs = {j.name: j for j in protocol.plan(args(tmp_path), ["--lr=1e-3"])}
+    state = protocol.initial_state(jobs.values())
+    assert [n for n, v in state.items() if v == "skipped"] == ["s1/base", "s1/ft_mem", "s1/ft_prompt", "s1/scratch",
+                                                               "s1/niah_scratch_train"]
+    ft = jobs["s1/ft_mdlm"].argv()
+    assert ft[-1] == "--resume=True" and "--lr=1e-3" in ft and "--max_iters=10" in ft and "--mem=False" in ft
+    assert f"--init_from={s / 'base'}" in ft and jobs["s1/ft_mdlm"].note() == "resumes at step 5"
+    ev = jobs["s1/niah_ft_heldout"].argv()
+    assert "--forms=heldout" in ev and "--tasks=single" in ev and "--lengths=256,512" in ev
+    assert ev[ev.index("--out_dir") + 1:ev.index("--out_dir") + 5] == [str(s / r) for r in protocol.EVALS["ft"]]
+    # a newer checkpoint makes its evaluation stale; more base steps make the base resume
+    (s / "niah_ft_train.json").write_text("{}")
+    assert jobs["s1/niah_ft_train"].done()
+    later = os.path.getmtime(s / "niah_ft_train.json") + 1
+    os.utime(s / "ft_mem" / "ckpt.pt", (later, later))
+    assert not jobs["s1/niah_ft_train"].done()
+    longer = {j.name: j for j in protocol.plan(args(tmp_path, base_iters=80), [])}
+    assert not longer["s1/base"].done() and longer["s1/base"].argv()[-2:] == ["--max_iters=80", "--resume=True"]
+    fresh = {j.name: j for j in protocol.plan(args(tmp_path, seeds=[2]), [])}["s2/base"].argv()
+    assert "--resume=True" not in fresh and "--seed=2" in fresh and f"--out_dir={tmp_path / 's2' / 'base'}" in fresh
+    # --stages: a job left out blocks what needs it unless its results exist
+    only = protocol.plan(args(tmp_path, seeds=[2], stages=["finetune"]), [])
+    assert protocol.initial_state(only)["s2/base"] == "excluded"
+
+
+def test_run_jobs_order_gpus_failures(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def job(name, deps=(), fail=False):
+        path = out / name
+        code = f"import os, sys; open({str(path)!r}, 'w').write(os.environ.get('CUDA_VISIBLE_DEVICES', '-'))"
+        code += "; sys.exit(3)" if fail else ""
+        return protocol.Job(name, "base", list(deps), lambda: [sys.executable, "-c", code], path.exists)
+    (out / "old").write_text("x")
+    jobs = [job("old"), job("a", ["old"]), job("b"), job("bad", fail=True), job("after_bad", ["bad"]),
+            job("after_a", ["a", "b"])]
+    state = protocol.run_jobs(jobs, ["0", "1"], str(tmp_path / "logs"), poll=0.02)
+    assert state == {"old": "skipped", "a": "done", "b": "done", "bad": "failed", "after_bad": "blocked",
+                     "after_a": "done"}
+    assert (out / "old").read_text() == "x" and not (out / "after_bad").exists()
+    assert {(out / n).read_text() for n in ("a", "b")} == {"0", "1"}  # two slots, one job each at first
+    assert "import os" in (tmp_path / "logs" / "a.log").read_text()  # the command heads its log
+    # a deadline stops what runs and what waits
+    slow = protocol.Job("slow", "base", [], lambda: [sys.executable, "-c", "import time; time.sleep(30)"], lambda: False)
+    state = protocol.run_jobs([slow, job("next", ["slow"])], [None], str(tmp_path / "logs"), time.time() + 0.5, 0.02)
+    assert state == {"slow": "stopped", "next": "stopped"}
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(SystemExit, match="set by the protocol"):
+        protocol.main([f"--root={tmp_path}", "--max_iters=5"])
+    with pytest.raises(SystemExit, match="unknown stage"):
+        protocol.main([f"--root={tmp_path}", "--stages=base,train"])
+    with pytest.raises(SystemExit, match="no results"):
+        protocol.main([f"--root={tmp_path}", "--table_only"])
+
+
+# ---- gathering and tables ---------------------------------------------------------------
+
+def fake_results(root, seed, scores, accs):
+    """A seed's logs and niah.py results: scores {run+adapt: single-256 score}; accs the base's evals."""
+    s = root / f"s{seed}"
+    for run in protocol.RUNS:
+        (s / run).mkdir(parents=True)
+        recs = [{"step": 50 * i, "eval_loss": 1.0 / (i + 1), "eval_answer_acc": acc} for i, acc in enumerate(accs)]
+        recs += [{"step": 25, "loss": 2.0}, {"summary": {"train_loss": 0.5}}]
+        (s / run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    rows = [{"out_dir": str(s / key.split("+")[0]), "adapt": key.endswith("+adapt"),
+             "cells": {"single": {"256": {"mean": v / 100}}}} for key, v in scores.items()]
+    (s / "niah_ft_train.json").write_text(json.dumps({"forms": "train", "rows": rows}))
+
+
+def test_gather_and_tables(tmp_path):
+    mdlm, mem = [50.0, 60.0, 70.0], [52.0, 63.0, 73.0]     # MemDLM ahead by 2, 3, 3: no tie
+    for i, seed in enumerate((1, 2, 3)):
+        accs = [0.2, 0.5, 0.95, 0.99] if seed != 2 else [0.2, 0.4, 0.6, 0.8]
+        fake_results(tmp_path, seed, {"ft_mdlm": mdlm[i], "ft_mem": mem[i], "ft_mem+adapt": mdlm[i] + (-1) ** i}, accs)
+    seeds = protocol.gather(str(tmp_path))
+    assert list(seeds) == ["1", "2", "3"] and [s["onset"] for s in seeds.values()] == [100, None, 100]
+    assert seeds["1"]["runs"]["base"]["train_loss"] == 0.5 and seeds["1"]["runs"]["base"]["final_step"] == 150
+    t = protocol.score_tables(seeds)["train"]
+    assert t["columns"] == ["single 256"]
+    assert t["rows"]["Standard MDLM"]["single 256"]["mean"] == pytest.approx(60)
+    diff = t["diffs"]["MemDLM (Train-Only)"]["single 256"]
+    assert diff["mean"] == pytest.approx(8 / 3) and not diff["tie"]
+    assert t["diffs"]["MemDLM (Train & Inference)"]["single 256"]["tie"]  # +1, -1, +1
+    md = protocol.markdown(seeds, {"train": t}, None)
+    assert re.search(r"\| MemDLM \(Train & Inference\) \| [+-]\d\.\d \[.*\] tie \|", md)
+    assert "| 2 | none |" in md and "| Standard MDLM (n=3) | 60.0 ± 5.8 |" in md
+
+
+# ---- surface forms ----------------------------------------------------------------------
+
+def held_out_fragments():
+    """Text that only held-out forms write: the parts of their templates and verbs that no
+    training template holds, and the held-out words and names."""
+    h, t = niah.surface("heldout"), niah.surface("train")
+    train_text = " ".join(x for tpl in t.needles + t.assignments for x in tpl) + " ".join(t.cwe + t.babi + t.verbs)
+    parts = {p for x in [x for tpl in h.needles + h.assignments for x in tpl] + list(h.cwe + h.babi + h.verbs)
+             for p in re.split(r"\{\w\}", x) if len(p.strip()) > 2 and p not in train_text}
+    assert len(parts) >= 8
+    return parts, set(h.words) | set(h.names)
+
+
+def test_held_out_forms_never_in_training_rows():
+    parts, words = held_out_fragments()
+    cfg = dict(niah.NIAH_DEFAULTS, niah_tasks="all", niah_forms="train", block_size=320, batch_size=48, seed=5,
+               tokenizer="byte")
+    data = niah.NiahData(cfg, "cpu")
+    seen = set()
+    for step in range(4):
+        x, _, key_pad = data.batch("train", torch.Generator().manual_seed(step))
+        for row, pad in zip(x, key_pad):
+            text = decode(ENC, row[~pad].tolist())
+            assert not [p for p in parts if p in text] and not words & set(re.findall(r"\w+", text))
+            seen |= set(re.findall(r"\w+", text))
+    assert len(seen & set(niah.surface("train").words)) > 100  # the wider vocabulary is used
+    # and an evaluation with forms="heldout" sees them in every row
+    for i, task in enumerate(niah.TASKS * 3):
+        ex = niah.make_example(task, 300, 50, i, ENC, "noise", 32, "heldout")
+        text = decode(ENC, ex["prompt"])
+        assert [p for p in parts if p in text] or words & set(re.findall(r"\w+", text))
+        assert all(a in text.rsplit("\n", 1)[0] for a in ex["answers"] if task != "cwe")  # the facts hold the answers
+
+
+def test_answers_fit_their_bound():
+    for forms in niah.FORMS:
+        for task in niah.TASKS:
+            bound = niah.max_answer_len(task, forms)
+            longest = max(len(ENC.encode_ordinary(niah.make_example(task, 400, 50, i, ENC, "noise", 0, forms)["target"]))
+                          for i in range(30))
+            assert longest <= bound and (task == "cwe" or longest >= bound - 3)
+    assert niah.max_answer_len("multivalue", "train") == 29 and niah.max_answer_len("single", "fixed") == 8
+    cfg = dict(niah.NIAH_DEFAULTS, niah_tasks="single,multivalue", niah_forms="train", niah_answer_len=16,
+               block_size=256, batch_size=2, seed=0, tokenizer="byte")
+    with pytest.raises(SystemExit, match="multivalue take up to 30 tokens.*niah_answer_len >= 30"):
+        niah.NiahData(cfg, "cpu")
+    with pytest.raises(SystemExit, match="unknown forms 'odd'"):
+        niah.NiahData({**cfg, "niah_forms": "odd"}, "cpu")
+
+
+def test_a_length_near_the_minimum_draws_again():
+    """Varied templates and keys vary the room the facts need: an example that cannot fit a
+    fixed length is drawn again rather than failing an evaluation (multivalue at 230 tokens
+    fits about half the draws; the longest need 258)."""
+    fits = 0
+    for i in range(20):
+        ex = niah.make_example("multivalue", 230, 50, i, ENC, "noise", 32, "train")
+        assert len(ex["prompt"]) == 230 - 32
+        fits += ex == niah.make_example("multivalue", (230, 230), 50, i, ENC, "noise", 32, "train")
+    assert fits == 20
+    with pytest.raises(ValueError, match="too short"):
+        niah.make_example("multivalue", 150, 50, 0, ENC, "noise", 32, "train")
+
+
+def test_no_word_is_part_of_another():
+    """Scoring finds answers as substrings: a word inside another would score a wrong cwe answer."""
+    words = niah.surface("all").words
+    assert not [(a, b) for a in words for b in words if a != b and a in b]
+
+
+# ---- exposure-bias ratio ----------------------------------------------------------------
+
+def tiny_rows(B=3, P=12, A=6):
+    torch.manual_seed(0)
+    model = DiffusionLM(ModelConfig(n_layer=2, n_head=2, n_embd=32)).eval()
+    x0 = torch.randint(0, 256, (B, P + A), generator=torch.Generator().manual_seed(1))
+    maskable = torch.zeros_like(x0, dtype=torch.bool)
+    maskable[:, P:] = True
+    return model, x0, maskable
+
+
+def test_exposure_ratio_on_a_tiny_model():
+    model, x0, maskable = tiny_rows()
+    static, seq, decoded = exposure.curves(model, x0, maskable, generator=torch.Generator().manual_seed(0))
+    assert static.shape == seq.shape == (6,) and torch.isfinite(static).all() and torch.isfinite(seq).all()
+    assert static[0] == seq[0]  # nothing decoded yet: the same fully masked response
+    assert not torch.equal(static[1:], seq[1:])
+    # the decoding is the sampler's: greedy low-confidence, one token per step
+    from sample import generate
+    want, _ = generate(model, x0[:, :12].tolist(), gen_len=6, steps=6, temperature=0.0)
+    assert torch.equal(decoded, want)
+    # with fast weights written from the prompt (Train & Inference), the ratio still starts at 1
+    mcfg = MemoryConfig(rank=4)
+    fast, _ = adapt(model, x0, mcfg, key_pad=maskable, generator=torch.Generator().manual_seed(0))
+    s2, q2, _ = exposure.curves(model, x0, maskable, None, fast, torch.Generator().manual_seed(0))
+    assert torch.isfinite(s2).all() and s2[0] == q2[0] and not torch.equal(s2, static)
+
+
+def test_exposure_summary_and_table(tmp_path):
+    runs = [dict(t=[1.0, 0.5], rows=[dict(kind="Standard MDLM", token_acc=0.5, static=[2.0, 1.0], seq=[2.0, r],
+                                          ratio=[1.0, r]) for r in (1.5,)]) for _ in range(1)]
+    runs.append(dict(t=[1.0, 0.5], rows=[dict(kind="Standard MDLM", token_acc=0.7, static=[2.0, 1.0], seq=[2.0, 2.5],
+                                              ratio=[1.0, 2.5])]))
+    t, kinds = exposure.summary(runs)
+    s = kinds["Standard MDLM"]
+    assert s["n"] == 2 and s["ratio"] == [1.0, 2.0] and s["ratio_se"][1] == pytest.approx(0.5)
+    assert s["token_acc"] == pytest.approx(0.6)
+    assert "| Standard MDLM (n=2) | 1.00 ± 0.00 | 2.00 ± 0.50 | 1.50 | 0.600 |" in exposure.table(t, kinds)
+    with pytest.raises(SystemExit, match="different answer windows"):
+        exposure.summary(runs + [dict(t=[1.0], rows=[])])
+    bad = tmp_path / "x.json"
+    bad.write_text(json.dumps({"kinds": {}}))
+    with pytest.raises(SystemExit, match="not a measurement"):
+        exposure.main(["--summary", str(bad)])
+
+
+def test_tiny_checkpoints_end_to_end(tmp_path):
+    """niah.py --forms and exposure.py on real (tiny, one-step) checkpoints."""
+    import train
+    mdlm, mem = str(tmp_path / "mdlm"), str(tmp_path / "mem")
+    for d, flag in ((mdlm, "False"), (mem, "True")):
+        train.main(["--config", "niah_tiny", f"--out_dir={d}", "--max_iters=1", f"--mem={flag}"])
+    niah.main([f"--out_dir={mdlm}", "--tasks=single", "--lengths=256", "--n=2", "--forms=heldout", "--adapt=off",
+               "--device=cpu", f"--json={tmp_path / 'n.json'}"])
+    assert json.loads((tmp_path / "n.json").read_text())["forms"] == "heldout"
+    exposure.main(["--out_dir", mdlm, mem, "--n=3", "--batch_size=2", "--device=cpu", f"--json={tmp_path / 'e.json'}",
+                   f"--md={tmp_path / 'e.md'}"])
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert [r["kind"] for r in res["rows"]] == ["Standard MDLM", "MemDLM (Train-Only)", "MemDLM (Train & Inference)"]
+    assert res["answer_len"] == 32 and len(res["t"]) == 32 and res["t"][0] == 1.0
+    for r in res["rows"]:
+        assert r["ratio"][0] == 1.0 and all(math.isfinite(v) for v in r["ratio"]) and 0 <= r["token_acc"] <= 1
+    assert res["rows"][1]["seq"] != res["rows"][2]["seq"]  # the memory changes the decoding's losses
+    assert "| MemDLM (Train & Inference) (n=1) | 1.00 ± 0.00 |" in (tmp_path / "e.md").read_text()
