@@ -197,7 +197,7 @@ def main(argv):
         n = raw_model.num_params()
         flops_per_token = 6 * n + 12 * raw_model.cfg.n_layer * raw_model.cfg.n_embd * cfg["block_size"]
         mfu = flops_per_token * tokens / dt / peak if peak else float("nan")
-        rows[mode], raw_cfg = dt, raw.cfg
+        rows[mode], model_cfg = dt, raw_model.cfg
         print(f"| {mode} | {n / 1e6:.1f}M | {dt * 1e3:.2f} ms | {tokens / dt:,.0f} tok/s | MFU {100 * mfu:.1f}% | "
               f"peak {mem_gib:.2f} GiB |")
         del raw_model
@@ -207,7 +207,7 @@ def main(argv):
         ratio = rows["memdlm"] / rows["mdlm"]
         mem_cfg = train.MemoryConfig.from_config(cfg)
         if mem_cfg.trajectory == "anchor" and mem_cfg.scope == "response":
-            floor = flop_floor(raw_cfg, mem_cfg, cfg["block_size"])
+            floor = flop_floor(model_cfg, mem_cfg, cfg["block_size"])
             print(f"step-time ratio MemDLM/MDLM: {ratio:.2f}; FLOP floor {floor:.2f} "
                   f"(measured {100 * (ratio / floor - 1):+.1f}% over it)")
         else:

@@ -73,6 +73,13 @@ PRESETS = {
     "base": dict(out_dir="out-base", block_size=1024, batch_size=32, max_iters=5000, n_layer=14, n_head=12,
                  n_embd=768, lr=6e-4, min_lr=6e-5, warmup_iters=200, eval_interval=500),
     # needle-in-a-haystack rows (niah.py), prompt unmasked, answer scored: one task at 256 tokens, one GPU, minutes
+    # the multi-seed protocol (protocol.py): single and the paper's Table 1 tasks (multivalue, vartrack,
+    # cwe, babi) in varied surface forms over noise and prose filler; the 32-token window holds the
+    # longest answer (multivalue: 29 + <|endoftext|>)
+    "niah_proto": dict(out_dir="out-niah-proto", dataset="niah", block_size=256, batch_size=128, max_iters=8000,
+                       n_layer=8, n_head=8, n_embd=512, lr=6e-4, min_lr=6e-5, warmup_iters=200, eval_interval=500,
+                       eval_iters=10, log_interval=50, niah_tasks="single,multivalue,vartrack,cwe,babi",
+                       niah_answer_len=32, niah_forms="train", niah_haystack="noise,prose", niah_full_frac=0.1),
     "niah": dict(out_dir="out-niah", dataset="niah", block_size=256, batch_size=128, max_iters=4000, n_layer=8,
                  n_head=8, n_embd=512, lr=6e-4, min_lr=6e-5, warmup_iters=200, eval_interval=500, eval_iters=10,
                  log_interval=50, niah_tasks="single", niah_answer_len=16),
@@ -127,7 +134,7 @@ def check_config(cfg):
     for k in ("block_size", "batch_size", "n_layer", "n_head", "n_embd", "eval_interval", "eval_iters",
               "log_interval", "niah_answer_len"):
         need(cfg[k] >= 1, f"--{k}={cfg[k]}: must be a positive integer")
-    for k in ("max_iters", "warmup_iters", "niah_min_len"):
+    for k in ("max_iters", "warmup_iters", "mem_start", "niah_min_len"):
         need(cfg[k] >= 0, f"--{k}={cfg[k]}: must be >= 0")
     head = cfg["n_embd"] / cfg["n_head"]
     need(head == int(head), f"--n_embd={cfg['n_embd']} is not a multiple of --n_head={cfg['n_head']}: "
