@@ -26,7 +26,7 @@ from tqdm import tqdm
 from data.tokenizer import check_tokenizer, get_encoding
 from memory import MemoryConfig, memdlm_loss, memory_layers
 from model import DiffusionLM, ModelConfig, forward_process, load_model, mdlm_loss, pick_device, read_checkpoint
-from niah import HAYSTACKS, NIAH_DEFAULTS, NiahData, parse_tasks
+from niah import FORMS, HAYSTACKS, NIAH_DEFAULTS, NiahData, parse_tasks
 
 DEFAULTS = dict(
     # I/O: out_dir holds one run (ckpt.pt, log.jsonl)
@@ -167,7 +167,9 @@ def check_config(cfg):
     except ValueError as e:
         raise SystemExit(f"--niah_tasks={cfg['niah_tasks']}: {e}") from None
     need(0 <= cfg["niah_full_frac"] <= 1, f"--niah_full_frac={cfg['niah_full_frac']}: must be within 0 and 1")
-    need(cfg["niah_haystack"] in HAYSTACKS, f"--niah_haystack={cfg['niah_haystack']}: use {' or '.join(HAYSTACKS)}")
+    need(set(cfg["niah_haystack"].split(",")) <= set(HAYSTACKS),
+         f"--niah_haystack={cfg['niah_haystack']}: use {', '.join(HAYSTACKS)} or a comma list of them")
+    need(cfg["niah_forms"] in FORMS, f"--niah_forms={cfg['niah_forms']}: use one of {', '.join(FORMS)}")
 
 
 def cast(key, val, default):
