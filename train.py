@@ -86,6 +86,10 @@ PRESETS = {
     "niah_tiny": dict(out_dir="out-niah-tiny", dataset="niah", block_size=256, batch_size=8, max_iters=20,
                       n_layer=2, n_head=2, n_embd=64, warmup_iters=5, eval_interval=10, eval_iters=2,
                       log_interval=10, mem_rank=8, compile=False, niah_tasks="single,babi"),
+    # a 2-core laptop in under 10 minutes: ~0.9M parameters, 64-token windows, MDLM then 400 MemDLM steps
+    "cpu": dict(out_dir="out-cpu", block_size=64, batch_size=32, max_iters=2400, mem_start=2000, n_layer=4, n_head=4,
+                n_embd=128, lr=2e-3, min_lr=2e-4, warmup_iters=100, eval_interval=400, eval_iters=10, log_interval=100,
+                mem_rank=16, mem_alpha=32.0, compile=False),
     "tiny": dict(out_dir="out-tiny", block_size=64, batch_size=8, max_iters=40, n_layer=2, n_head=2,
                  n_embd=64, warmup_iters=5, eval_interval=20, eval_iters=2, log_interval=10,
                  mem_rank=8, compile=False),
