@@ -143,7 +143,7 @@ def bernoulli_anchor(maskable, ratio, generator=None):
     return (u < ratio) | ((u == u.min(1, keepdim=True).values) & maskable)
 
 
-def count_at(ratio, n):
+def floor_count(ratio, n):
     """int(ratio * n) per row (the authors' rounding: down), at most n."""
     return torch.minimum(torch.floor(torch.as_tensor(ratio, dtype=n.dtype, device=n.device) * n), n).long()
 
@@ -163,12 +163,12 @@ def trajectory(mask_t, maskable, mcfg, generator=None):
     K, n = mcfg.steps, maskable.sum(1).float()
     if mcfg.trajectory == "progressive":
         ratios = [0.8 * (K - k) / K for k in range(K)]  # noisiest first
-        masks = [extend_mask(torch.zeros_like(mask_t), maskable, count_at(ratios[-1], n), generator)]
+        masks = [extend_mask(torch.zeros_like(mask_t), maskable, floor_count(ratios[-1], n), generator)]
         for r in reversed(ratios[:-1]):
-            masks.insert(0, extend_mask(masks[0], maskable, count_at(r, n), generator))
+            masks.insert(0, extend_mask(masks[0], maskable, floor_count(r, n), generator))
         return masks, [False] * K
     r_t = mask_t.sum(1) / n.clamp(min=1)
-    n_pre = count_at(torch.clamp(torch.maximum(mcfg.pre_scale * r_t, r_t), max=1.0), n)
+    n_pre = floor_count(torch.clamp(torch.maximum(mcfg.pre_scale * r_t, r_t), max=1.0), n)
     if mcfg.trajectory == "anchor_only":
         return [mask_t] * K, [True] * K
     if mcfg.trajectory == "pre_only":
@@ -203,16 +203,16 @@ def inner_loop(model, x0, masks, maskable, fast, mcfg, key_pad=None, bottoms=Non
     state's, shared with the outer pass). create_graph=True keeps the graph through the
     updates (exact bi-level). Returns phi_K and the per-step inner losses (each [B], detached).
     """
-    split = min(fast.layers)
+    first_mem = min(fast.layers)  # the stack splits below the first memory layer
     losses = []
     for k, m in enumerate(masks):
         if bottoms is not None and bottoms[k] is not None:
             h = bottoms[k] if create_graph else bottoms[k].detach()
         else:
             with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
-                h = model(torch.where(m, model.cfg.mask_id, x0), key_pad=key_pad, hi=split)
+                h = model(torch.where(m, model.cfg.mask_id, x0), key_pad=key_pad, hi=first_mem)
         with torch.enable_grad():
-            h = model(h, fast=fast, key_pad=key_pad, lo=split)
+            h = model(h, fast=fast, key_pad=key_pad, lo=first_mem)
             loss = inner_loss(model, h, x0, m, maskable, mcfg.weighting)
             # each sequence's loss depends on its own phi only: the sum's gradient is per sequence
             grads = torch.autograd.grad(loss.sum(), flat(fast), create_graph=create_graph)
@@ -233,7 +233,7 @@ def scoped_inner_loop(model, x0, maskable, mask_t, t, fast, mcfg, key_pad=None, 
         anchor = bernoulli_anchor(inner_maskable, ADAPT_RATIO, generator)
     else:  # "all": x_t with the prompt also masked at rate t
         inner_maskable, inner_pad = visible, key_pad
-        anchor = extend_mask(mask_t, inner_maskable, count_at(t, inner_maskable.sum(1).float()), generator)
+        anchor = extend_mask(mask_t, inner_maskable, floor_count(t, inner_maskable.sum(1).float()), generator)
     masks, _ = trajectory(anchor, inner_maskable, mcfg, generator)
     return inner_loop(model, x0, masks, inner_maskable, fast, mcfg, inner_pad, None, create_graph)
 
@@ -253,15 +253,15 @@ def memdlm_loss(model, x0, maskable, mcfg, key_pad=None, generator=None, bottom=
     """
     x_t, mask_t, t = forward_process(x0, maskable, model.cfg.mask_id, generator=generator)  # Eq. 1
     fast = init_fast(model, x0.shape[0], mcfg, generator)  # phi_0
-    split = min(fast.layers)
-    h_bottom = (model if bottom is None else bottom)(x_t, key_pad=key_pad, hi=split)
+    first_mem = min(fast.layers)  # the stack splits below the first memory layer
+    h_bottom = (model if bottom is None else bottom)(x_t, key_pad=key_pad, hi=first_mem)
     if mcfg.scope == "response":
         masks, at_anchor = trajectory(mask_t, maskable, mcfg, generator)
         bottoms = [h_bottom if a else None for a in at_anchor]
         fast, inner = inner_loop(model, x0, masks, maskable, fast, mcfg, key_pad, bottoms, create_graph)
     else:
         fast, inner = scoped_inner_loop(model, x0, maskable, mask_t, t, fast, mcfg, key_pad, generator, create_graph)
-    h = model(h_bottom, fast=fast, key_pad=key_pad, lo=split)  # p_{theta, phi_K}( . | x_t)
+    h = model(h_bottom, fast=fast, key_pad=key_pad, lo=first_mem)  # p_{theta, phi_K}( . | x_t)
     return mdlm_loss(model, h, x0, mask_t, t, maskable), inner  # Eq. 9 (Eq. 2 with phi_K)
 
 

@@ -389,20 +389,20 @@ class NiahData:
     def __init__(self, cfg, device):
         from data.tokenizer import get_encoding
         self.enc, self.device = get_encoding(cfg["tokenizer"]), device
-        self.T, self.B, self.A, self.seed = cfg["block_size"], cfg["batch_size"], cfg["niah_answer_len"], cfg["seed"]
+        self.T, self.B, self.answer_len, self.seed = cfg["block_size"], cfg["batch_size"], cfg["niah_answer_len"], cfg["seed"]
         self.min_len, self.full_frac = cfg["niah_min_len"], cfg["niah_full_frac"]
         self.haystacks, self.forms = cfg["niah_haystack"].split(","), cfg["niah_forms"]
         try:
             self.tasks = parse_tasks(cfg["niah_tasks"])
             for t in self.tasks:  # fail now, not at some step: every task must fit the window and block_size
                 need = max_answer_len(t, self.forms) + 1
-                if self.enc.name == "byte" and need > self.A:  # else a longer answer would be drawn again, unseen
+                if self.enc.name == "byte" and need > self.answer_len:  # else a longer answer would be drawn again, unseen
                     raise ValueError(f"the answers of task {t} take up to {need} tokens with <|endoftext|>: "
                                      f"set niah_answer_len >= {need}")
                 for h in self.haystacks:
-                    make_example(t, (self.T, self.T), 50, 0, self.enc, h, self.A, self.forms)
+                    make_example(t, (self.T, self.T), 50, 0, self.enc, h, self.answer_len, self.forms)
         except ValueError as e:
-            raise SystemExit(f"niah: {e} (block_size={self.T}, niah_answer_len={self.A})") from None
+            raise SystemExit(f"niah: {e} (block_size={self.T}, niah_answer_len={self.answer_len})") from None
 
     def batch(self, split, gen):
         """(x0, maskable, key_pad) [B, T] each; the rows are drawn from a python RNG seeded by gen
@@ -415,9 +415,9 @@ class NiahData:
         full = rng.random() < self.full_frac
         for b in range(self.B):
             ex = make_example(rng.choice(self.tasks), (self.min_len, self.T), rng.uniform(0, 100), rng,
-                              self.enc, _pick(rng, self.haystacks), self.A, self.forms)
+                              self.enc, _pick(rng, self.haystacks), self.answer_len, self.forms)
             ans = _tok(self.enc, ex["target"])
-            row = ex["prompt"] + list(ans) + [eot] * (self.A - len(ans))
+            row = ex["prompt"] + list(ans) + [eot] * (self.answer_len - len(ans))
             x[b, :len(row)] = row
             key_pad[b, :len(row)] = False
             maskable[b, 0 if full else len(ex["prompt"]):len(row)] = True
