@@ -3,6 +3,7 @@ import io
 import json
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -555,6 +556,7 @@ def _ddp_rank(rank, ports, out):
         g_dev, g_cpu = train.step_generator(cfg["seed"], step, rank, "cpu")
         train.train_step(model, raw, raw, opt, data.batch("train", g_cpu), cfg, mcfg, g_dev, train.nullcontext())
     torch.save(raw.state_dict(), os.path.join(out, f"rank{rank}.pt"))
+    del model  # before its process group: a DDP wrapper freed after it can hang (gloo)
     torch.distributed.destroy_process_group()
 
     os.environ.update(MASTER_PORT=str(ports[1]), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
@@ -574,7 +576,13 @@ def _ddp_rank(rank, ports, out):
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    torch.multiprocessing.spawn(_ddp_rank, args=(_free_ports(2), str(out)), nprocs=2)
+    ranks = torch.multiprocessing.spawn(_ddp_rank, args=(_free_ports(2), str(out)), nprocs=2, join=False)
+    deadline = time.time() + 120  # a rank that hangs (e.g. at exit) fails the test instead of the suite
+    while not ranks.join(timeout=1):
+        if time.time() > deadline:
+            for p in ranks.processes:
+                p.kill()
+            pytest.fail("a DDP rank did not finish within 120 s")
     return out
 
 
