@@ -585,6 +585,7 @@ def main(argv):
         if log is not None:
             log.close()
     if ddp:
+        del ddp_model  # before its process group: a DDP wrapper freed after it can hang (gloo)
         torch.distributed.destroy_process_group()
 
 
