@@ -285,6 +285,17 @@ def show_line(enc, ids, mask_id):
     return "".join(pieces).replace("\n", NEWLINE_CHAR)
 
 
+def layout(a, gen_len):
+    """(steps, block_len) of the command line for gen_len tokens, checked by plan."""
+    steps = gen_len if a.steps is None else a.steps
+    block_len = a.block_len if a.block_len is not None else BLOCK_LEN if gen_len % BLOCK_LEN == 0 else gen_len
+    try:
+        plan(gen_len, steps, block_len)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    return steps, block_len
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Sample from a checkpoint of train.py by iterative unmasking.")
     p.add_argument("--out_dir", default="out", help="directory holding ckpt.pt (default out: train.py --config small)")
@@ -294,7 +305,8 @@ def main(argv=None):
     src.add_argument("--prompt_file", help="read the prompt from this file")
     src.add_argument("--unconditional", action="store_true", help="no prompt: samples from nothing (as --prompt=)")
     p.add_argument("--num_samples", type=int, default=1, help="samples of the prompt, decoded as one batch")
-    p.add_argument("--gen_len", type=int, default=GEN_LEN, help=f"tokens to generate (default {GEN_LEN})")
+    p.add_argument("--gen_len", type=int, default=None,
+                   help=f"tokens to generate (default {GEN_LEN}, at most half the training context)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps in all (default gen_len)")
     p.add_argument("--block_len", type=int, default=None,
                    help=f"semi-autoregressive block (default {BLOCK_LEN} where it divides gen_len, else gen_len)")
@@ -314,16 +326,12 @@ def main(argv=None):
                    help=f"watch the denoising: the first sample's generated part after every step, one line "
                         f"each, {MASK_CHAR} where still masked, {NEWLINE_CHAR} for a newline")
     a = p.parse_args(argv)
-    steps = a.gen_len if a.steps is None else a.steps
-    block_len = a.block_len if a.block_len is not None else BLOCK_LEN if a.gen_len % BLOCK_LEN == 0 else a.gen_len
     if (a.num_samples < 1 or not a.temperature >= 0 or a.adapt_steps < 1 or not 0 < a.adapt_ratio <= 1
             or not 0 <= a.adapt_lr < math.inf):
         raise SystemExit("need --num_samples >= 1, --temperature >= 0, --adapt_steps >= 1, 0 < --adapt_ratio <= 1 "
                          "and a finite --adapt_lr >= 0")
-    try:
-        plan(a.gen_len, steps, block_len)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    if a.gen_len is not None:  # a bad layout fails before the checkpoint loads
+        layout(a, a.gen_len)
     text = "" if a.unconditional else a.prompt
     if a.prompt_file:
         try:
@@ -343,6 +351,8 @@ def main(argv=None):
     device = pick_device(a.device)
     model, cfg = load_model(a.out_dir, device)
     enc = get_encoding(cfg["tokenizer"])
+    a.gen_len = a.gen_len or min(GEN_LEN, model.cfg.block_size // 2)
+    steps, block_len = layout(a, a.gen_len)
     if text is None:  # the prompt budget: the training context left after gen_len
         text, source = held_out_prompt(cfg, enc, max(model.cfg.block_size - a.gen_len, model.cfg.block_size // 4),
                                        a.seed)
