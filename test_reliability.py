@@ -335,7 +335,7 @@ def test_ctrl_c_in_a_real_process_gives_one_line_and_no_traceback(tmp_path):
     ("--niah_tasks=single,foo", "--niah_tasks=single,foo: unknown task 'foo'"),
     ("--niah_full_frac=2", "must be within 0 and 1"),
     ("--niah_haystack=hay", "--niah_haystack=hay: use noise, prose or a comma list of them"),
-        ("--niah_forms=odd", "--niah_forms=odd: use one of fixed"),
+    ("--niah_forms=odd", "--niah_forms=odd: use one of fixed"),
     ("--niah_answer_len=0", "must be a positive integer"),
     ("--dataset=nowhere", r"unknown dataset 'nowhere': choose one of niah, .*pydoc.*, or write "
                           r"data/nowhere/prepare.py"),
