@@ -19,8 +19,6 @@ math attention (the flash and memory-efficient kernels have no double backward) 
 torch.compile, so their costs compare with each other, not with train.py's steps.
 """
 import argparse
-import json
-import os
 import time
 from dataclasses import replace
 from functools import partial
@@ -29,6 +27,7 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from data.tokenizer import open_split
 from memory import MemoryConfig, memdlm_loss, memory_layers
 from model import load_model, pick_device
 from niah import NiahData
@@ -40,17 +39,7 @@ def training_batches(cfg, n, batch_size, seed, device):
     if cfg["dataset"] == "niah":
         data = NiahData({**cfg, "batch_size": batch_size}, device)
         return [data.batch("train", torch.Generator().manual_seed(seed + i)) for i in range(n)]
-    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", cfg["dataset"])
-    try:
-        with open(os.path.join(folder, "meta.json")) as f:
-            meta = json.load(f)
-        tokens = np.memmap(os.path.join(folder, "train.bin"), dtype=meta["dtype"], mode="r")
-    except OSError:
-        raise SystemExit(f"no training data in {folder}: run python data/{cfg['dataset']}/prepare.py "
-                         f"--tokenizer={cfg['tokenizer']}") from None
-    if meta["tokenizer"] != cfg["tokenizer"]:
-        raise SystemExit(f"data/{cfg['dataset']} holds '{meta['tokenizer']}' tokens, the checkpoint reads "
-                         f"'{cfg['tokenizer']}': rerun data/{cfg['dataset']}/prepare.py --tokenizer={cfg['tokenizer']}")
+    tokens = open_split(cfg["dataset"], "train", cfg["tokenizer"])
     T, rng, out = cfg["block_size"], np.random.default_rng(seed), []
     for _ in range(n):
         x = np.stack([tokens[i:i + T].astype(np.int64) for i in rng.integers(len(tokens) - T, size=batch_size)])

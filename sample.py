@@ -24,19 +24,16 @@ first). With no prompt given, a passage of the checkpoint's held-out split is th
 gen_len (128 tokens for the small preset), from a line start to a word end.
 """
 import argparse
-import json
 import math
-import os
 import random
 import re
 import sys
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.tokenizer import decode, get_encoding
+from data.tokenizer import decode, get_encoding, open_split
 from memory import ADAPT_RATIO, MemoryConfig, adapt as adapt_memory, flat, unflat
 from model import KVCache, load_model, pick_device
 from niah import make_example, parse_tasks
@@ -245,18 +242,7 @@ def held_out_prompt(cfg, enc, n_tokens, seed):
         except ValueError as e:
             raise SystemExit(f"{e}: give a --prompt") from None
         return decode(enc, ex["prompt"]), f"a needle example ({task}, depth {depth}%, answer {ex['target'].strip()})"
-    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", cfg["dataset"])
-    path = os.path.join(folder, "val.bin")
-    try:
-        with open(os.path.join(folder, "meta.json")) as f:
-            meta = json.load(f)
-        tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
-    except OSError:
-        raise SystemExit(f"no held-out split at {path} to draw a prompt from: run python data/{cfg['dataset']}"
-                         f"/prepare.py --tokenizer={cfg['tokenizer']}, or give --prompt") from None
-    if meta["tokenizer"] != cfg["tokenizer"]:
-        raise SystemExit(f"{path} holds '{meta['tokenizer']}' tokens, the checkpoint reads '{cfg['tokenizer']}': "
-                         f"rerun data/{cfg['dataset']}/prepare.py --tokenizer={cfg['tokenizer']}, or give --prompt")
+    tokens = open_split(cfg["dataset"], "val", cfg["tokenizer"], " (it makes the held-out split), or give --prompt")
     n = min(n_tokens, len(tokens))
     for _ in range(100):  # a window inside one document: no <|endoftext|> in it
         start = rng.randrange(len(tokens) - n + 1)

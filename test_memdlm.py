@@ -72,7 +72,7 @@ def test_zero_fast_weights_give_the_base_output_exactly():
 
 
 def test_the_lora_delta_is_alpha_over_r_times_x_a_b():
-    m, x = tiny(), tokens(1, 8)
+    m = tiny()
     mc = MemoryConfig(rank=4, alpha=12.0)  # scale 3
     fast = init_fast(m, 1, mc, torch.Generator().manual_seed(0))
     A, B = fast.layers[1]["down_proj"]

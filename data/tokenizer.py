@@ -71,3 +71,24 @@ def write_bins(texts, tokenizer, out_dir, val_frac=0.1):
         json.dump(meta, f)
     os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
     return meta
+
+
+def open_split(dataset, split, tokenizer, or_else=""):
+    """The tokens of data/<dataset>/<split>.bin as a numpy memmap, checked against the tokenizer
+    that will read them; a missing file or another tokenizer is one line (or_else: another way out)."""
+    import json
+    import os
+
+    import numpy as np
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), dataset)
+    path = os.path.join(folder, f"{split}.bin")
+    fix = f"run python data/{dataset}/prepare.py --tokenizer={tokenizer}{or_else}"
+    try:
+        with open(os.path.join(folder, "meta.json")) as f:
+            meta = json.load(f)
+        tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
+    except OSError:
+        raise SystemExit(f"no {split} split at {path}: {fix}") from None
+    if meta["tokenizer"] != tokenizer:
+        raise SystemExit(f"{path} holds '{meta['tokenizer']}' tokens, not '{tokenizer}': {fix}")
+    return tokens
