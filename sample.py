@@ -271,6 +271,16 @@ def show_line(enc, ids, mask_id):
     return "".join(pieces).replace("\n", NEWLINE_CHAR)
 
 
+def readability(samples, corpus):
+    """How much generated text looks like the corpus: the share of its words (runs of letters)
+    that occur in the corpus and their number, its share of whitespace characters, and the
+    corpus's own."""
+    vocab = set(re.findall(r"[A-Za-z]+", corpus))
+    words = [w for t in samples for w in re.findall(r"[A-Za-z]+", t)]
+    white = lambda t: sum(c.isspace() for c in t) / max(1, len(t))
+    return sum(w in vocab for w in words) / max(1, len(words)), len(words), white("".join(samples)), white(corpus)
+
+
 def layout(a, gen_len):
     """(steps, block_len) of the command line for gen_len tokens, checked by plan."""
     steps = gen_len if a.steps is None else a.steps
@@ -308,6 +318,9 @@ def main(argv=None):
     p.add_argument("--adapt_ratio", type=float, default=ADAPT_RATIO)
     p.add_argument("--prefix_cache", action=argparse.BooleanOptionalAction, default=False,
                    help="reuse the keys/values before the current block within it (approximate, faster)")
+    p.add_argument("--stats", action="store_true",
+                   help="readability of the samples: the share of their words found in the training text, "
+                        "and their share of whitespace next to its own")
     p.add_argument("--show", action="store_true",
                    help=f"watch the denoising: the first sample's generated part after every step, one line "
                         f"each, {MASK_CHAR} where still masked, {NEWLINE_CHAR} for a newline")
@@ -366,9 +379,17 @@ def main(argv=None):
                          f"no samples printed; lower --adapt_lr (now {a.adapt_lr})")
     for k, l in enumerate(losses or []):
         print(f"adapt step {k + 1}/{len(losses)}: inner loss " + " ".join(f"{v:.4f}" for v in l.tolist()))
-    for i, row in enumerate(out.tolist()):
+    samples = [decode(enc, row) for row in out.tolist()]
+    for i, sample in enumerate(samples):
         print(f"---------- sample {i + 1}/{a.num_samples} ----------")
-        print(text + decode(enc, row))
+        print(text + sample)
+    if a.stats:
+        if cfg["dataset"] == "niah":
+            raise SystemExit("--stats compares samples with a text corpus; this checkpoint trained on needle rows")
+        corpus = decode(enc, open_split(cfg["dataset"], "train", cfg["tokenizer"]).tolist())
+        words, n_words, white, corpus_white = readability(samples, corpus)
+        print(f"stats: {100 * words:.1f}% of the {n_words} generated words occur in the training text; whitespace "
+              f"{100 * white:.1f}% of the characters (the training text: {100 * corpus_white:.1f}%)")
 
 
 if __name__ == "__main__":

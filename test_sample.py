@@ -1,12 +1,14 @@
 """Tests of sample.py: the unmasking schedule, blocks, determinism, batching, --adapt, the CLI.
 CPU only, a few seconds: python -m pytest -q test_sample.py"""
+import re
+
 import pytest
 import torch
 
 import train
 from memory import MemoryConfig, flat
 from model import DiffusionLM, KVCache, ModelConfig, forward_process, mdlm_loss
-from sample import generate, main, pad_batch, plan, reveal_schedule, write_memory
+from sample import generate, main, pad_batch, plan, readability, reveal_schedule, write_memory
 
 MASK = 257
 MCFG = MemoryConfig(rank=4, alpha=8.0, layer_frac=0.5)  # fast weights on layer 1 of 2, LoRA scale 2 as the default
@@ -320,6 +322,9 @@ def test_cli_samples(ckpt, capsys):
     assert "sample 1/1" in capsys.readouterr().out
     main([f"--out_dir={ckpt}", "--prompt=Hello", "--gen_len=8", "--block_len=4", "--prefix_cache", "--adapt"])
     assert "sample 1/1" in capsys.readouterr().out
+    main([f"--out_dir={ckpt}", "--prompt=Hello", "--gen_len=8", "--temperature=1", "--stats"])
+    assert re.search(r"stats: \d+\.\d% of the \d+ generated words occur in the training text; whitespace "
+                     r"\d+\.\d% of the characters \(the training text: 1\d\.\d%\)", capsys.readouterr().out)
 
 
 def test_cli_long_context_warns(ckpt, capsys):
@@ -347,3 +352,8 @@ def test_cli_errors(ckpt, tmp_path):
     for argv, msg in cases:
         with pytest.raises(SystemExit, match=msg):
             main(argv)
+
+
+def test_readability_counts_corpus_words_and_whitespace():
+    words, n, white, corpus_white = readability(["the cat zzq", "   "], "the cat sat.\n")
+    assert (words, n) == (2 / 3, 3) and white == 5 / 14 and corpus_white == 3 / 13
