@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.tokenizer import check_tokenizer, get_encoding
+from data.tokenizer import check_tokenizer, get_encoding, open_split
 from memory import MemoryConfig, memdlm_loss, memory_layers
 from model import DiffusionLM, ModelConfig, forward_process, load_model, mdlm_loss, pick_device, read_checkpoint
 from niah import FORMS, HAYSTACKS, NIAH_DEFAULTS, NiahData, parse_tasks
@@ -193,22 +193,15 @@ def cast(key, val, default):
 
 class TextData:
     def __init__(self, cfg, device):
-        d = os.path.join(DATA_DIR, cfg["dataset"])
-        if not os.path.exists(os.path.join(d, "train.bin")):
-            if cfg["dataset"] != "pydoc":
-                raise SystemExit(f"no data in {d}: run python data/{cfg['dataset']}/prepare.py first")
-            from data.pydoc.prepare import prepare
+        if cfg["dataset"] == "pydoc" and not os.path.exists(os.path.join(DATA_DIR, "pydoc", "train.bin")):
+            from data.pydoc.prepare import prepare  # the embedded corpus: tokenised on first use
             prepare(cfg["tokenizer"])
-        with open(os.path.join(d, "meta.json")) as f:
-            meta = json.load(f)
-        if meta["tokenizer"] != cfg["tokenizer"]:
-            raise SystemExit(f"data/{cfg['dataset']} was tokenised with '{meta['tokenizer']}', not "
-                             f"'{cfg['tokenizer']}': rerun its prepare.py --tokenizer={cfg['tokenizer']}")
-        self.files = {s: os.path.join(d, f"{s}.bin") for s in ("train", "val")}
-        self.dtype, self.T, self.B, self.device = meta["dtype"], cfg["block_size"], cfg["batch_size"], device
-        for s, path in self.files.items():
-            if os.path.getsize(path) // np.dtype(self.dtype).itemsize <= self.T:
-                raise SystemExit(f"{path} holds fewer tokens than block_size={self.T}")
+        self.T, self.B, self.device, self.files = cfg["block_size"], cfg["batch_size"], device, {}
+        for s in ("train", "val"):  # checked once here, reopened per batch
+            tokens = open_split(cfg["dataset"], s, cfg["tokenizer"])
+            if len(tokens) <= self.T:
+                raise SystemExit(f"{tokens.filename} holds fewer tokens than block_size={self.T}")
+            self.files[s], self.dtype = tokens.filename, tokens.dtype
 
     def batch(self, split, gen):
         """(x0, maskable, key_pad) of batch_size windows, positions drawn from gen."""
