@@ -17,7 +17,7 @@ them applied (paper Sec. 4.5, "MemDLM Train & Inference").
 (Fast-dLLM's approximate prefix KV cache, see block_logits_cached).
 
 Defaults of the command line: --out_dir=out (where train.py --config small writes); 128
-tokens in 4 blocks of 32, one token per step (LLaDA's semi-autoregressive layout: a block is
+tokens (at most half the training context) in blocks of 32, one token per step (LLaDA's semi-autoregressive layout: a block is
 decoded once the text to its left is final, so a short-context model never fills the far end
 first). With no prompt given, a passage of the checkpoint's held-out split is the prompt
 (printed first: it is what --adapt writes into the memory): the training context left after
@@ -142,10 +142,10 @@ def token_logits(model, h):
     return logits
 
 
-def block_logits(model, canvas, block, fast, key_pad):
+def block_logits(model, canvas, block, fast, key_pad, cache=None):
     """Logits [B, L, n_vocab] at the block's canvas positions block [B, L], from a forward of
-    the whole canvas; never the mask itself."""
-    h = model(canvas, fast=fast, key_pad=key_pad)
+    the whole canvas (recording its keys/values into cache, if given); never the mask itself."""
+    h = model(canvas, fast=fast, key_pad=key_pad, cache=cache)
     return token_logits(model, h.gather(1, block[..., None].expand(-1, -1, h.shape[-1])))
 
 
@@ -158,9 +158,9 @@ def block_logits_cached(model, canvas, active, block_len, fast, key_pad, cache):
     as the bidirectional prefix's keys/values depend on the block's tokens, which change within
     it: refreshed at every block start. With one step per block, exactly block_logits."""
     if not cache.reading:
-        h = model(canvas, fast=fast, key_pad=key_pad, cache=cache)
+        logits = block_logits(model, canvas, active[:, :block_len], fast, key_pad, cache)
         cache.keep_prefix(active[:, 0], active)
-        return token_logits(model, h.gather(1, active[:, :block_len, None].expand(-1, -1, h.shape[-1])))
+        return logits
     h = model(canvas.gather(1, active), fast=fast, cache=cache)
     return token_logits(model, h[:, :block_len])
 
