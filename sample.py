@@ -350,6 +350,8 @@ def main(argv=None):
     device = pick_device(a.device)
     model, cfg = load_model(a.out_dir, device)
     enc = get_encoding(cfg["tokenizer"])
+    if a.stats and cfg["dataset"] == "niah":  # before any sampling
+        raise SystemExit("--stats compares samples with a text corpus; this checkpoint trained on needle rows")
     a.gen_len = a.gen_len or min(GEN_LEN, model.cfg.block_size // 2)
     steps, block_len = layout(a, a.gen_len)
     if text is None:  # the prompt budget: the training context left after gen_len
@@ -384,8 +386,6 @@ def main(argv=None):
         print(f"---------- sample {i + 1}/{a.num_samples} ----------")
         print(text + sample)
     if a.stats:
-        if cfg["dataset"] == "niah":
-            raise SystemExit("--stats compares samples with a text corpus; this checkpoint trained on needle rows")
         corpus = decode(enc, open_split(cfg["dataset"], "train", cfg["tokenizer"]).tolist())
         words, n_words, white, corpus_white = readability(samples, corpus)
         print(f"stats: {100 * words:.1f}% of the {n_words} generated words occur in the training text; whitespace "
