@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from memory import MemoryConfig, adapt
-from model import load_model, pick_device
+from model import load_model, pick_device, proposal_logits
 from niah import NIAH_DEFAULTS, NiahData, row_label, summarise
 
 
@@ -60,9 +60,7 @@ def curves(model, x0, maskable, key_pad=None, fast=None, generator=None):
         seq.append((nll * hidden).sum() / hidden.sum())
         # reveal one token of the model's own: its most confident prediction among the masked
         # positions (sample.generate's low-confidence step; the mask and padding rows never proposed)
-        cand = logits[..., :model.cfg.n_vocab].clone()
-        cand[..., mask_id] = float("-inf")
-        conf, tok = cand.softmax(-1).max(-1)
+        conf, tok = proposal_logits(logits, model.cfg).softmax(-1).max(-1)
         j = conf.masked_fill(~hidden, -1.0).argmax(1, keepdim=True)
         canvas.scatter_(1, pos.gather(1, j), tok.gather(1, j))
         # the forward process at the same ratio: m response tokens of the ground truth masked at random

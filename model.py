@@ -252,6 +252,14 @@ def mdlm_loss(model, h, x0, mask, t, maskable):
     return masked_ce(model, h, x0, mask, 1.0 / t).sum() / maskable.sum().clamp(min=1)
 
 
+def proposal_logits(logits, cfg):
+    """Logits over what a sampler may propose: the real tokens (the embedding's padding rows cut
+    off), the mask token ruled out."""
+    logits = logits[..., :cfg.n_vocab].clone()
+    logits[..., cfg.mask_id] = float("-inf")
+    return logits
+
+
 def pick_device(name):
     """'auto': the GPU if there is one, else the CPU; a GPU asked for must be there."""
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from data.tokenizer import decode, get_encoding, open_split
 from memory import ADAPT_RATIO, MemoryConfig, adapt as adapt_memory, flat, unflat
-from model import KVCache, load_model, pick_device
+from model import KVCache, load_model, pick_device, proposal_logits
 from niah import make_example, parse_tasks
 
 REMASKING = ("low_confidence", "random")
@@ -137,9 +137,7 @@ def write_memory(model, prompts, mcfg, ratio, steps, lr, generator):
 def token_logits(model, h):
     """Vocabulary logits (float) of hidden states, without the embedding's padding rows and with
     the mask token ruled out."""
-    logits = model.logits(h).float()[..., :model.cfg.n_vocab]
-    logits[..., model.cfg.mask_id] = float("-inf")
-    return logits
+    return proposal_logits(model.logits(h).float(), model.cfg)
 
 
 def block_logits(model, canvas, block, fast, key_pad, cache=None):
