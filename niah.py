@@ -29,7 +29,7 @@ import torch
 HAYSTACKS = ("noise", "prose")
 # the keys NiahData reads from the train config, with their defaults
 NIAH_DEFAULTS = dict(niah_tasks="all", niah_min_len=0, niah_full_frac=0.25, niah_answer_len=32,
-                     niah_haystack="noise", niah_forms="fixed")
+                     niah_haystack="noise", niah_forms="fixed", niah_curriculum=0)
 
 NOISE = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
 # a small vocabulary, so a small byte-level model can learn the format in minutes
@@ -321,7 +321,7 @@ def _place(facts, budget, rng, enc, haystack):
     return out + filler[last:], pos
 
 
-def make_example(task, length, depth, rng, enc=None, haystack="noise", answer_len=0, forms="fixed"):
+def make_example(task, length, depth, rng, enc=None, haystack="noise", answer_len=0, forms="fixed", fill=1.0):
     """One example: dict(prompt=token ids, answers=reference strings, target=the answer text
     a model should write, needle_pos=token index of the needle, or None for cwe).
 
@@ -331,7 +331,8 @@ def make_example(task, length, depth, rng, enc=None, haystack="noise", answer_le
     depth: the share of the haystack before the needle in percent (0 start, 100 end). rng: a
     random.Random or a seed. enc: a tiktoken Encoding (default: the byte-level one).
     haystack: "noise" or "prose" (cwe has none: its list fills the context).
-    forms: the surface forms, see FORMS.
+    forms: the surface forms, see FORMS. fill: the longest length drawn, as a share of the way
+    from this example's minimum to hi (a length curriculum: 0 gives the facts with no haystack).
     """
     rng = rng if isinstance(rng, random.Random) else random.Random(rng)
     enc = enc or byte_encoding()
@@ -357,7 +358,8 @@ def make_example(task, length, depth, rng, enc=None, haystack="noise", answer_le
     if not answer_fits:
         raise ValueError(f"the answer of task {task} ({target!r}) needs {len(_tok(enc, target)) + 1} tokens "
                          f"with <|endoftext|>: raise answer_len={answer_len}")
-    length = rng.randint(max(lo, need), hi)
+    lo = max(lo, need)
+    length = rng.randint(lo, lo + int(fill * (hi - lo)))
     if task == "cwe":
         context, common = _cwe_list(facts, length - answer_len - len(question), rng, enc, s.words)
         target, pos = " " + " ".join(common), None  # the same words, in order of first appearance
@@ -384,13 +386,16 @@ class NiahData:
     (at 0.25 and 512 tokens, 84% of the weight) and retrieval would learn far more slowly.
     Lengths (prompt + window) are uniform over [max(niah_min_len, the task's minimum),
     block_size], depths over 0-100, tasks over niah_tasks, haystacks over niah_haystack (a
-    comma list: "noise,prose" mixes both); niah_forms is the surface forms (FORMS)."""
+    comma list: "noise,prose" mixes both); niah_forms is the surface forms (FORMS).
+    niah_curriculum > 0: a length curriculum for training rows, as retrieval is learned sooner in
+    short contexts: at step s the longest row is the share min(1, s / niah_curriculum) of the way
+    from the example's minimum to block_size (make_example's fill). Eval rows always span it all."""
 
     def __init__(self, cfg, device):
         from data.tokenizer import get_encoding
         self.enc, self.device = get_encoding(cfg["tokenizer"]), device
         self.T, self.B, self.answer_len, self.seed = cfg["block_size"], cfg["batch_size"], cfg["niah_answer_len"], cfg["seed"]
-        self.min_len, self.full_frac = cfg["niah_min_len"], cfg["niah_full_frac"]
+        self.min_len, self.full_frac, self.curriculum = cfg["niah_min_len"], cfg["niah_full_frac"], cfg["niah_curriculum"]
         self.haystacks, self.forms = cfg["niah_haystack"].split(","), cfg["niah_forms"]
         try:
             self.tasks = parse_tasks(cfg["niah_tasks"])
@@ -404,18 +409,21 @@ class NiahData:
         except ValueError as e:
             raise SystemExit(f"niah: {e} (block_size={self.T}, niah_answer_len={self.answer_len})") from None
 
-    def batch(self, split, gen):
+    def batch(self, split, gen, step=None):
         """(x0, maskable, key_pad) [B, T] each; the rows are drawn from a python RNG seeded by gen
-        and the split, so batches are reproducible and val rows come from their own stream."""
+        and the split, so batches are reproducible and val rows come from their own stream.
+        step: the training step, for the curriculum of train rows (None: the full range of lengths)."""
         rng = random.Random(f"niah:{split}:{self.seed}:{torch.randint(2 ** 62, (1,), generator=gen).item()}")
         eot = self.enc.eot_token
         x = np.full((self.B, self.T), eot, dtype=np.int64)
         maskable = np.zeros((self.B, self.T), dtype=bool)
         key_pad = np.ones((self.B, self.T), dtype=bool)
         full = rng.random() < self.full_frac
+        curriculum = split == "train" and step is not None and self.curriculum
+        fill = min(1.0, step / self.curriculum) if curriculum else 1.0
         for b in range(self.B):
             ex = make_example(rng.choice(self.tasks), (self.min_len, self.T), rng.uniform(0, 100), rng,
-                              self.enc, _pick(rng, self.haystacks), self.answer_len, self.forms)
+                              self.enc, _pick(rng, self.haystacks), self.answer_len, self.forms, fill)
             ans = _tok(self.enc, ex["target"])
             row = ex["prompt"] + list(ans) + [eot] * (self.answer_len - len(ans))
             x[b, :len(row)] = row

@@ -39,11 +39,13 @@ from niah import summarise
 HERE = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("base", "finetune", "scratch", "eval", "exposure")
 # training runs: (stage, train.py arguments, starts from the base)
+# (a fine-tune starts from a base that has seen every length: no length curriculum again)
+FT = ["--niah_curriculum=0"]
 RUNS = {
     "base": ("base", ["--mem=False"], False),
-    "ft_mdlm": ("finetune", ["--mem=False"], True),
-    "ft_mem": ("finetune", ["--mem=True", "--mem_scope=response"], True),
-    "ft_prompt": ("finetune", ["--mem=True", "--mem_scope=prompt"], True),
+    "ft_mdlm": ("finetune", ["--mem=False", *FT], True),
+    "ft_mem": ("finetune", ["--mem=True", "--mem_scope=response", *FT], True),
+    "ft_prompt": ("finetune", ["--mem=True", "--mem_scope=prompt", *FT], True),
     "scratch": ("scratch", ["--mem=True", "--mem_scope=response"], False),
 }
 EVALS = {"ft": ("base", "ft_mdlm", "ft_mem", "ft_prompt"), "scratch": ("scratch",)}  # one niah.py call each

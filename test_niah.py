@@ -149,6 +149,20 @@ def test_niah_data():
         assert key_pad.shape == (64, 200) and (~key_pad).sum(1).min() >= 190
 
 
+def test_length_curriculum():
+    """fill=0 is the example's minimum (no haystack); NiahData's curriculum grows the longest
+    training row with the step, while val rows and steps past the curriculum span block_size."""
+    lengths = {fill: [len(niah.make_example("single", (0, 256), 50, i, answer_len=16, fill=fill)["prompt"]) + 16
+                      for i in range(30)] for fill in (0.0, 0.5, 1.0)}
+    assert max(lengths[0.0]) < 100 and max(lengths[0.5]) < 180 and max(lengths[1.0]) > 230
+    cfg = dict(niah.NIAH_DEFAULTS, block_size=256, batch_size=32, seed=0, tokenizer="byte", niah_tasks="single",
+               niah_curriculum=1000, niah_full_frac=0.0, niah_answer_len=16)
+    data = niah.NiahData(cfg, "cpu")
+    longest = lambda split, step: int((~data.batch(split, torch.Generator().manual_seed(1), step)[2]).sum(1).max())
+    assert longest("train", 0) < 100 < longest("train", 500) < 190 < longest("train", 1000) == longest("train", 5000)
+    assert longest("val", 0) > 230 and longest("train", None) == longest("train", 1000)
+
+
 def test_cli_end_to_end(tmp_path, capsys):
     import train
     dirs = [str(tmp_path / "mem"), str(tmp_path / "mdlm")]

@@ -138,7 +138,7 @@ def check_config(cfg):
     for k in ("block_size", "batch_size", "n_layer", "n_head", "n_embd", "eval_interval", "eval_iters",
               "log_interval", "niah_answer_len"):
         need(cfg[k] >= 1, f"--{k}={cfg[k]}: must be a positive integer")
-    for k in ("max_iters", "warmup_iters", "mem_start", "niah_min_len"):
+    for k in ("max_iters", "warmup_iters", "mem_start", "niah_min_len", "niah_curriculum"):
         need(cfg[k] >= 0, f"--{k}={cfg[k]}: must be >= 0")
     head = cfg["n_embd"] / cfg["n_head"]
     need(head == int(head), f"--n_embd={cfg['n_embd']} is not a multiple of --n_head={cfg['n_head']}: "
@@ -203,8 +203,9 @@ class TextData:
                 raise SystemExit(f"{tokens.filename} holds fewer tokens than block_size={self.T}")
             self.files[s], self.dtype = tokens.filename, tokens.dtype
 
-    def batch(self, split, gen):
-        """(x0, maskable, key_pad) of batch_size windows, positions drawn from gen."""
+    def batch(self, split, gen, step=None):
+        """(x0, maskable, key_pad) of batch_size windows, positions drawn from gen (step: no
+        curriculum for plain text)."""
         data = np.memmap(self.files[split], dtype=self.dtype, mode="r")  # reopened: no leak (nanoGPT)
         ix = torch.randint(len(data) - self.T, (self.B,), generator=gen).tolist()
         x = torch.from_numpy(np.stack([data[i:i + self.T].astype(np.int64) for i in ix]))
@@ -542,7 +543,7 @@ def main(argv):
                 bar.write(f"step {step}: MDLM -> MemDLM")
             step_cfg = cfg if step >= cfg["mem_start"] else {**cfg, "mem": False}
             g_dev, g_cpu = step_generator(cfg["seed"], step, rank, device)
-            loss, inner_losses = train_step(ddp_model, model, raw_model, opt, data.batch("train", g_cpu), step_cfg,
+            loss, inner_losses = train_step(ddp_model, model, raw_model, opt, data.batch("train", g_cpu, step), step_cfg,
                                             mem_cfg, g_dev, ctx)
             # the loss is read (a host sync) at log steps only; a NaN between them is caught here or
             # by the check before the next evaluation and checkpoint
