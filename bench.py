@@ -2,7 +2,7 @@
 
     python bench.py --config small                       # any train.py key can be overridden
     python bench.py --config small --block_size=8192 --batch_size=2
-    python bench.py --config small --profile=True        # top kernels of a MemDLM step
+    python bench.py --config small --profile=True        # top kernels of each mode's step
 
 Prints tokens/s, model FLOPs utilisation, peak memory and the step-time ratio MemDLM/MDLM.
 Steps are timed with CUDA events after a warm-up (compilation included there); the median
@@ -115,7 +115,7 @@ def bench_training(cfg, mem, bench, device):
             dt = time.perf_counter() - t0
         if i >= bench["warmup"]:
             times.append(dt)
-    if bench["profile"] and mem:
+    if bench["profile"]:
         from torch.profiler import ProfilerActivity, profile
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
         with profile(activities=acts) as prof:

@@ -217,7 +217,7 @@ def inner_loop(model, x0, masks, maskable, fast, mcfg, key_pad=None, bottoms=Non
             # each sequence's loss depends on its own phi only: the sum's gradient is per sequence
             grads = torch.autograd.grad(loss.sum(), flat(fast), create_graph=create_graph)
         fast = sgd_step(fast, grads, mcfg, create_graph)
-        losses.append(loss.detach())
+        losses.append(loss.detach().clone())  # a copy: under CUDA graphs the next replay reuses the output
     if not create_graph:  # first-order (Eq. 10): phi_K is a constant for the outer pass
         fast = unflat(fast, [p.detach() for p in flat(fast)])
     return fast, losses

@@ -307,14 +307,18 @@ def make_optimizer(raw_model, cfg, on_gpu):
 
 
 def train_step(ddp_model, model, raw_model, opt, batch, cfg, mem_cfg, gen, ctx):
-    """One optimizer step of theta; returns the (device) loss and inner losses, no host sync."""
+    """One optimizer step of theta; returns the (device) loss and inner losses, no host sync.
+    compile_mode=reduce-overhead replays CUDA graphs: each step is a new graph generation, and
+    the losses returned are copies, as a replay overwrites the outputs of the one before."""
+    if cfg["compile_mode"] == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()
     with ctx:
         loss, inner_losses = batch_loss(ddp_model, model, batch, cfg, mem_cfg, gen)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"])
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss, inner_losses
+    return loss.detach().clone(), inner_losses
 
 
 def answer_accuracy(model, x0, maskable, key_pad):
