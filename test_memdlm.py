@@ -568,7 +568,7 @@ def _ddp_rank(rank, ports, out):
         return b
     train.TextData.batch = recorded
     train.main(["--config", "tiny", f"--out_dir={out}/run", "--batch_size=4", "--max_iters=2", "--eval_interval=2",
-                "--log_interval=1"])
+                "--log_interval=1", "--compile_mode=reduce-overhead"])
     torch.save(drawn, os.path.join(out, f"batches{rank}.pt"))
 
 
@@ -606,3 +606,5 @@ def test_ddp_training_evaluates_on_the_global_batch(ddp_run, tmp_path):
     one = run_train(tmp_path / "one", "--batch_size=8", "--max_iters=1", "--eval_interval=1")
     assert ddp[0]["step"] == one[0]["step"] == 0 and ddp[0] == one[0]  # same eval batches at the same weights
     assert (ddp_run / "run" / "ckpt.pt").exists() and ddp[-1]["summary"]["train_loss"] > 0
+    # CUDA graphs are kept to one process: torchrun trains with compile_mode default
+    assert torch.load(ddp_run / "run" / "ckpt.pt", weights_only=True)["config"]["compile_mode"] == "default"

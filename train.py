@@ -68,7 +68,7 @@ DEFAULTS = dict(
 PRESETS = {
     # ~14M parameters, the pydoc corpus, a few minutes on one GPU; MDLM for 1000 steps, then MemDLM
     # (the paper fine-tunes a pretrained DLM: from scratch the memory absorbs the targets)
-    "small": dict(mem_start=1000),
+    "small": dict(mem_start=1000, compile_mode="reduce-overhead"),  # CUDA graphs: small steps are launch-bound
     # ~100M parameters at 1K context: for benchmarks and for users with several GPUs
     "base": dict(out_dir="out-base", block_size=1024, batch_size=32, max_iters=5000, n_layer=14, n_head=12,
                  n_embd=768, lr=6e-4, min_lr=6e-5, warmup_iters=200, eval_interval=500),
@@ -473,6 +473,10 @@ def main(argv):
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
 
+    if ddp and cfg["compile_mode"] == "reduce-overhead":  # CUDA graphs are kept to one process
+        cfg = {**cfg, "compile_mode": "default"}
+        if master:
+            print("note: --compile_mode=reduce-overhead (CUDA graphs) runs in one process; torchrun uses default")
     model = compiled(raw_model, cfg, on_gpu)
     # DDP wraps the module that runs the stack from the token ids (all of it for MDLM, the
     # layers below the memory for MemDLM); the inner loop and the top run on model itself
