@@ -30,6 +30,7 @@ import re
 import sys
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -269,6 +270,13 @@ def show_line(enc, ids, mask_id):
     return "".join(pieces).replace("\n", NEWLINE_CHAR)
 
 
+def documents(enc, ids):
+    """The text of every document of a token split ([N] ids), a newline between two: decode
+    alone stops at the first <|endoftext|>, the end of the first document."""
+    docs = np.split(ids, np.flatnonzero(ids == enc.eot_token) + 1)
+    return "\n".join(decode(enc, doc.tolist()) for doc in docs if len(doc))
+
+
 def readability(samples, corpus):
     """How much generated text looks like the corpus: the share of its words (runs of letters)
     that occur in the corpus and their number, its share of whitespace characters, and the
@@ -384,7 +392,7 @@ def main(argv=None):
         print(f"---------- sample {i + 1}/{a.num_samples} ----------")
         print(text + sample)
     if a.stats:
-        corpus = decode(enc, open_split(cfg["dataset"], "train", cfg["tokenizer"]).tolist())
+        corpus = documents(enc, open_split(cfg["dataset"], "train", cfg["tokenizer"]))
         words, n_words, white, corpus_white = readability(samples, corpus)
         print(f"stats: {100 * words:.1f}% of the {n_words} generated words occur in the training text; whitespace "
               f"{100 * white:.1f}% of the characters (the training text: {100 * corpus_white:.1f}%)")
