@@ -19,9 +19,11 @@ them applied (paper Sec. 4.5, "MemDLM Train & Inference").
 Defaults of the command line: --out_dir=out (where train.py --config small writes); 128
 tokens (at most half the training context) in blocks of 32, one token per step (LLaDA's semi-autoregressive layout: a block is
 decoded once the text to its left is final, so a short-context model never fills the far end
-first). With no prompt given, a passage of the checkpoint's held-out split is the prompt
-(printed first: it is what --adapt writes into the memory): the training context left after
-gen_len (128 tokens for the small preset), from a line start to a word end.
+first); a checkpoint's train.py preset may name a shorter block (sample_block_len; cpu: 4, as
+its weak model fills a longer block with spaces, revealed first where the text is unknown).
+With no prompt given, a passage of the checkpoint's held-out split is the prompt (printed
+first: it is what --adapt writes into the memory): the training context left after gen_len (128
+tokens for the small preset), from a line start to a word end.
 """
 import argparse
 import math
@@ -40,7 +42,8 @@ from model import KVCache, load_model, pick_device, proposal_logits
 from niah import make_example, parse_tasks
 
 REMASKING = ("low_confidence", "random")
-GEN_LEN, BLOCK_LEN = 128, 32  # the command line's defaults: 4 blocks of 32, one token per step
+GEN_LEN, BLOCK_LEN = 128, 32  # the command line's defaults: 4 blocks of 32, one token per step (a checkpoint's
+# sample_block_len, from its train.py preset, replaces BLOCK_LEN)
 MASK_CHAR, NEWLINE_CHAR = "█", "⏎"  # --show: a masked position, a newline
 
 
@@ -287,10 +290,11 @@ def readability(samples, corpus):
     return sum(w in vocab for w in words) / max(1, len(words)), len(words), white("".join(samples)), white(corpus)
 
 
-def layout(a, gen_len):
-    """(steps, block_len) of the command line for gen_len tokens, checked by plan."""
+def layout(a, gen_len, block=BLOCK_LEN):
+    """(steps, block_len) of the command line for gen_len tokens, checked by plan; with no
+    --block_len, blocks of `block` tokens where they divide gen_len, else one block."""
     steps = gen_len if a.steps is None else a.steps
-    block_len = a.block_len if a.block_len is not None else BLOCK_LEN if gen_len % BLOCK_LEN == 0 else gen_len
+    block_len = a.block_len if a.block_len is not None else block if gen_len % block == 0 else gen_len
     try:
         plan(gen_len, steps, block_len)
     except ValueError as e:
@@ -311,7 +315,8 @@ def main(argv=None):
                    help=f"tokens to generate (default {GEN_LEN}, at most half the training context)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps in all (default gen_len)")
     p.add_argument("--block_len", type=int, default=None,
-                   help=f"semi-autoregressive block (default {BLOCK_LEN} where it divides gen_len, else gen_len)")
+                   help=f"semi-autoregressive block (default: the checkpoint's sample_block_len, {BLOCK_LEN} "
+                        f"unless its preset says otherwise (cpu: 4), where it divides gen_len, else gen_len)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--remasking", choices=REMASKING, default="low_confidence")
     p.add_argument("--threshold", type=float, default=None, help="also reveal all above this confidence")
@@ -335,7 +340,7 @@ def main(argv=None):
             or not 0 <= a.adapt_lr < math.inf):
         raise SystemExit("need --num_samples >= 1, --temperature >= 0, --adapt_steps >= 1, 0 < --adapt_ratio <= 1 "
                          "and a finite --adapt_lr >= 0")
-    if a.gen_len is not None:  # a bad layout fails before the checkpoint loads
+    if a.gen_len is not None and a.block_len is not None:  # a bad layout fails before the checkpoint loads
         layout(a, a.gen_len)
     text = "" if a.unconditional else a.prompt
     if a.prompt_file:
@@ -359,7 +364,7 @@ def main(argv=None):
     if a.stats and cfg["dataset"] == "niah":  # before any sampling
         raise SystemExit("--stats compares samples with a text corpus; this checkpoint trained on needle rows")
     a.gen_len = a.gen_len or min(GEN_LEN, model.cfg.block_size // 2)
-    steps, block_len = layout(a, a.gen_len)
+    steps, block_len = layout(a, a.gen_len, cfg.get("sample_block_len", BLOCK_LEN))
     if text is None:  # the prompt budget: the training context left after gen_len
         text, source = held_out_prompt(cfg, enc, max(model.cfg.block_size - a.gen_len, model.cfg.block_size // 4),
                                        a.seed)

@@ -337,6 +337,7 @@ def test_ctrl_c_in_a_real_process_gives_one_line_and_no_traceback(tmp_path):
     ("--niah_haystack=hay", "--niah_haystack=hay: use noise, prose or a comma list of them"),
     ("--niah_forms=odd", "--niah_forms=odd: use one of fixed"),
     ("--niah_answer_len=0", "must be a positive integer"),
+    ("--sample_block_len=0", "--sample_block_len=0: must be a positive integer"),
     ("--dataset=nowhere", r"unknown dataset 'nowhere': choose one of niah, .*pydoc.*, or write "
                           r"data/nowhere/prepare.py"),
     ("--tokenizer=foo", r"unknown tokenizer 'foo': choose one of byte, gpt2, .*o200k_base"),

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import sample
 import train
 from data.tokenizer import get_encoding, open_split
 from memory import MemoryConfig, flat
@@ -329,6 +330,22 @@ def test_cli_samples(ckpt, capsys):
     assert re.search(r"stats: \d+\.\d% of the \d+ generated words occur in the training text; whitespace "
                      rf"\d+\.\d% of the characters \(the training text: {100 * corpus_white:.1f}%\)",
                      capsys.readouterr().out)
+
+
+def test_cli_decodes_in_the_checkpoints_block(ckpt, tmp_path, monkeypatch):
+    """With no --block_len, sample.py decodes in the block the checkpoint's preset names
+    (sample_block_len; 32 unless set) where it divides gen_len, else in one block."""
+    train.main(["--config", "tiny", f"--out_dir={tmp_path}", "--max_iters=2", "--eval_iters=1", "--sample_block_len=4"])
+    layouts, real = [], sample.generate
+
+    def spy(model, prompts, gen_len, steps, block_len, *args, **kw):
+        layouts.append((gen_len, steps, block_len))
+        return real(model, prompts, gen_len, steps, block_len, *args, **kw)
+    monkeypatch.setattr(sample, "generate", spy)
+    for argv in ([f"--out_dir={tmp_path}"], [f"--out_dir={tmp_path}", "--gen_len=10"],
+                 [f"--out_dir={tmp_path}", "--block_len=8"], [f"--out_dir={ckpt}"]):
+        main(argv + ["--prompt=Hello"])
+    assert layouts == [(32, 32, 4), (10, 10, 10), (32, 32, 8), (32, 32, 32)]
 
 
 def test_cli_long_context_warns(ckpt, capsys):

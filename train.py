@@ -63,6 +63,8 @@ DEFAULTS = dict(
     mem_steps=2, mem_lr=0.1, mem_clip=1.0,  # K inner SGD steps of step size eta, per-tensor gradient clip
     mem_pre_scale=1.5,     # pre-anchor masked fraction: s times the anchor's
     mem_trajectory="anchor", mem_scope="response",
+    # sampling: sample.py's default block (decoded left to right) for this checkpoint
+    sample_block_len=32,
     **NIAH_DEFAULTS,       # read when dataset="niah": the needle tasks of niah.py as training rows
 )
 PRESETS = {
@@ -86,10 +88,13 @@ PRESETS = {
     "niah_tiny": dict(out_dir="out-niah-tiny", dataset="niah", block_size=256, batch_size=8, max_iters=20,
                       n_layer=2, n_head=2, n_embd=64, warmup_iters=5, eval_interval=10, eval_iters=2,
                       log_interval=10, mem_rank=8, compile=False, niah_tasks="single,babi"),
-    # a 2-core laptop in under 10 minutes: ~0.9M parameters, 64-token windows, MDLM then 400 MemDLM steps
-    "cpu": dict(out_dir="out-cpu", block_size=64, batch_size=32, max_iters=2400, mem_start=2000, n_layer=4, n_head=4,
+    # a 2-core laptop in under 10 minutes: ~0.9M parameters, 64-token windows, MDLM for 3000 steps then 400
+    # MemDLM steps (longer MemDLM can let the memory take over). Its samples decode in blocks of 4 tokens:
+    # in a longer block this weak model is most confident of a space wherever the text is still unknown,
+    # low-confidence remasking reveals those first, and each space makes its neighbours' spaces surer
+    "cpu": dict(out_dir="out-cpu", block_size=64, batch_size=32, max_iters=3400, mem_start=3000, n_layer=4, n_head=4,
                 n_embd=128, lr=2e-3, min_lr=2e-4, warmup_iters=100, eval_interval=400, eval_iters=10, log_interval=100,
-                mem_rank=16, mem_alpha=32.0, compile=False),
+                mem_rank=16, mem_alpha=32.0, compile=False, sample_block_len=4),
     "tiny": dict(out_dir="out-tiny", block_size=64, batch_size=8, max_iters=40, n_layer=2, n_head=2,
                  n_embd=64, warmup_iters=5, eval_interval=20, eval_iters=2, log_interval=10,
                  mem_rank=8, compile=False),
@@ -97,7 +102,7 @@ PRESETS = {
 MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "tokenizer")
 # keys a resumed run may change without changing what its steps compute; a change of any other is noted
 RESUME_FREE = ("out_dir", "resume", "overwrite", "init_from", "device", "compile", "compile_mode",
-               "eval_interval", "eval_iters", "log_interval")
+               "eval_interval", "eval_iters", "log_interval", "sample_block_len")
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
@@ -136,7 +141,7 @@ def check_config(cfg):
         if not ok:
             raise SystemExit(msg)
     for k in ("block_size", "batch_size", "n_layer", "n_head", "n_embd", "eval_interval", "eval_iters",
-              "log_interval", "niah_answer_len"):
+              "log_interval", "niah_answer_len", "sample_block_len"):
         need(cfg[k] >= 1, f"--{k}={cfg[k]}: must be a positive integer")
     for k in ("max_iters", "warmup_iters", "mem_start", "niah_min_len"):
         need(cfg[k] >= 0, f"--{k}={cfg[k]}: must be >= 0")
