@@ -354,6 +354,14 @@ def test_resume_takes_neither_overwrite_nor_init_from(args):
         train.parse_config(["--config", "tiny", *args])
 
 
+def test_the_cpu_estimate_counts_memdlm_steps_from_mem_start():
+    cfg = train.parse_config(["--config", "cpu"])  # MDLM for 3000 steps, then MemDLM for 400
+    minutes = lambda c, start=0: train.cpu_minutes(c, 1e6, 2048, start)
+    assert minutes(cfg) == pytest.approx(minutes({**cfg, "mem": False}) * (3000 + 1.8 * 400) / 3400)
+    assert minutes(cfg, start=3000) == pytest.approx(minutes(cfg) * 1.8 * 400 / (3000 + 1.8 * 400))
+    assert minutes({**cfg, "mem_start": 0}) == pytest.approx(minutes({**cfg, "mem": False}) * 1.8)
+
+
 def test_compile_on_the_cpu_is_noted(tmp_path, capsys):
     run(tmp_path, "--max_iters=0", "--compile=True", "--device=cpu")
     assert "note: --compile applies on the GPU only" in capsys.readouterr().out
