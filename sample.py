@@ -19,8 +19,9 @@ them applied (paper Sec. 4.5, "MemDLM Train & Inference").
 Defaults of the command line: --out_dir=out (where train.py --config small writes); 128
 tokens (at most half the training context) in blocks of 32, one token per step (LLaDA's semi-autoregressive layout: a block is
 decoded once the text to its left is final, so a short-context model never fills the far end
-first); a checkpoint's train.py preset may name a shorter block (sample_block_len; cpu: 4, as
-its weak model fills a longer block with spaces, revealed first where the text is unknown).
+first); temperature 0 (the most likely token). A checkpoint's train.py preset may name other
+defaults (sample_block_len, sample_temperature): cpu decodes in blocks of 4 at temperature 1, as
+its weak model, in longer blocks or greedily, fills the text with runs of spaces.
 With no prompt given, a passage of the checkpoint's held-out split is the prompt (printed
 first: it is what --adapt writes into the memory): the training context left after gen_len (128
 tokens for the small preset), from a line start to a word end.
@@ -317,7 +318,9 @@ def main(argv=None):
     p.add_argument("--block_len", type=int, default=None,
                    help=f"semi-autoregressive block (default: the checkpoint's sample_block_len, {BLOCK_LEN} "
                         f"unless its preset says otherwise (cpu: 4), where it divides gen_len, else gen_len)")
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0: the most likely token (default: the checkpoint's sample_temperature, 0 unless its "
+                        "preset says otherwise (cpu: 1))")
     p.add_argument("--remasking", choices=REMASKING, default="low_confidence")
     p.add_argument("--threshold", type=float, default=None, help="also reveal all above this confidence")
     p.add_argument("--seed", type=int, default=1337, help="the sampling noise and the held-out passage")
@@ -336,8 +339,8 @@ def main(argv=None):
                    help=f"watch the denoising: the first sample's generated part after every step, one line "
                         f"each, {MASK_CHAR} where still masked, {NEWLINE_CHAR} for a newline")
     a = p.parse_args(argv)
-    if (a.num_samples < 1 or not a.temperature >= 0 or a.adapt_steps < 1 or not 0 < a.adapt_ratio <= 1
-            or not 0 <= a.adapt_lr < math.inf):
+    if (a.num_samples < 1 or not (a.temperature is None or a.temperature >= 0) or a.adapt_steps < 1
+            or not 0 < a.adapt_ratio <= 1 or not 0 <= a.adapt_lr < math.inf):
         raise SystemExit("need --num_samples >= 1, --temperature >= 0, --adapt_steps >= 1, 0 < --adapt_ratio <= 1 "
                          "and a finite --adapt_lr >= 0")
     if a.gen_len is not None and a.block_len is not None:  # a bad layout fails before the checkpoint loads
@@ -365,6 +368,7 @@ def main(argv=None):
         raise SystemExit("--stats compares samples with a text corpus; this checkpoint trained on needle rows")
     a.gen_len = a.gen_len or min(GEN_LEN, model.cfg.block_size // 2)
     steps, block_len = layout(a, a.gen_len, cfg.get("sample_block_len", BLOCK_LEN))
+    temperature = cfg.get("sample_temperature", 0.0) if a.temperature is None else a.temperature
     if text is None:  # the prompt budget: the training context left after gen_len
         text, source = held_out_prompt(cfg, enc, max(model.cfg.block_size - a.gen_len, model.cfg.block_size // 4),
                                        a.seed)
@@ -381,7 +385,7 @@ def main(argv=None):
         print(f"---------- sample 1, one line per step ({MASK_CHAR} masked) ----------")
     # a generator per sample: sample i is the same whatever --num_samples
     gens = [torch.Generator(device).manual_seed(a.seed * 1_000_003 + i) for i in range(a.num_samples)]
-    out, losses = generate(model, [prompt] * a.num_samples, a.gen_len, steps, block_len, a.temperature,
+    out, losses = generate(model, [prompt] * a.num_samples, a.gen_len, steps, block_len, temperature,
                            a.remasking, a.threshold, gens, a.adapt, a.adapt_steps, a.adapt_lr, a.adapt_ratio,
                            MemoryConfig.from_config(cfg), progress=steps >= 64 and not a.show,
                            prefix_cache=a.prefix_cache, on_step=show if a.show else None)

@@ -338,6 +338,7 @@ def test_ctrl_c_in_a_real_process_gives_one_line_and_no_traceback(tmp_path):
     ("--niah_forms=odd", "--niah_forms=odd: use one of fixed"),
     ("--niah_answer_len=0", "must be a positive integer"),
     ("--sample_block_len=0", "--sample_block_len=0: must be a positive integer"),
+    ("--sample_temperature=-1", "--sample_temperature=-1.0: must be a finite number >= 0"),
     ("--dataset=nowhere", r"unknown dataset 'nowhere': choose one of niah, .*pydoc.*, or write "
                           r"data/nowhere/prepare.py"),
     ("--tokenizer=foo", r"unknown tokenizer 'foo': choose one of byte, gpt2, .*o200k_base"),

@@ -332,20 +332,22 @@ def test_cli_samples(ckpt, capsys):
                      capsys.readouterr().out)
 
 
-def test_cli_decodes_in_the_checkpoints_block(ckpt, tmp_path, monkeypatch):
-    """With no --block_len, sample.py decodes in the block the checkpoint's preset names
-    (sample_block_len; 32 unless set) where it divides gen_len, else in one block."""
-    train.main(["--config", "tiny", f"--out_dir={tmp_path}", "--max_iters=2", "--eval_iters=1", "--sample_block_len=4"])
+def test_cli_samples_with_the_checkpoints_defaults(ckpt, tmp_path, monkeypatch):
+    """With no --block_len or --temperature, sample.py takes those the checkpoint's preset names
+    (sample_block_len, used where it divides gen_len, else one block; sample_temperature), else
+    blocks of 32 and temperature 0."""
+    train.main(["--config", "tiny", f"--out_dir={tmp_path}", "--max_iters=2", "--eval_iters=1", "--sample_block_len=4",
+                "--sample_temperature=0.5"])
     layouts, real = [], sample.generate
 
-    def spy(model, prompts, gen_len, steps, block_len, *args, **kw):
-        layouts.append((gen_len, steps, block_len))
-        return real(model, prompts, gen_len, steps, block_len, *args, **kw)
+    def spy(model, prompts, gen_len, steps, block_len, temperature, *args, **kw):
+        layouts.append((gen_len, steps, block_len, temperature))
+        return real(model, prompts, gen_len, steps, block_len, temperature, *args, **kw)
     monkeypatch.setattr(sample, "generate", spy)
     for argv in ([f"--out_dir={tmp_path}"], [f"--out_dir={tmp_path}", "--gen_len=10"],
-                 [f"--out_dir={tmp_path}", "--block_len=8"], [f"--out_dir={ckpt}"]):
+                 [f"--out_dir={tmp_path}", "--block_len=8", "--temperature=0"], [f"--out_dir={ckpt}"]):
         main(argv + ["--prompt=Hello"])
-    assert layouts == [(32, 32, 4), (10, 10, 10), (32, 32, 8), (32, 32, 32)]
+    assert layouts == [(32, 32, 4, 0.5), (10, 10, 10, 0.5), (32, 32, 8, 0.0), (32, 32, 32, 0.0)]
 
 
 def test_cli_long_context_warns(ckpt, capsys):
