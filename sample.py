@@ -19,9 +19,12 @@ them applied (paper Sec. 4.5, "MemDLM Train & Inference").
 Defaults of the command line: --out_dir=out (where train.py --config small writes); 128
 tokens (at most half the training context) in blocks of 32, one token per step (LLaDA's semi-autoregressive layout: a block is
 decoded once the text to its left is final, so a short-context model never fills the far end
-first). With no prompt given, a passage of the checkpoint's held-out split is the prompt
-(printed first: it is what --adapt writes into the memory): the training context left after
-gen_len (128 tokens for the small preset), from a line start to a word end.
+first); temperature 0 (the most likely token). A checkpoint's train.py preset may name other
+defaults (sample_block_len, sample_temperature): cpu decodes in blocks of 4 at temperature 1, as
+its weak model, in longer blocks or greedily, fills the text with runs of spaces.
+With no prompt given, a passage of the checkpoint's held-out split is the prompt (printed
+first: it is what --adapt writes into the memory): the training context left after gen_len (128
+tokens for the small preset), from a line start to a word end.
 """
 import argparse
 import math
@@ -30,6 +33,7 @@ import re
 import sys
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -39,7 +43,8 @@ from model import KVCache, load_model, pick_device, proposal_logits
 from niah import make_example, parse_tasks
 
 REMASKING = ("low_confidence", "random")
-GEN_LEN, BLOCK_LEN = 128, 32  # the command line's defaults: 4 blocks of 32, one token per step
+GEN_LEN, BLOCK_LEN = 128, 32  # the command line's defaults: 4 blocks of 32, one token per step (a checkpoint's
+# sample_block_len, from its train.py preset, replaces BLOCK_LEN)
 MASK_CHAR, NEWLINE_CHAR = "█", "⏎"  # --show: a masked position, a newline
 
 
@@ -269,6 +274,13 @@ def show_line(enc, ids, mask_id):
     return "".join(pieces).replace("\n", NEWLINE_CHAR)
 
 
+def documents(enc, ids):
+    """The text of every document of a token split ([N] ids), a newline between two: decode
+    alone stops at the first <|endoftext|>, the end of the first document."""
+    docs = np.split(ids, np.flatnonzero(ids == enc.eot_token) + 1)
+    return "\n".join(decode(enc, doc.tolist()) for doc in docs if len(doc))
+
+
 def readability(samples, corpus):
     """How much generated text looks like the corpus: the share of its words (runs of letters)
     that occur in the corpus and their number, its share of whitespace characters, and the
@@ -279,10 +291,11 @@ def readability(samples, corpus):
     return sum(w in vocab for w in words) / max(1, len(words)), len(words), white("".join(samples)), white(corpus)
 
 
-def layout(a, gen_len):
-    """(steps, block_len) of the command line for gen_len tokens, checked by plan."""
+def layout(a, gen_len, block=BLOCK_LEN):
+    """(steps, block_len) of the command line for gen_len tokens, checked by plan; with no
+    --block_len, blocks of `block` tokens where they divide gen_len, else one block."""
     steps = gen_len if a.steps is None else a.steps
-    block_len = a.block_len if a.block_len is not None else BLOCK_LEN if gen_len % BLOCK_LEN == 0 else gen_len
+    block_len = a.block_len if a.block_len is not None else block if gen_len % block == 0 else gen_len
     try:
         plan(gen_len, steps, block_len)
     except ValueError as e:
@@ -303,8 +316,11 @@ def main(argv=None):
                    help=f"tokens to generate (default {GEN_LEN}, at most half the training context)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps in all (default gen_len)")
     p.add_argument("--block_len", type=int, default=None,
-                   help=f"semi-autoregressive block (default {BLOCK_LEN} where it divides gen_len, else gen_len)")
-    p.add_argument("--temperature", type=float, default=0.0)
+                   help=f"semi-autoregressive block (default: the checkpoint's sample_block_len, {BLOCK_LEN} "
+                        f"unless its preset says otherwise (cpu: 4), where it divides gen_len, else gen_len)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0: the most likely token (default: the checkpoint's sample_temperature, 0 unless its "
+                        "preset says otherwise (cpu: 1))")
     p.add_argument("--remasking", choices=REMASKING, default="low_confidence")
     p.add_argument("--threshold", type=float, default=None, help="also reveal all above this confidence")
     p.add_argument("--seed", type=int, default=1337, help="the sampling noise and the held-out passage")
@@ -323,11 +339,11 @@ def main(argv=None):
                    help=f"watch the denoising: the first sample's generated part after every step, one line "
                         f"each, {MASK_CHAR} where still masked, {NEWLINE_CHAR} for a newline")
     a = p.parse_args(argv)
-    if (a.num_samples < 1 or not a.temperature >= 0 or a.adapt_steps < 1 or not 0 < a.adapt_ratio <= 1
-            or not 0 <= a.adapt_lr < math.inf):
+    if (a.num_samples < 1 or not (a.temperature is None or a.temperature >= 0) or a.adapt_steps < 1
+            or not 0 < a.adapt_ratio <= 1 or not 0 <= a.adapt_lr < math.inf):
         raise SystemExit("need --num_samples >= 1, --temperature >= 0, --adapt_steps >= 1, 0 < --adapt_ratio <= 1 "
                          "and a finite --adapt_lr >= 0")
-    if a.gen_len is not None:  # a bad layout fails before the checkpoint loads
+    if a.gen_len is not None and a.block_len is not None:  # a bad layout fails before the checkpoint loads
         layout(a, a.gen_len)
     text = "" if a.unconditional else a.prompt
     if a.prompt_file:
@@ -351,7 +367,8 @@ def main(argv=None):
     if a.stats and cfg["dataset"] == "niah":  # before any sampling
         raise SystemExit("--stats compares samples with a text corpus; this checkpoint trained on needle rows")
     a.gen_len = a.gen_len or min(GEN_LEN, model.cfg.block_size // 2)
-    steps, block_len = layout(a, a.gen_len)
+    steps, block_len = layout(a, a.gen_len, cfg.get("sample_block_len", BLOCK_LEN))
+    temperature = cfg.get("sample_temperature", 0.0) if a.temperature is None else a.temperature
     if text is None:  # the prompt budget: the training context left after gen_len
         text, source = held_out_prompt(cfg, enc, max(model.cfg.block_size - a.gen_len, model.cfg.block_size // 4),
                                        a.seed)
@@ -368,7 +385,7 @@ def main(argv=None):
         print(f"---------- sample 1, one line per step ({MASK_CHAR} masked) ----------")
     # a generator per sample: sample i is the same whatever --num_samples
     gens = [torch.Generator(device).manual_seed(a.seed * 1_000_003 + i) for i in range(a.num_samples)]
-    out, losses = generate(model, [prompt] * a.num_samples, a.gen_len, steps, block_len, a.temperature,
+    out, losses = generate(model, [prompt] * a.num_samples, a.gen_len, steps, block_len, temperature,
                            a.remasking, a.threshold, gens, a.adapt, a.adapt_steps, a.adapt_lr, a.adapt_ratio,
                            MemoryConfig.from_config(cfg), progress=steps >= 64 and not a.show,
                            prefix_cache=a.prefix_cache, on_step=show if a.show else None)
@@ -384,7 +401,7 @@ def main(argv=None):
         print(f"---------- sample {i + 1}/{a.num_samples} ----------")
         print(text + sample)
     if a.stats:
-        corpus = decode(enc, open_split(cfg["dataset"], "train", cfg["tokenizer"]).tolist())
+        corpus = documents(enc, open_split(cfg["dataset"], "train", cfg["tokenizer"]))
         words, n_words, white, corpus_white = readability(samples, corpus)
         print(f"stats: {100 * words:.1f}% of the {n_words} generated words occur in the training text; whitespace "
               f"{100 * white:.1f}% of the characters (the training text: {100 * corpus_white:.1f}%)")

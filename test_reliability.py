@@ -337,6 +337,8 @@ def test_ctrl_c_in_a_real_process_gives_one_line_and_no_traceback(tmp_path):
     ("--niah_haystack=hay", "--niah_haystack=hay: use noise, prose or a comma list of them"),
     ("--niah_forms=odd", "--niah_forms=odd: use one of fixed"),
     ("--niah_answer_len=0", "must be a positive integer"),
+    ("--sample_block_len=0", "--sample_block_len=0: must be a positive integer"),
+    ("--sample_temperature=-1", "--sample_temperature=-1.0: must be a finite number >= 0"),
     ("--dataset=nowhere", r"unknown dataset 'nowhere': choose one of niah, .*pydoc.*, or write "
                           r"data/nowhere/prepare.py"),
     ("--tokenizer=foo", r"unknown tokenizer 'foo': choose one of byte, gpt2, .*o200k_base"),
@@ -351,6 +353,14 @@ def test_every_bad_setting_stops_parse_config_in_one_line(arg, message):
 def test_resume_takes_neither_overwrite_nor_init_from(args):
     with pytest.raises(SystemExit, match="--resume=True continues the run in out_dir"):
         train.parse_config(["--config", "tiny", *args])
+
+
+def test_the_cpu_estimate_counts_memdlm_steps_from_mem_start():
+    cfg = train.parse_config(["--config", "cpu"])  # MDLM for 3000 steps, then MemDLM for 400
+    minutes = lambda c, start=0: train.cpu_minutes(c, 1e6, 2048, start)
+    assert minutes(cfg) == pytest.approx(minutes({**cfg, "mem": False}) * (3000 + 1.8 * 400) / 3400)
+    assert minutes(cfg, start=3000) == pytest.approx(minutes(cfg) * 1.8 * 400 / (3000 + 1.8 * 400))
+    assert minutes({**cfg, "mem_start": 0}) == pytest.approx(minutes({**cfg, "mem": False}) * 1.8)
 
 
 def test_compile_on_the_cpu_is_noted(tmp_path, capsys):

@@ -2,13 +2,16 @@
 CPU only, a few seconds: python -m pytest -q test_sample.py"""
 import re
 
+import numpy as np
 import pytest
 import torch
 
+import sample
 import train
+from data.tokenizer import get_encoding, open_split
 from memory import MemoryConfig, flat
 from model import DiffusionLM, KVCache, ModelConfig, forward_process, mdlm_loss
-from sample import generate, main, pad_batch, plan, readability, reveal_schedule, write_memory
+from sample import documents, generate, main, pad_batch, plan, readability, reveal_schedule, write_memory
 
 MASK = 257
 MCFG = MemoryConfig(rank=4, alpha=8.0, layer_frac=0.5)  # fast weights on layer 1 of 2, LoRA scale 2 as the default
@@ -323,8 +326,28 @@ def test_cli_samples(ckpt, capsys):
     main([f"--out_dir={ckpt}", "--prompt=Hello", "--gen_len=8", "--block_len=4", "--prefix_cache", "--adapt"])
     assert "sample 1/1" in capsys.readouterr().out
     main([f"--out_dir={ckpt}", "--prompt=Hello", "--gen_len=8", "--temperature=1", "--stats"])
+    corpus_white = readability([], documents(get_encoding("byte"), open_split("pydoc", "train", "byte")))[3]
     assert re.search(r"stats: \d+\.\d% of the \d+ generated words occur in the training text; whitespace "
-                     r"\d+\.\d% of the characters \(the training text: 1\d\.\d%\)", capsys.readouterr().out)
+                     rf"\d+\.\d% of the characters \(the training text: {100 * corpus_white:.1f}%\)",
+                     capsys.readouterr().out)
+
+
+def test_cli_samples_with_the_checkpoints_defaults(ckpt, tmp_path, monkeypatch):
+    """With no --block_len or --temperature, sample.py takes those the checkpoint's preset names
+    (sample_block_len, used where it divides gen_len, else one block; sample_temperature), else
+    blocks of 32 and temperature 0."""
+    train.main(["--config", "tiny", f"--out_dir={tmp_path}", "--max_iters=2", "--eval_iters=1", "--sample_block_len=4",
+                "--sample_temperature=0.5"])
+    layouts, real = [], sample.generate
+
+    def spy(model, prompts, gen_len, steps, block_len, temperature, *args, **kw):
+        layouts.append((gen_len, steps, block_len, temperature))
+        return real(model, prompts, gen_len, steps, block_len, temperature, *args, **kw)
+    monkeypatch.setattr(sample, "generate", spy)
+    for argv in ([f"--out_dir={tmp_path}"], [f"--out_dir={tmp_path}", "--gen_len=10"],
+                 [f"--out_dir={tmp_path}", "--block_len=8", "--temperature=0"], [f"--out_dir={ckpt}"]):
+        main(argv + ["--prompt=Hello"])
+    assert layouts == [(32, 32, 4, 0.5), (10, 10, 10, 0.5), (32, 32, 8, 0.0), (32, 32, 32, 0.0)]
 
 
 def test_cli_long_context_warns(ckpt, capsys):
@@ -357,3 +380,12 @@ def test_cli_errors(ckpt, tmp_path):
 def test_readability_counts_corpus_words_and_whitespace():
     words, n, white, corpus_white = readability(["the cat zzq", "   "], "the cat sat.\n")
     assert (words, n) == (2 / 3, 3) and white == 5 / 14 and corpus_white == 3 / 13
+
+
+def test_the_training_text_is_every_document():
+    """--stats compares with the whole train split, not its first document (where decode stops)."""
+    eot = 256
+    ids = np.array(list(b"the cat") + [eot] + list(b"sat") + [eot] + list(b" on"), dtype=np.uint16)
+    enc = get_encoding("byte")
+    assert enc.eot_token == eot and documents(enc, ids) == "the cat\nsat\n on"
+    assert readability(["sat on"], documents(enc, ids))[0] == 1.0

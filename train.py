@@ -63,6 +63,8 @@ DEFAULTS = dict(
     mem_steps=2, mem_lr=0.1, mem_clip=1.0,  # K inner SGD steps of step size eta, per-tensor gradient clip
     mem_pre_scale=1.5,     # pre-anchor masked fraction: s times the anchor's
     mem_trajectory="anchor", mem_scope="response",
+    # sampling: sample.py's defaults for this checkpoint, the block (decoded left to right) and temperature
+    sample_block_len=32, sample_temperature=0.0,
     **NIAH_DEFAULTS,       # read when dataset="niah": the needle tasks of niah.py as training rows
 )
 PRESETS = {
@@ -86,10 +88,14 @@ PRESETS = {
     "niah_tiny": dict(out_dir="out-niah-tiny", dataset="niah", block_size=256, batch_size=8, max_iters=20,
                       n_layer=2, n_head=2, n_embd=64, warmup_iters=5, eval_interval=10, eval_iters=2,
                       log_interval=10, mem_rank=8, compile=False, niah_tasks="single,babi"),
-    # a 2-core laptop in under 10 minutes: ~0.9M parameters, 64-token windows, MDLM then 400 MemDLM steps
-    "cpu": dict(out_dir="out-cpu", block_size=64, batch_size=32, max_iters=2400, mem_start=2000, n_layer=4, n_head=4,
+    # a 2-core laptop in under 10 minutes: ~0.9M parameters, 64-token windows, MDLM for 3000 steps then 400
+    # MemDLM steps (longer MemDLM can let the memory take over). Its samples decode in blocks of 4 tokens at
+    # temperature 1: in a longer block this weak model is most confident of a space wherever the text is still
+    # unknown, low-confidence remasking reveals those first, and each space makes its neighbours' spaces
+    # surer; greedy, it loops (spaces after a paragraph's end, "the the the")
+    "cpu": dict(out_dir="out-cpu", block_size=64, batch_size=32, max_iters=3400, mem_start=3000, n_layer=4, n_head=4,
                 n_embd=128, lr=2e-3, min_lr=2e-4, warmup_iters=100, eval_interval=400, eval_iters=10, log_interval=100,
-                mem_rank=16, mem_alpha=32.0, compile=False),
+                mem_rank=16, mem_alpha=32.0, compile=False, sample_block_len=4, sample_temperature=1.0),
     "tiny": dict(out_dir="out-tiny", block_size=64, batch_size=8, max_iters=40, n_layer=2, n_head=2,
                  n_embd=64, warmup_iters=5, eval_interval=20, eval_iters=2, log_interval=10,
                  mem_rank=8, compile=False),
@@ -97,7 +103,7 @@ PRESETS = {
 MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "tokenizer")
 # keys a resumed run may change without changing what its steps compute; a change of any other is noted
 RESUME_FREE = ("out_dir", "resume", "overwrite", "init_from", "device", "compile", "compile_mode",
-               "eval_interval", "eval_iters", "log_interval")
+               "eval_interval", "eval_iters", "log_interval", "sample_block_len", "sample_temperature")
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
@@ -136,7 +142,7 @@ def check_config(cfg):
         if not ok:
             raise SystemExit(msg)
     for k in ("block_size", "batch_size", "n_layer", "n_head", "n_embd", "eval_interval", "eval_iters",
-              "log_interval", "niah_answer_len"):
+              "log_interval", "niah_answer_len", "sample_block_len"):
         need(cfg[k] >= 1, f"--{k}={cfg[k]}: must be a positive integer")
     for k in ("max_iters", "warmup_iters", "mem_start", "niah_min_len", "niah_curriculum"):
         need(cfg[k] >= 0, f"--{k}={cfg[k]}: must be >= 0")
@@ -148,6 +154,8 @@ def check_config(cfg):
     need(math.isfinite(cfg["lr"]) and cfg["lr"] > 0, f"--lr={cfg['lr']}: must be a finite number > 0")
     need(0 <= cfg["min_lr"] <= cfg["lr"], f"--min_lr={cfg['min_lr']}: must be within 0 and --lr={cfg['lr']}")
     need(0 <= cfg["weight_decay"] < math.inf, f"--weight_decay={cfg['weight_decay']}: must be a finite number >= 0")
+    need(0 <= cfg["sample_temperature"] < math.inf,
+         f"--sample_temperature={cfg['sample_temperature']}: must be a finite number >= 0")
     for k in ("beta1", "beta2"):
         need(0 < cfg[k] < 1, f"--{k}={cfg[k]}: must be within 0 and 1 (exclusive)")
     need(cfg["grad_clip"] > 0, f"--grad_clip={cfg['grad_clip']}: must be > 0")
@@ -406,6 +414,15 @@ def max_abs_weight(raw_model):
     return torch.stack([p.detach().abs().max().float() for p in raw_model.parameters()]).max().item()
 
 
+def cpu_minutes(cfg, n_params, tokens_per_step, start):
+    """A rough CPU time of the steps from start, before tqdm's estimate takes over: 6 N FLOPs a
+    token, a MemDLM step (from mem_start on) 1.8 MDLM steps, 4.5e10 FLOP/s a thread (the cpu
+    preset: 127 ms an MDLM step, 236 ms a MemDLM step, on 2 cores)."""
+    mdlm = max(0, min(cfg["max_iters"], cfg["mem_start"] if cfg["mem"] else cfg["max_iters"]) - start)
+    mem = cfg["max_iters"] - start - mdlm
+    return 6 * n_params * tokens_per_step * (mdlm + 1.8 * mem) / (4.5e10 * torch.get_num_threads()) / 60
+
+
 def resume_command(argv, world):
     """The command that continues this run from its checkpoint."""
     args = [a for a in argv if not a.startswith(("--resume=", "--overwrite=", "--init_from="))]
@@ -492,11 +509,9 @@ def main(argv):
         if cfg["compile"] and not on_gpu:
             print("note: --compile applies on the GPU only; the CPU runs the model as it is")
         if not on_gpu and cfg["max_iters"] > start:
-            # a rough CPU rate; tqdm's estimate takes over after the first steps
-            flops = (6 * raw_model.num_params() * tokens_per_step * (cfg["max_iters"] - start)
-                     * (1.5 if cfg["mem"] else 1))
-            print(f"note: no GPU, training on the CPU; roughly {flops / (2e10 * torch.get_num_threads()) / 60:.1f} "
-                  f"minutes for {cfg['max_iters'] - start} steps")
+            print(f"note: no GPU, training on the CPU; roughly "
+                  f"{cpu_minutes(cfg, raw_model.num_params(), tokens_per_step, start):.1f} minutes for "
+                  f"{cfg['max_iters'] - start} steps")
     # a resumed run appends to its log; a new one starts it afresh, and --overwrite=True removes
     # the earlier run's checkpoint now, so out_dir never mixes two runs
     if master and cfg["overwrite"] and os.path.exists(ckpt_path):
