@@ -369,6 +369,9 @@ def main(argv=None):
     a.gen_len = a.gen_len or min(GEN_LEN, model.cfg.block_size // 2)
     steps, block_len = layout(a, a.gen_len, cfg.get("sample_block_len", BLOCK_LEN))
     temperature = cfg.get("sample_temperature", 0.0) if a.temperature is None else a.temperature
+    if a.num_samples > 1 and temperature == 0 and a.remasking == "low_confidence" and not a.adapt:
+        print(f"note: temperature 0 decodes deterministically: the {a.num_samples} samples are the same; "
+              f"--temperature=1 draws different ones", file=sys.stderr)
     if text is None:  # the prompt budget: the training context left after gen_len
         text, source = held_out_prompt(cfg, enc, max(model.cfg.block_size - a.gen_len, model.cfg.block_size // 4),
                                        a.seed)

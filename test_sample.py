@@ -318,9 +318,16 @@ def ckpt(tmp_path_factory):
 
 def test_cli_samples(ckpt, capsys):
     main([f"--out_dir={ckpt}", "--prompt=Hello", "--num_samples=2", "--gen_len=8", "--adapt", "--temperature=1"])
-    out = capsys.readouterr().out
+    cap = capsys.readouterr()
+    out = cap.out
+    assert "are the same" not in cap.err
     assert "adapt step 1/2: inner loss" in out and "adapt step 2/2" in out
     assert "sample 2/2" in out and out.count("\nHello") == 2
+    main([f"--out_dir={ckpt}", "--prompt=Hello", "--num_samples=2", "--gen_len=8", "--temperature=0"])
+    cap = capsys.readouterr()  # greedy decoding draws nothing: the samples are one
+    assert "the 2 samples are the same" in cap.err
+    texts = re.split(r"---------- sample \d/2 ----------\n", cap.out)[1:]
+    assert len(texts) == 2 and texts[0] == texts[1]
     main([f"--out_dir={ckpt}", "--gen_len=8", "--block_len=4", "--steps=4", "--unconditional"])
     assert "sample 1/1" in capsys.readouterr().out
     main([f"--out_dir={ckpt}", "--prompt=Hello", "--gen_len=8", "--block_len=4", "--prefix_cache", "--adapt"])
