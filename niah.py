@@ -409,10 +409,11 @@ class NiahData:
         except ValueError as e:
             raise SystemExit(f"niah: {e} (block_size={self.T}, niah_answer_len={self.answer_len})") from None
 
-    def batch(self, split, gen, step=None):
+    def batch(self, split, gen, step=None, with_tasks=False):
         """(x0, maskable, key_pad) [B, T] each; the rows are drawn from a python RNG seeded by gen
         and the split, so batches are reproducible and val rows come from their own stream.
-        step: the training step, for the curriculum of train rows (None: the full range of lengths)."""
+        step: the training step, for the curriculum of train rows (None: the full range of lengths).
+        with_tasks: also return each row's task name (for per-task eval accuracy)."""
         rng = random.Random(f"niah:{split}:{self.seed}:{torch.randint(2 ** 62, (1,), generator=gen).item()}")
         eot = self.enc.eot_token
         x = np.full((self.B, self.T), eot, dtype=np.int64)
@@ -421,8 +422,10 @@ class NiahData:
         full = rng.random() < self.full_frac
         curriculum = split == "train" and step is not None and self.curriculum
         fill = min(1.0, step / self.curriculum) if curriculum else 1.0
+        tasks = []
         for b in range(self.B):
-            ex = make_example(rng.choice(self.tasks), (self.min_len, self.T), rng.uniform(0, 100), rng,
+            tasks.append(rng.choice(self.tasks))
+            ex = make_example(tasks[-1], (self.min_len, self.T), rng.uniform(0, 100), rng,
                               self.enc, _pick(rng, self.haystacks), self.answer_len, self.forms, fill)
             ans = _tok(self.enc, ex["target"])
             row = ex["prompt"] + list(ans) + [eot] * (self.answer_len - len(ans))
@@ -431,8 +434,8 @@ class NiahData:
             maskable[b, 0 if full else len(ex["prompt"]):len(row)] = True
         out = tuple(torch.from_numpy(a) for a in (x, maskable, key_pad))
         if self.device.startswith("cuda"):
-            return tuple(a.pin_memory().to(self.device, non_blocking=True) for a in out)
-        return out
+            out = tuple(a.pin_memory().to(self.device, non_blocking=True) for a in out)
+        return (out, tasks) if with_tasks else out
 
 
 # ---------------------------------------------------------------------------------------

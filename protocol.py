@@ -119,9 +119,22 @@ def read_log(out_dir):
     return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)], summary
 
 
-def onset(evals):
-    """The first eval step with eval_answer_acc >= ONSET_ACC, or None."""
-    return next((r["step"] for r in evals if r.get("eval_answer_acc", 0) >= ONSET_ACC), None)
+def onset(evals, key="eval_answer_acc"):
+    """The first eval step with `key` (the answer accuracy, pooled or of one task) >= ONSET_ACC, or None."""
+    return next((r["step"] for r in evals if r.get(key, 0) >= ONSET_ACC), None)
+
+
+def task_onsets(evals):
+    """{task: onset} of each task whose answer accuracy the log holds (eval_answer_acc_<task>)."""
+    keys = sorted({k for r in evals for k in r if k.startswith("eval_answer_acc_")})
+    return {k[len("eval_answer_acc_"):]: onset(evals, k) for k in keys}
+
+
+def fmt_onset(seed):
+    """A seed's base onset for the table: pooled, then per task where logged."""
+    fmt = lambda step: "none" if step is None else str(step)
+    tasks = ", ".join(f"{t} {fmt(v)}" for t, v in seed["task_onsets"].items())
+    return fmt(seed["onset"]) + (f" ({tasks})" if tasks else "")
 
 
 # ---------------------------------------------------------------------------------------
@@ -315,7 +328,7 @@ def gather(root):
             if not evals:
                 continue
             last = evals[-1]
-            runs[run] = {"onset": onset(evals), "final_step": last["step"],
+            runs[run] = {"onset": onset(evals), "task_onsets": task_onsets(evals), "final_step": last["step"],
                          **{k: last[k] for k in ("eval_loss", "eval_loss_mem", "eval_answer_acc") if k in last},
                          **{k: (summary or {}).get(k) for k in ("train_loss", "wall_s", "device")}}
         niah = {}
@@ -327,8 +340,9 @@ def gather(root):
                 key = os.path.basename(os.path.normpath(r["out_dir"])) + ("+adapt" if r["adapt"] else "")
                 rows[key] = {t: {L: 100 * c["mean"] for L, c in by_len.items()} for t, by_len in r["cells"].items()}
         exposure = os.path.join(sdir, "exposure.json")
-        seeds[name[1:]] = {"onset": runs.get("base", {}).get("onset"), "runs": runs, "niah": niah,
-                           "exposure": exposure if os.path.exists(exposure) else None}
+        base = runs.get("base", {})
+        seeds[name[1:]] = {"onset": base.get("onset"), "task_onsets": base.get("task_onsets", {}), "runs": runs,
+                           "niah": niah, "exposure": exposure if os.path.exists(exposure) else None}
     return seeds
 
 
@@ -356,7 +370,7 @@ def score_tables(seeds):
 
 
 def markdown(seeds, tables, exposure_md):
-    lines = ["## Per seed", "", (f"Onset: the base's first eval with answer accuracy >= {ONSET_ACC}. Losses at the "
+    lines = ["## Per seed", "", (f"Onset: the base's first eval with answer accuracy >= {ONSET_ACC} (pooled, and per task). Losses at the "
                                  "last eval (train loss: the mean of the last log steps; MemDLM's eval loss is its "
                                  "base model alone, with memory in parentheses)."), ""]
     runs = [r for r in RUNS if any(r in s["runs"] for s in seeds.values())]
@@ -373,7 +387,7 @@ def markdown(seeds, tables, exposure_md):
             train = "-" if v["train_loss"] is None else f"{v['train_loss']:.3f}"
             acc = f"{v['eval_answer_acc']:.3f}" if "eval_answer_acc" in v else "-"
             cells.append(f"{train} / {v['eval_loss']:.3f}{mem} / {acc} @{v['final_step']}")
-        lines.append(f"| {sid} | {s['onset'] if s['onset'] is not None else 'none'} | " + " | ".join(cells) + " |")
+        lines.append(f"| {sid} | {fmt_onset(s)} | " + " | ".join(cells) + " |")
     for forms, t in tables.items():
         cols = t["columns"]
         head = ["| row | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]

@@ -522,10 +522,11 @@ def test_answer_accuracy_scores_answers_of_prompted_rows_only():
 
         def logits(self, h):
             return h
-    assert train.answer_accuracy(Oracle(True), x0, maskable, key_pad) == (2, 2)  # 7, 8: eot left out
+    acc = lambda model, *batch: [v.tolist() for v in train.answer_accuracy(model, *batch)]  # per row
+    assert acc(Oracle(True), x0, maskable, key_pad) == [[2, 0], [2, 0]]  # 7, 8: eot left out
     assert seen["x"].tolist() == [[5, 6, MASK, MASK, MASK, 256], [1, 2, 3, 4, 5, 6]]
-    assert train.answer_accuracy(Oracle(False), x0, maskable, key_pad) == (1, 2)
-    assert train.answer_accuracy(Oracle(True), x0[1:], maskable[1:], None) == (0, 0)
+    assert acc(Oracle(False), x0, maskable, key_pad) == [[1, 0], [2, 0]]
+    assert acc(Oracle(True), x0[1:], maskable[1:], None) == [[0], [0]]
 
 
 

@@ -2,6 +2,7 @@
 examples are reproducible, RULER scoring, NiahData rows, errors, and the evaluation CLI end to end.
 CPU only: python -m pytest -q test_niah.py"""
 import json
+import os
 import re
 from collections import Counter
 
@@ -169,6 +170,14 @@ def test_cli_end_to_end(tmp_path, capsys):
     train.main(["--config", "niah_tiny", "--out_dir=" + dirs[0], "--max_iters=2"])
     train.main(["--config", "niah_tiny", "--out_dir=" + dirs[1], "--max_iters=2", "--mem=False"])
     capsys.readouterr()
+    # each task's answer accuracy is logged beside the pooled one, which lies between them
+    records = [json.loads(line) for d in dirs for line in open(os.path.join(d, "log.jsonl"))]
+    evals = [r for r in records if "eval_loss" in r]
+    assert all(k in {"step", "eval_loss", "eval_loss_mem", "eval_answer_acc", "eval_answer_acc_single",
+                     "eval_answer_acc_babi"} for r in evals for k in r)
+    both = [r for r in evals if "eval_answer_acc_single" in r and "eval_answer_acc_babi" in r]
+    assert both and all(min(r["eval_answer_acc_single"], r["eval_answer_acc_babi"]) <= r["eval_answer_acc"]
+                        <= max(r["eval_answer_acc_single"], r["eval_answer_acc_babi"]) for r in both)
     out_json = tmp_path / "r.json"
     niah.main(["--out_dir=" + dirs[0], dirs[1], "--tasks=single,vartrack", "--lengths=200,240",
                "--depths=0,100", "--n=2", "--answer_len=16", "--steps=8", "--batch_size=3",

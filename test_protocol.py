@@ -132,7 +132,8 @@ def fake_results(root, seed, scores, accs):
     s = root / f"s{seed}"
     for run in protocol.RUNS:
         (s / run).mkdir(parents=True)
-        recs = [{"step": 50 * i, "eval_loss": 1.0 / (i + 1), "eval_answer_acc": acc} for i, acc in enumerate(accs)]
+        recs = [{"step": 50 * i, "eval_loss": 1.0 / (i + 1), "eval_answer_acc": acc, "eval_answer_acc_single": acc,
+                 "eval_answer_acc_cwe": acc / 2} for i, acc in enumerate(accs)]
         recs += [{"step": 25, "loss": 2.0}, {"summary": {"train_loss": 0.5}}]
         (s / run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     rows = [{"out_dir": str(s / key.split("+")[0]), "adapt": key.endswith("+adapt"),
@@ -147,6 +148,7 @@ def test_gather_and_tables(tmp_path):
         fake_results(tmp_path, seed, {"ft_mdlm": mdlm[i], "ft_mem": mem[i], "ft_mem+adapt": mdlm[i] + (-1) ** i}, accs)
     seeds = protocol.gather(str(tmp_path))
     assert list(seeds) == ["1", "2", "3"] and [s["onset"] for s in seeds.values()] == [100, None, 100]
+    assert seeds["1"]["task_onsets"] == {"cwe": None, "single": 100}
     assert seeds["1"]["runs"]["base"]["train_loss"] == 0.5 and seeds["1"]["runs"]["base"]["final_step"] == 150
     t = protocol.score_tables(seeds)["train"]
     assert t["columns"] == ["single 256"]
@@ -156,7 +158,8 @@ def test_gather_and_tables(tmp_path):
     assert t["diffs"]["MemDLM (Train & Inference)"]["single 256"]["tie"]  # +1, -1, +1
     md = protocol.markdown(seeds, {"train": t}, None)
     assert re.search(r"\| MemDLM \(Train & Inference\) \| [+-]\d\.\d \[.*\] tie \|", md)
-    assert "| 2 | none |" in md and "| Standard MDLM (n=3) | 60.0 ± 5.8 |" in md
+    assert "| 2 | none (cwe none, single none) |" in md and "| 1 | 100 (cwe none, single 100) |" in md
+    assert "| Standard MDLM (n=3) | 60.0 ± 5.8 |" in md
 
 
 # ---- surface forms ----------------------------------------------------------------------

@@ -330,15 +330,16 @@ def train_step(ddp_model, model, raw_model, opt, batch, cfg, mem_cfg, gen, ctx):
 
 
 def answer_accuracy(model, x0, maskable, key_pad):
-    """(correct, total) argmax predictions of the answers with every scored token of the rows
-    that have a prompt masked at once, as at the sampler's first step; <|endoftext|> padding
-    left out. A retrieval signal that needs no decoding; (0, 0) for plain text."""
+    """Per row, (correct, total) [B] each: argmax predictions of the answers with every scored
+    token of the rows that have a prompt masked at once, as at the sampler's first step;
+    <|endoftext|> padding left out. A retrieval signal that needs no decoding; 0 of 0 for plain text."""
     rows = (~maskable if key_pad is None else ~maskable & ~key_pad).any(1, keepdim=True)
     target = maskable & rows & (x0 != model.cfg.eot_id)
-    if not target.any():
-        return 0, 0
-    pred = model.logits(model(torch.where(maskable & rows, model.cfg.mask_id, x0), key_pad=key_pad)[target]).argmax(-1)
-    return (pred == x0[target]).sum().item(), target.sum().item()
+    hit = torch.zeros_like(target)
+    if target.any():
+        logits = model.logits(model(torch.where(maskable & rows, model.cfg.mask_id, x0), key_pad=key_pad)[target])
+        hit[target] = logits.argmax(-1) == x0[target]
+    return hit.sum(1), target.sum(1)
 
 
 @torch.no_grad()
@@ -346,22 +347,30 @@ def evaluate(raw_model, data, cfg, mem_cfg, device, ctx):
     """Eval losses on fixed batches and masks (the same in every run with the same seed):
     'eval_loss' is the base model alone (the train-only view); 'eval_loss_mem' first runs
     the inner loop on each eval batch, as in training (the paper's view), at the same x_t;
-    'eval_answer_acc' (data with prompts) is answer_accuracy of the base model alone."""
+    'eval_answer_acc' (data with prompts) is answer_accuracy of the base model alone, and with
+    several needle tasks 'eval_answer_acc_<task>' that of each (tasks learn at different steps)."""
     raw_model.eval()
     modes = (False, True) if cfg["mem"] else (False,)
-    losses, hits = {mem: [] for mem in modes}, [0, 0]
+    losses, hits = {mem: [] for mem in modes}, {}  # hits: task (or None) -> [correct, total]
     for i in range(cfg["eval_iters"]):
         g_cpu = step_generator(cfg["seed"] + 1, i, 0, device)[1]
-        batch = data.batch("val", g_cpu)
+        batch, tasks = data.batch("val", g_cpu, with_tasks=True) if isinstance(data, NiahData) \
+            else (data.batch("val", g_cpu), None)
         with ctx:
             for mem in modes:  # a fresh generator each: both see the same t and masks
                 g_dev = step_generator(cfg["seed"] + 1, i, 0, device)[0]
                 loss = batch_loss(raw_model, raw_model, batch, {**cfg, "mem": mem}, mem_cfg, g_dev)[0]
                 losses[mem].append(loss.item())
-            hits = [a + b for a, b in zip(hits, answer_accuracy(raw_model, *batch))]
+            correct, total = (v.tolist() for v in answer_accuracy(raw_model, *batch))
+        for b, task in enumerate(tasks or [None] * len(correct)):
+            for key in {None, task}:
+                hits.setdefault(key, [0, 0])
+                hits[key][0] += correct[b]
+                hits[key][1] += total[b]
     out = {"eval_loss_mem" if mem else "eval_loss": sum(v) / len(v) for mem, v in losses.items()}
-    if hits[1]:
-        out["eval_answer_acc"] = hits[0] / hits[1]
+    for task, (c, n) in hits.items():
+        if n and (task is None or len(data.tasks) > 1):
+            out["eval_answer_acc" + (f"_{task}" if task else "")] = c / n
     raw_model.train()
     return out
 
