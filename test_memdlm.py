@@ -384,6 +384,32 @@ def run_train(tmp_path, *args):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.parametrize("config", ["tiny", "niah_tiny"])
+def test_data_workers_draw_the_batches_the_loop_would(tmp_path, config):
+    """Batches drawn ahead by DataLoader workers are those of the loop itself: the same losses,
+    also across a resume (and with the needle curriculum, which depends on the step)."""
+    def losses(out, *args):
+        train.main(["--config", config, f"--out_dir={out}", "--max_iters=6", "--eval_interval=3", "--log_interval=1",
+                    "--niah_curriculum=4", *args])
+        with open(os.path.join(out, "log.jsonl")) as f:
+            return [(r["step"], r.get("loss"), r.get("eval_loss")) for r in map(json.loads, f) if "step" in r]
+    inline = losses(tmp_path / "a")
+    assert losses(tmp_path / "b", "--data_workers=2") == inline
+    train.main(["--config", config, f"--out_dir={tmp_path / 'c'}", "--max_iters=3", "--eval_interval=3",
+                "--log_interval=1", "--niah_curriculum=4", "--data_workers=2"])
+    assert losses(tmp_path / "c", "--data_workers=2", "--resume=True")[-4:] == inline[-4:]
+
+
+def test_the_batch_of_a_step_is_that_steps_draw():
+    cfg = {**train.parse_config(["--config", "niah_tiny"]), "niah_curriculum": 1000, "batch_size": 16}
+    data = train.make_data(cfg, "cpu")
+    items = train.StepBatches(data, cfg["seed"], 1)
+    ref = data.batch("train", torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + 7 * 1009 + 1), 7)
+    assert all(torch.equal(a, b) for a, b in zip(items[7], ref))
+    length = lambda step: int((~items[step][2]).sum(1).max())  # the curriculum follows the step
+    assert length(0) < length(2000)
+
+
 @pytest.mark.parametrize("mem", [False, True])
 def test_a_tiny_run_lowers_the_loss(tmp_path, mem):
     log = run_train(tmp_path, f"--mem={mem}", "--max_iters=60", "--eval_interval=30")

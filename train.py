@@ -54,6 +54,7 @@ DEFAULTS = dict(
     device="auto",         # auto, cpu, cuda or cuda:N
     dtype="bfloat16",      # autocast dtype on the GPU (bfloat16, float16 or float32); the CPU runs float32
     compile=True, compile_mode="default",  # torch.compile of the model (GPU only)
+    data_workers=0,        # processes drawing training batches ahead of the loop (0: in the loop)
     # MemDLM: mem_<field> is memory.MemoryConfig's field (see it for each)
     mem=True,              # False: plain MDLM, no inner loop
     mem_start=0,           # MemDLM from this step on, MDLM before it (the paper fine-tunes a pretrained DLM)
@@ -103,7 +104,8 @@ PRESETS = {
 MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "tokenizer")
 # keys a resumed run may change without changing what its steps compute; a change of any other is noted
 RESUME_FREE = ("out_dir", "resume", "overwrite", "init_from", "device", "compile", "compile_mode",
-               "eval_interval", "eval_iters", "log_interval", "sample_block_len", "sample_temperature")
+               "eval_interval", "eval_iters", "log_interval", "sample_block_len", "sample_temperature",
+               "data_workers")
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
@@ -144,7 +146,7 @@ def check_config(cfg):
     for k in ("block_size", "batch_size", "n_layer", "n_head", "n_embd", "eval_interval", "eval_iters",
               "log_interval", "niah_answer_len", "sample_block_len"):
         need(cfg[k] >= 1, f"--{k}={cfg[k]}: must be a positive integer")
-    for k in ("max_iters", "warmup_iters", "mem_start", "niah_min_len", "niah_curriculum"):
+    for k in ("max_iters", "warmup_iters", "mem_start", "niah_min_len", "niah_curriculum", "data_workers"):
         need(cfg[k] >= 0, f"--{k}={cfg[k]}: must be >= 0")
     head = cfg["n_embd"] / cfg["n_head"]
     need(head == int(head), f"--n_embd={cfg['n_embd']} is not a multiple of --n_head={cfg['n_head']}: "
@@ -224,6 +226,27 @@ class TextData:
 
 def make_data(cfg, device):
     return NiahData(cfg, device) if cfg["dataset"] == "niah" else TextData(cfg, device)
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item s: the training batch of step s on the CPU, drawn from step s's generator, so a
+    DataLoader worker draws exactly what the loop would: prefetching changes neither the
+    batches nor resume."""
+
+    def __init__(self, data, seed, rank):
+        self.data, self.seed, self.rank = data, seed, rank
+
+    def __getitem__(self, step):
+        return self.data.batch("train", step_generator(self.seed, step, self.rank, "cpu")[1], step)
+
+
+def train_batches(cfg, start, rank, on_gpu):
+    """The batches of steps start .. max_iters - 1, drawn by data_workers processes ahead of the
+    loop (0: in the loop), pinned on the GPU for an asynchronous copy."""
+    workers = cfg["data_workers"]
+    return iter(torch.utils.data.DataLoader(StepBatches(make_data(cfg, "cpu"), cfg["seed"], rank), batch_size=None,
+                                            sampler=range(start, cfg["max_iters"]), num_workers=workers,
+                                            pin_memory=on_gpu, prefetch_factor=4 if workers else None))
 
 
 # ---------------------------------------------------------------------------------------
@@ -463,9 +486,8 @@ def main(argv):
 
     enc = get_encoding(cfg["tokenizer"])
     mem_cfg = MemoryConfig.from_config(cfg)
-    data = make_data(cfg, device)
     # rank 0 evaluates on the global batch: equal eval data for equal global batches on any number of GPUs
-    eval_data = make_data({**cfg, "batch_size": cfg["batch_size"] * world}, device) if world > 1 and master else data
+    eval_data = make_data({**cfg, "batch_size": cfg["batch_size"] * world}, device) if master else None
     os.makedirs(cfg["out_dir"], exist_ok=True)
 
     start, ckpt = 0, None
@@ -556,6 +578,7 @@ def main(argv):
         stop_unless_finite(step, ev)
         return ev
 
+    batches = train_batches(cfg, start, rank, on_gpu)
     bar = tqdm(range(start, cfg["max_iters"]), initial=start, total=cfg["max_iters"], disable=not master,
                dynamic_ncols=True)
     t_start = t_log = time.time()
@@ -574,9 +597,9 @@ def main(argv):
                 write({"step": step, "switch": "MemDLM from here on"})
                 bar.write(f"step {step}: MDLM -> MemDLM")
             step_cfg = cfg if step >= cfg["mem_start"] else {**cfg, "mem": False}
-            g_dev, g_cpu = step_generator(cfg["seed"], step, rank, device)
-            loss, inner_losses = train_step(ddp_model, model, raw_model, opt, data.batch("train", g_cpu, step), step_cfg,
-                                            mem_cfg, g_dev, ctx)
+            g_dev = step_generator(cfg["seed"], step, rank, device)[0]
+            batch = tuple(a if a is None else a.to(device, non_blocking=True) for a in next(batches))
+            loss, inner_losses = train_step(ddp_model, model, raw_model, opt, batch, step_cfg, mem_cfg, g_dev, ctx)
             # the loss is read (a host sync) at log steps only; a NaN between them is caught here or
             # by the check before the next evaluation and checkpoint
             if (step + 1) % cfg["log_interval"] == 0 and master:
