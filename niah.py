@@ -395,7 +395,8 @@ class NiahData:
         from data.tokenizer import get_encoding
         self.enc, self.device = get_encoding(cfg["tokenizer"]), device
         self.T, self.B, self.answer_len, self.seed = cfg["block_size"], cfg["batch_size"], cfg["niah_answer_len"], cfg["seed"]
-        self.min_len, self.full_frac, self.curriculum = cfg["niah_min_len"], cfg["niah_full_frac"], cfg["niah_curriculum"]
+        self.min_len, self.full_frac = cfg["niah_min_len"], cfg["niah_full_frac"]
+        self.curriculum = cfg["niah_curriculum"]
         self.haystacks, self.forms = cfg["niah_haystack"].split(","), cfg["niah_forms"]
         try:
             self.tasks = parse_tasks(cfg["niah_tasks"])

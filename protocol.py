@@ -370,9 +370,9 @@ def score_tables(seeds):
 
 
 def markdown(seeds, tables, exposure_md):
-    lines = ["## Per seed", "", (f"Onset: the base's first eval with answer accuracy >= {ONSET_ACC} (pooled, and per task). Losses at the "
-                                 "last eval (train loss: the mean of the last log steps; MemDLM's eval loss is its "
-                                 "base model alone, with memory in parentheses)."), ""]
+    lines = ["## Per seed", "", (f"Onset: the base's first eval with answer accuracy >= {ONSET_ACC} (pooled, and "
+                                 "per task). Losses at the last eval (train loss: the mean of the last log steps; "
+                                 "MemDLM's eval loss is its base model alone, with memory in parentheses)."), ""]
     runs = [r for r in RUNS if any(r in s["runs"] for s in seeds.values())]
     lines += ["| seed | onset | " + " | ".join(f"{r} train / eval (mem) / acc" for r in runs) + " |",
               "|---|---|" + "---|" * len(runs)]
