@@ -2,6 +2,7 @@
 sample.py --show, hypergrad.py (its table, and the exact hypergradient against finite
 differences). CPU only, seconds: python -m pytest -q test_teach.py"""
 import os
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -107,3 +108,18 @@ def test_exact_hypergradient_matches_finite_differences(workdir):
     slope = (loss_at(1e-3) - loss_at(-1e-3)) / 2e-3
     gap = (u @ ex - u @ fo).item()  # = |ex - fo| > 0
     assert abs(slope - (u @ ex).item()) < 0.02 * gap
+
+
+def test_the_paper_to_code_map_points_into_the_functions_it_names():
+    """README's map, "`name` (file.py:N)": line N lies in the body of `def name` in file.py."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "README.md")) as f:
+        refs = re.findall(r"`(?:\w+\.)?(\w+)` \((\w+\.py):(\d+)", f.read())
+    assert len(refs) >= 10
+    for name, path, n in refs:
+        with open(os.path.join(here, path)) as f:
+            lines = f.read().splitlines()
+        start = next(i for i, line in enumerate(lines, 1) if line.startswith(f"def {name}("))
+        end = next((i for i, line in enumerate(lines, 1) if i > start and line.startswith(("def ", "class "))),
+                   len(lines) + 1)
+        assert start <= int(n) < end, f"README: {name} ({path}:{n}) is not inside def {name} (lines {start}-{end - 1})"
