@@ -235,8 +235,10 @@ def generate(model, prompts, gen_len=64, steps=64, block_len=None, temperature=0
 def held_out_prompt(cfg, enc, n_tokens, seed):
     """A prompt the model never trained on, and a line saying where it comes from: about n_tokens
     of the held-out split of the checkpoint's corpus (data/<dataset>/val.bin), inside one
-    document, from a line start (else a word start) to a word end; for the needle corpus
-    (dataset niah) a needle example of niah.make_example, n_tokens to block_size long."""
+    document, from a line start (else a word start) to a word end inside a sentence of prose
+    (after a paragraph's end, a footnote or a table row the corpus goes on with whitespace, and
+    so does a model that learned it); for the needle corpus (dataset niah) a needle example of
+    niah.make_example, n_tokens to block_size long."""
     rng = random.Random(seed)
     if cfg["dataset"] == "niah":
         task, depth = rng.choice(parse_tasks(cfg["niah_tasks"])), rng.randrange(0, 101, 25)
@@ -247,15 +249,24 @@ def held_out_prompt(cfg, enc, n_tokens, seed):
         return decode(enc, ex["prompt"]), f"a needle example ({task}, depth {depth}%, answer {ex['target'].strip()})"
     tokens = open_split(cfg["dataset"], "val", cfg["tokenizer"], " (it makes the held-out split), or give --prompt")
     n = min(n_tokens, len(tokens))
-    for _ in range(100):  # a window inside one document: no <|endoftext|> in it
+    for _ in range(100):  # a window inside one document (no <|endoftext|> in it) that ends in prose
         start = rng.randrange(len(tokens) - n + 1)
-        if not (tokens[start:start + n] == enc.eot_token).any():
+        if (tokens[start:start + n] == enc.eot_token).any():
+            continue
+        window = decode(enc, tokens[start:start + n].tolist())
+        line = window.find("\n") + 1
+        text = window[line:].lstrip("\n") if 0 < line <= len(window) // 2 else window[re.search(r"\s|$", window).end():]
+        text = text[:re.search(r"\s*\S*$", text.rstrip()).start()] or window  # the last word may be cut: drop it
+        if in_prose(text):
             break
-    window = decode(enc, tokens[start:start + n].tolist())
-    line = window.find("\n") + 1
-    text = window[line:].lstrip("\n") if 0 < line <= len(window) // 2 else window[re.search(r"\s|$", window).end():]
-    text = text[:re.search(r"\s*\S*$", text.rstrip()).start()] or window  # the last word may be cut: drop it
     return text, f"{len(enc.encode_ordinary(text))} tokens of data/{cfg['dataset']}/val.bin, held out"
+
+
+def in_prose(text):
+    """Whether text stops inside a sentence of prose: on a word or a comma, in a line that is not
+    a table's."""
+    last = text.rsplit("\n", 1)[-1].lstrip()
+    return bool(re.search(r"[A-Za-z,]$", text)) and not last.startswith(("|", "+", "="))
 
 
 def show_line(enc, ids, mask_id):

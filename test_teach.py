@@ -41,7 +41,7 @@ def test_first_run_prompts_with_held_out_text(workdir, capsys, monkeypatch):
     val = np.memmap(os.path.join(os.path.dirname(sample.__file__), "data", "pydoc", "val.bin"), dtype=np.uint16)
     docs = [decode(ENC, doc.tolist()) for doc in np.split(val, np.flatnonzero(val == ENC.eot_token) + 1)]
     assert len(prompt) >= 4 and any(prompt in doc for doc in docs)  # a passage of one held-out document
-    assert not prompt[-1].isspace()  # cut at a word end
+    assert not prompt[-1].isspace() and sample.in_prose(prompt)  # cut at a word end, inside a sentence
     sample_text = "\n".join(lines[end + 1:])
     assert sample_text.startswith(prompt) and len(sample_text) > len(prompt)
     # another seed, another passage; --unconditional (or an empty prompt) prints none
@@ -49,6 +49,15 @@ def test_first_run_prompts_with_held_out_text(workdir, capsys, monkeypatch):
     for argv in (["--unconditional"], ["--prompt="]):
         out = printed(capsys, argv + ["--gen_len=8"])
         assert out[0] == "---------- sample 1/1 ----------"
+
+
+def test_held_out_prompts_end_inside_a_sentence_of_prose():
+    assert sample.in_prose("the view reflects these changes,\nthe") and sample.in_prose("a, b,")
+    for text in ("ends a paragraph.", "a footnote [3]", "   iter(d)", "| as \"del s[:]\") |\n| s.copy", "x = 1\n   "):
+        assert not sample.in_prose(text), text
+    cfg = train.parse_config(["--config", "tiny"])
+    prompts = [sample.held_out_prompt(cfg, ENC, 48, seed)[0] for seed in range(20)]
+    assert all(sample.in_prose(p) for p in prompts) and len(set(prompts)) == 20
 
 
 def test_show_one_line_per_step(workdir, capsys):
