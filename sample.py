@@ -251,13 +251,11 @@ def held_out_prompt(cfg, enc, n_tokens, seed):
     n = min(n_tokens, len(tokens))
     for _ in range(100):  # a window inside one document (no <|endoftext|> in it) that ends in prose
         start = rng.randrange(len(tokens) - n + 1)
-        if (tokens[start:start + n] == enc.eot_token).any():
-            continue
         window = decode(enc, tokens[start:start + n].tolist())
         line = window.find("\n") + 1
         text = window[line:].lstrip("\n") if 0 < line <= len(window) // 2 else window[re.search(r"\s|$", window).end():]
         text = text[:re.search(r"\s*\S*$", text.rstrip()).start()] or window  # the last word may be cut: drop it
-        if in_prose(text):
+        if not (tokens[start:start + n] == enc.eot_token).any() and in_prose(text):
             break
     return text, f"{len(enc.encode_ordinary(text))} tokens of data/{cfg['dataset']}/val.bin, held out"
 
