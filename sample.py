@@ -24,7 +24,7 @@ defaults (sample_block_len, sample_temperature): cpu decodes in blocks of 4 at t
 its weak model, in longer blocks or greedily, fills the text with runs of spaces.
 With no prompt given, a passage of the checkpoint's held-out split is the prompt (printed
 first: it is what --adapt writes into the memory): the training context left after gen_len (128
-tokens for the small preset), from a line start to a word end.
+tokens for the small preset), from a line start to a word end inside a sentence of prose.
 """
 import argparse
 import math
