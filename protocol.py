@@ -2,7 +2,7 @@
 fine-tunes with and without memory) and MemDLM from scratch, each evaluated with and without
 inference-time memory, summarised over seeds with paired confidence intervals.
 
-    python protocol.py --root=out-proto --config=niah_proto --seeds=1,2,3,4,5 --deadline=540
+    python protocol.py --root=out-proto --config=niah_proto --seeds=1,2,3,4,5 --repeat=1 --deadline=540
     python protocol.py --root=out-proto --table_only
 
 Per seed S, in root/sS/ (every run a `python train.py` or `python niah.py` subprocess):
@@ -11,6 +11,7 @@ Per seed S, in root/sS/ (every run a `python train.py` or `python niah.py` subpr
   ft_mem     base + F steps of MemDLM, scope response (the paper's)
   ft_prompt  base + F steps of MemDLM, scope prompt
   scratch    MemDLM from scratch, as many steps as the base
+  base_repeat  with --repeat=S: seed S's base again, the same command (the run-to-run spread)
   niah_ft_<forms>.json, niah_scratch_<forms>.json   niah.py --adapt=both on the runs above,
              once per surface form set (--forms: those trained on, and held-out ones)
   exposure.json   exposure.py on ft_mdlm and ft_mem (the exposure-bias ratio)
@@ -37,7 +38,7 @@ import torch
 from niah import summarise
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-STAGES = ("base", "finetune", "scratch", "eval", "exposure")
+STAGES = ("base", "repeat", "finetune", "scratch", "eval", "exposure")
 # training runs: (stage, train.py arguments, starts from the base)
 # (a fine-tune starts from a base that has seen every length: no length curriculum again)
 FT = ["--niah_curriculum=0"]
@@ -47,6 +48,7 @@ RUNS = {
     "ft_mem": ("finetune", ["--mem=True", "--mem_scope=response", *FT], True),
     "ft_prompt": ("finetune", ["--mem=True", "--mem_scope=prompt", *FT], True),
     "scratch": ("scratch", ["--mem=True", "--mem_scope=response"], False),
+    "base_repeat": ("repeat", ["--mem=False"], False),  # the base again (--repeat): one seed's run-to-run spread
 }
 EVALS = {"ft": ("base", "ft_mdlm", "ft_mem", "ft_prompt"), "scratch": ("scratch",)}  # one niah.py call each
 OWN_KEYS = ("config", "mem", "mem_scope", "seed", "out_dir", "init_from", "resume", "max_iters")
@@ -219,6 +221,7 @@ def plan(a, extras):
     waits for them), the fine-tunes and their evaluations, then MemDLM from scratch."""
     seeds, forms = a.seeds, a.forms.split(",")
     jobs = [train_job(a, s, "base", extras) for s in seeds]
+    jobs += [train_job(a, s, "base_repeat", extras) for s in a.repeat]
     jobs += [train_job(a, s, r, extras) for s in seeds for r in ("ft_mdlm", "ft_mem", "ft_prompt")]
     jobs += [eval_job(a, s, "ft", f) for s in seeds for f in forms] + [exposure_job(a, s) for s in seeds]
     jobs += [train_job(a, s, "scratch", extras) for s in seeds]
@@ -388,6 +391,13 @@ def markdown(seeds, tables, exposure_md):
             acc = f"{v['eval_answer_acc']:.3f}" if "eval_answer_acc" in v else "-"
             cells.append(f"{train} / {v['eval_loss']:.3f}{mem} / {acc} @{v['final_step']}")
         lines.append(f"| {sid} | {fmt_onset(s)} | " + " | ".join(cells) + " |")
+    for sid, s in seeds.items():  # --repeat: the same base trained twice
+        if {"base", "base_repeat"} <= set(s["runs"]):
+            r = [s["runs"][k] for k in ("base", "base_repeat")]
+            lines += ["", f"Run-to-run spread, seed {sid} (the base twice, one command): onset "
+                          f"{fmt_onset(s)} vs {fmt_onset(r[1])}; eval loss {r[0]['eval_loss']:.3f} vs "
+                          f"{r[1]['eval_loss']:.3f}; answer accuracy {r[0].get('eval_answer_acc', float('nan')):.3f} "
+                          f"vs {r[1].get('eval_answer_acc', float('nan')):.3f}."]
     for forms, t in tables.items():
         cols = t["columns"]
         head = ["| row | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
@@ -481,6 +491,8 @@ def main(argv=None):
                                 epilog="Other --key=value arguments are passed to every train.py run.")
     p.add_argument("--root", required=True, help="directory of all runs and results")
     p.add_argument("--seeds", type=int_list, default=[1, 2, 3, 4, 5])
+    p.add_argument("--repeat", type=int_list, default=[], help="seeds whose base runs twice, the same command: "
+                                                             "the spread of one seed from run to run")
     p.add_argument("--config", default="niah_proto", help="train.py preset")
     p.add_argument("--base_iters", type=int, default=None, help="steps of the base and of scratch (default: the preset's)")
     p.add_argument("--ft_iters", type=int, default=1000, help="steps of each fine-tune")

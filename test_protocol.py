@@ -55,7 +55,7 @@ def fake_ckpt(out_dir, step, max_iters):
 def args(root, **kw):
     return SimpleNamespace(**{**dict(root=str(root), seeds=[1], config="niah", base_iters=None, ft_iters=10,
                                      forms="train,heldout", stages=list(protocol.STAGES), tasks=None, lengths=None,
-                                     n=5, eval_batch=5, exposure_n=4), **kw})
+                                     n=5, eval_batch=5, exposure_n=4, repeat=[]), **kw})
 
 
 def test_finished_runs_are_skipped_and_interrupted_ones_resume(tmp_path):
@@ -87,6 +87,11 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resume(tmp_path):
     assert not longer["s1/base"].done() and longer["s1/base"].argv()[-2:] == ["--max_iters=80", "--resume=True"]
     fresh = {j.name: j for j in protocol.plan(args(tmp_path, seeds=[2]), [])}["s2/base"].argv()
     assert "--resume=True" not in fresh and "--seed=2" in fresh and f"--out_dir={tmp_path / 's2' / 'base'}" in fresh
+    # --repeat: the same base command again, into base_repeat, for the asked seeds only
+    repeat = {j.name: j for j in protocol.plan(args(tmp_path, seeds=[2, 3], repeat=[2]), ["--lr=1e-3"])}
+    assert "s2/base_repeat" in repeat and "s3/base_repeat" not in repeat
+    a, b = repeat["s2/base"].argv(), repeat["s2/base_repeat"].argv()
+    assert b == [x.replace(f"{os.sep}base", f"{os.sep}base_repeat") if x.startswith("--out_dir=") else x for x in a]
     # --stages: a job left out blocks what needs it unless its results exist
     only = protocol.plan(args(tmp_path, seeds=[2], stages=["finetune"]), [])
     assert protocol.initial_state(only)["s2/base"] == "excluded"
@@ -160,6 +165,8 @@ def test_gather_and_tables(tmp_path):
     assert re.search(r"\| MemDLM \(Train & Inference\) \| [+-]\d\.\d \[.*\] tie \|", md)
     assert "| 2 | none (cwe none, single none) |" in md and "| 1 | 100 (cwe none, single 100) |" in md
     assert "| Standard MDLM (n=3) | 60.0 ± 5.8 |" in md
+    assert ("Run-to-run spread, seed 2 (the base twice, one command): onset none (cwe none, single none) vs none "
+            "(cwe none, single none); eval loss 0.250 vs 0.250; answer accuracy 0.800 vs 0.800.") in md
 
 
 # ---- surface forms ----------------------------------------------------------------------
