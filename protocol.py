@@ -132,11 +132,11 @@ def task_onsets(evals):
     return {k[len("eval_answer_acc_"):]: onset(evals, k) for k in keys}
 
 
-def fmt_onset(seed):
-    """A seed's base onset for the table: pooled, then per task where logged."""
-    fmt = lambda step: "none" if step is None else str(step)
-    tasks = ", ".join(f"{t} {fmt(v)}" for t, v in seed["task_onsets"].items())
-    return fmt(seed["onset"]) + (f" ({tasks})" if tasks else "")
+def fmt_onset(run):
+    """A run's onset for the table (None: no such run): pooled, then per task where logged."""
+    run, fmt = run or {}, lambda step: "none" if step is None else str(step)
+    tasks = ", ".join(f"{t} {fmt(v)}" for t, v in run.get("task_onsets", {}).items())
+    return fmt(run.get("onset")) + (f" ({tasks})" if tasks else "")
 
 
 # ---------------------------------------------------------------------------------------
@@ -343,9 +343,8 @@ def gather(root):
                 key = os.path.basename(os.path.normpath(r["out_dir"])) + ("+adapt" if r["adapt"] else "")
                 rows[key] = {t: {L: 100 * c["mean"] for L, c in by_len.items()} for t, by_len in r["cells"].items()}
         exposure = os.path.join(sdir, "exposure.json")
-        base = runs.get("base", {})
-        seeds[name[1:]] = {"onset": base.get("onset"), "task_onsets": base.get("task_onsets", {}), "runs": runs,
-                           "niah": niah, "exposure": exposure if os.path.exists(exposure) else None}
+        seeds[name[1:]] = {"onset": runs.get("base", {}).get("onset"), "runs": runs, "niah": niah,
+                           "exposure": exposure if os.path.exists(exposure) else None}
     return seeds
 
 
@@ -390,12 +389,12 @@ def markdown(seeds, tables, exposure_md):
             train = "-" if v["train_loss"] is None else f"{v['train_loss']:.3f}"
             acc = f"{v['eval_answer_acc']:.3f}" if "eval_answer_acc" in v else "-"
             cells.append(f"{train} / {v['eval_loss']:.3f}{mem} / {acc} @{v['final_step']}")
-        lines.append(f"| {sid} | {fmt_onset(s)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {sid} | {fmt_onset(s['runs'].get('base'))} | " + " | ".join(cells) + " |")
     for sid, s in seeds.items():  # --repeat: the same base trained twice
         if {"base", "base_repeat"} <= set(s["runs"]):
             r = [s["runs"][k] for k in ("base", "base_repeat")]
             lines += ["", f"Run-to-run spread, seed {sid} (the base twice, one command): onset "
-                          f"{fmt_onset(s)} vs {fmt_onset(r[1])}; eval loss {r[0]['eval_loss']:.3f} vs "
+                          f"{fmt_onset(r[0])} vs {fmt_onset(r[1])}; eval loss {r[0]['eval_loss']:.3f} vs "
                           f"{r[1]['eval_loss']:.3f}; answer accuracy {r[0].get('eval_answer_acc', float('nan')):.3f} "
                           f"vs {r[1].get('eval_answer_acc', float('nan')):.3f}."]
     for forms, t in tables.items():

@@ -153,7 +153,7 @@ def test_gather_and_tables(tmp_path):
         fake_results(tmp_path, seed, {"ft_mdlm": mdlm[i], "ft_mem": mem[i], "ft_mem+adapt": mdlm[i] + (-1) ** i}, accs)
     seeds = protocol.gather(str(tmp_path))
     assert list(seeds) == ["1", "2", "3"] and [s["onset"] for s in seeds.values()] == [100, None, 100]
-    assert seeds["1"]["task_onsets"] == {"cwe": None, "single": 100}
+    assert seeds["1"]["runs"]["base"]["task_onsets"] == {"cwe": None, "single": 100}
     assert seeds["1"]["runs"]["base"]["train_loss"] == 0.5 and seeds["1"]["runs"]["base"]["final_step"] == 150
     t = protocol.score_tables(seeds)["train"]
     assert t["columns"] == ["single 256"]
