@@ -91,7 +91,7 @@ def bench_training(cfg, mem, bench, device):
     torch.manual_seed(cfg["seed"])
     raw_model = train.DiffusionLM(train.model_config(cfg, get_encoding(cfg["tokenizer"]))).to(device)
     opt = train.make_optimizer(raw_model, cfg, on_gpu)
-    model = train.compiled(raw_model, cfg, on_gpu)
+    model, step_fn = train.compiled(raw_model, cfg, on_gpu)
     mcfg = train.MemoryConfig.from_config(cfg)
     data = train.make_data(cfg, device)
     ctx = train.autocast(cfg, on_gpu)
@@ -106,7 +106,7 @@ def bench_training(cfg, mem, bench, device):
         if on_gpu:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-        train.train_step(model, model, raw_model, opt, batches[i % 4], cfg, mcfg, g_dev, ctx)
+        train.train_step(model, model, raw_model, opt, batches[i % 4], cfg, mcfg, g_dev, ctx, step_fn)
         if on_gpu:
             end.record()
             end.synchronize()
@@ -121,7 +121,7 @@ def bench_training(cfg, mem, bench, device):
         with profile(activities=acts) as prof:
             for i in range(5):
                 train.train_step(model, model, raw_model, opt, batches[i % 4], cfg, mcfg,
-                                 train.step_generator(cfg["seed"], i, 0, device)[0], ctx)
+                                 train.step_generator(cfg["seed"], i, 0, device)[0], ctx, step_fn)
             if on_gpu:
                 torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total" if on_gpu else "cpu_time_total", row_limit=25))

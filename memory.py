@@ -78,7 +78,8 @@ def memory_layers(n_layer, layer_frac):
 
 def init_fast(model, batch_size, mcfg, generator=None):
     """phi_0 for a batch: A ~ Kaiming-uniform(a=sqrt(5)) i.e. U(-1/sqrt(d_in), 1/sqrt(d_in)),
-    B = 0 (LoRA), or D = 0 (full): delta W = 0. Float32 leaves that require grad."""
+    B = 0 (LoRA), or D = 0 (full): delta W = 0. Float32 tensors (inner_step differentiates
+    with respect to them as a function's inputs)."""
     dev, dt = model.lm_head.weight.device, model.lm_head.weight.dtype
     layers = {}
     for i in memory_layers(model.cfg.n_layer, mcfg.layer_frac):
@@ -89,9 +90,9 @@ def init_fast(model, batch_size, mcfg, generator=None):
                 bound = 1.0 / math.sqrt(d_in)
                 A = (torch.rand(batch_size, mcfg.rank, d_in, device=dev, generator=generator, dtype=dt) * 2 - 1) * bound
                 B = torch.zeros(batch_size, d_out, mcfg.rank, device=dev, dtype=dt)
-                layers[i][name] = (A.requires_grad_(), B.requires_grad_())
+                layers[i][name] = (A, B)
             else:
-                layers[i][name] = (torch.zeros(batch_size, d_out, d_in, device=dev, dtype=dt, requires_grad=True),)
+                layers[i][name] = (torch.zeros(batch_size, d_out, d_in, device=dev, dtype=dt),)
     return FastWeights(layers, mcfg.scale)
 
 
@@ -113,13 +114,10 @@ def clip_per_sequence(g, max_norm):
     return g * (max_norm / norm).clamp(max=1.0).view(-1, *[1] * (g.dim() - 1))
 
 
-def sgd_step(fast, grads, mcfg, create_graph=False):
+def sgd_step(fast, grads, mcfg):
     """Eq. 6: phi_k = phi_{k-1} - eta * clip(grad), each tensor clipped on its own (per-parameter:
     the paper measured global clipping worse)."""
-    new = [p - mcfg.lr * clip_per_sequence(g, mcfg.clip) for p, g in zip(flat(fast), grads)]
-    if not create_graph:  # first-order: the next step differentiates w.r.t. the new phi only
-        new = [p.detach().requires_grad_() for p in new]
-    return unflat(fast, new)
+    return unflat(fast, [p - mcfg.lr * clip_per_sequence(g, mcfg.clip) for p, g in zip(flat(fast), grads)])
 
 
 # ---------------------------------------------------------------------------------------
@@ -195,36 +193,45 @@ def inner_loss(model, h, x0, mask, maskable, weighting):
     return masked_ce(model, h, x0, mask, w / n_masked)
 
 
-def inner_loop(model, x0, masks, maskable, fast, mcfg, key_pad=None, bottoms=None, create_graph=False):
+def inner_step(model, h, x0, mask, maskable, fast, mcfg, key_pad=None):
+    """One SGD step on the fast weights at state x_k (Eq. 6-8): phi_k and L_inner^(k) [B].
+    h: the hidden states of x_k entering the first memory layer. The gradient is a function
+    of phi alone (torch.func.grad), so the top pass, its backward, the clip and the update are
+    one function torch.compile can take whole (train.py compiles it on the GPU). Under
+    no_grad it is first-order; with grad enabled, phi_k keeps the graph to theta and phi_{k-1}."""
+    def total(params):  # each sequence's loss depends on its own phi only: the sum's gradient is per sequence
+        loss = inner_loss(model, model(h, fast=unflat(fast, params), key_pad=key_pad, lo=min(fast.layers)),
+                          x0, mask, maskable, mcfg.weighting)
+        return loss.sum(), loss
+    grads, loss = torch.func.grad(total, has_aux=True)(flat(fast))
+    return sgd_step(fast, grads, mcfg), loss
+
+
+def inner_loop(model, x0, masks, maskable, fast, mcfg, key_pad=None, bottoms=None, create_graph=False,
+               step=inner_step):
     """K SGD steps on the fast weights along the trajectory `masks` (Eq. 6-8).
 
     Only the layers with fast weights run with grad: those below run under no_grad, or, where
     bottoms[k] is given, their output for step k's state is already computed (the anchor
     state's, shared with the outer pass). create_graph=True keeps the graph through the
-    updates (exact bi-level). Returns phi_K and the per-step inner losses (each [B], detached).
+    updates (exact bi-level). step: inner_step, or its compiled form.
+    Returns phi_K and the per-step inner losses (each [B], detached).
     """
     first_mem = min(fast.layers)  # the stack splits below the first memory layer
     losses = []
-    for k, m in enumerate(masks):
-        if bottoms is not None and bottoms[k] is not None:
-            h = bottoms[k] if create_graph else bottoms[k].detach()
-        else:
-            with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
+    with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):  # first-order (Eq. 10): no graph
+        for k, m in enumerate(masks):
+            if bottoms is not None and bottoms[k] is not None:
+                h = bottoms[k] if create_graph else bottoms[k].detach()
+            else:
                 h = model(torch.where(m, model.cfg.mask_id, x0), key_pad=key_pad, hi=first_mem)
-        with torch.enable_grad():
-            h = model(h, fast=fast, key_pad=key_pad, lo=first_mem)
-            loss = inner_loss(model, h, x0, m, maskable, mcfg.weighting)
-            # each sequence's loss depends on its own phi only: the sum's gradient is per sequence
-            grads = torch.autograd.grad(loss.sum(), flat(fast), create_graph=create_graph)
-        fast = sgd_step(fast, grads, mcfg, create_graph)
-        losses.append(loss.detach().clone())  # a copy: under CUDA graphs the next replay reuses the output
-    if not create_graph:  # first-order (Eq. 10): phi_K is a constant for the outer pass
-        fast = unflat(fast, [p.detach() for p in flat(fast)])
+            fast, loss = step(model, h, x0, m, maskable, fast, mcfg, key_pad)
+            losses.append(loss.detach().clone())  # a copy: under CUDA graphs the next replay reuses the output
     return fast, losses
 
 
 def scoped_inner_loop(model, x0, maskable, mask_t, t, fast, mcfg, key_pad=None, generator=None,
-                      create_graph=False):
+                      create_graph=False, step=inner_step):
     """The inner loop of the memory scopes beyond the paper's (see memdlm_loss)."""
     visible = torch.ones_like(maskable) if key_pad is None else ~key_pad
     if mcfg.scope == "prompt":  # the context alone, as adapt sees it: the response is padding
@@ -235,10 +242,11 @@ def scoped_inner_loop(model, x0, maskable, mask_t, t, fast, mcfg, key_pad=None, 
         inner_maskable, inner_pad = visible, key_pad
         anchor = extend_mask(mask_t, inner_maskable, floor_count(t, inner_maskable.sum(1).float()), generator)
     masks, _ = trajectory(anchor, inner_maskable, mcfg, generator)
-    return inner_loop(model, x0, masks, inner_maskable, fast, mcfg, inner_pad, None, create_graph)
+    return inner_loop(model, x0, masks, inner_maskable, fast, mcfg, inner_pad, None, create_graph, step)
 
 
-def memdlm_loss(model, x0, maskable, mcfg, key_pad=None, generator=None, bottom=None, create_graph=False):
+def memdlm_loss(model, x0, maskable, mcfg, key_pad=None, generator=None, bottom=None, create_graph=False,
+                step=inner_step):
     """The outer MemDLM loss (Eq. 9) of one batch and the inner losses.
 
     mcfg.scope says which tokens the inner loop masks and scores:
@@ -249,7 +257,8 @@ def memdlm_loss(model, x0, maskable, mcfg, key_pad=None, generator=None, bottom=
                 anchor masks ADAPT_RATIO of the prompt; the memory never sees the answer
       all       every token: the anchor is x_t with the prompt also masked at rate t
     bottom: the module that runs the layers below the fast weights for x_t with grad (the
-    DDP wrapper under torchrun, so gradient sync covers every parameter).
+    DDP wrapper under torchrun, so gradient sync covers every parameter). step: inner_step, or
+    its compiled form.
     """
     x_t, mask_t, t = forward_process(x0, maskable, model.cfg.mask_id, generator=generator)  # Eq. 1
     fast = init_fast(model, x0.shape[0], mcfg, generator)  # phi_0
@@ -258,9 +267,10 @@ def memdlm_loss(model, x0, maskable, mcfg, key_pad=None, generator=None, bottom=
     if mcfg.scope == "response":
         masks, at_anchor = trajectory(mask_t, maskable, mcfg, generator)
         bottoms = [h_bottom if a else None for a in at_anchor]
-        fast, inner = inner_loop(model, x0, masks, maskable, fast, mcfg, key_pad, bottoms, create_graph)
+        fast, inner = inner_loop(model, x0, masks, maskable, fast, mcfg, key_pad, bottoms, create_graph, step)
     else:
-        fast, inner = scoped_inner_loop(model, x0, maskable, mask_t, t, fast, mcfg, key_pad, generator, create_graph)
+        fast, inner = scoped_inner_loop(model, x0, maskable, mask_t, t, fast, mcfg, key_pad, generator, create_graph,
+                                        step)
     h = model(h_bottom, fast=fast, key_pad=key_pad, lo=first_mem)  # p_{theta, phi_K}( . | x_t)
     return mdlm_loss(model, h, x0, mask_t, t, maskable), inner  # Eq. 9 (Eq. 2 with phi_K)
 

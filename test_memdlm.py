@@ -332,9 +332,9 @@ def test_each_memory_scope_masks_only_the_tokens_it_names(scope, monkeypatch):
     seen = {}
     real = memory.inner_loop
 
-    def spy(model, x0, masks, maskable, fast, mcfg, key_pad=None, bottoms=None, create_graph=False):
+    def spy(model, x0, masks, maskable, fast, mcfg, key_pad=None, bottoms=None, create_graph=False, step=None):
         seen.update(masks=masks, key_pad=key_pad, bottoms=bottoms)
-        return real(model, x0, masks, maskable, fast, mcfg, key_pad, bottoms, create_graph)
+        return real(model, x0, masks, maskable, fast, mcfg, key_pad, bottoms, create_graph, step)
     monkeypatch.setattr(memory, "inner_loop", spy)
     memdlm_loss(m, x0, response, MemoryConfig(rank=4, scope=scope), key_pad=pad,
                 generator=torch.Generator().manual_seed(0))

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from data.tokenizer import check_tokenizer, get_encoding, open_split
-from memory import MemoryConfig, memdlm_loss, memory_layers
+from memory import MemoryConfig, inner_step, memdlm_loss, memory_layers
 from model import DiffusionLM, ModelConfig, forward_process, load_model, mdlm_loss, pick_device, read_checkpoint
 from niah import FORMS, HAYSTACKS, NIAH_DEFAULTS, NiahData, parse_tasks
 
@@ -307,21 +307,24 @@ def step_generator(seed, step, rank, device):
     return g, torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + rank)
 
 
-def batch_loss(ddp_model, model, batch, cfg, mem_cfg, gen):
+def batch_loss(ddp_model, model, batch, cfg, mem_cfg, gen, step_fn=inner_step):
     """Outer loss of one batch (MDLM, or MemDLM with its inner loop) and the inner losses.
     ddp_model runs the stack from the token ids (the DDP wrapper under torchrun, else model);
-    model (compiled) runs the inner loop and the layers above the memory."""
+    model (compiled) runs the layers above the memory; step_fn (compiled) is the inner SGD step."""
     x0, maskable, key_pad = batch
     if cfg["mem"]:
-        return memdlm_loss(model, x0, maskable, mem_cfg, key_pad, gen, bottom=ddp_model)
+        return memdlm_loss(model, x0, maskable, mem_cfg, key_pad, gen, bottom=ddp_model, step=step_fn)
     x_t, mask, t = forward_process(x0, maskable, model.cfg.mask_id, generator=gen)
     return mdlm_loss(model, ddp_model(x_t, key_pad=key_pad), x0, mask, t, maskable), []
 
 
 def compiled(raw_model, cfg, on_gpu):
-    """torch.compile of the model's forward (the inner loop's autograd.grad stays outside)."""
-    return torch.compile(raw_model, mode=None if cfg["compile_mode"] == "default" else cfg["compile_mode"]) \
-        if cfg["compile"] and on_gpu else raw_model
+    """(model, step): torch.compile of the model's forward and of the inner SGD step, its
+    backward, clip and update included (memory.inner_step); on the GPU only."""
+    if not (cfg["compile"] and on_gpu):
+        return raw_model, inner_step
+    mode = None if cfg["compile_mode"] == "default" else cfg["compile_mode"]
+    return torch.compile(raw_model, mode=mode), torch.compile(inner_step, mode=mode)
 
 
 def autocast(cfg, on_gpu):
@@ -338,14 +341,14 @@ def make_optimizer(raw_model, cfg, on_gpu):
                              lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), fused=on_gpu)
 
 
-def train_step(ddp_model, model, raw_model, opt, batch, cfg, mem_cfg, gen, ctx):
+def train_step(ddp_model, model, raw_model, opt, batch, cfg, mem_cfg, gen, ctx, step_fn=inner_step):
     """One optimizer step of theta; returns the (device) loss and inner losses, no host sync.
     compile_mode=reduce-overhead replays CUDA graphs: each step is a new graph generation, and
     the losses returned are copies, as a replay overwrites the outputs of the one before."""
     if cfg["compile_mode"] == "reduce-overhead":
         torch.compiler.cudagraph_mark_step_begin()
     with ctx:
-        loss, inner_losses = batch_loss(ddp_model, model, batch, cfg, mem_cfg, gen)
+        loss, inner_losses = batch_loss(ddp_model, model, batch, cfg, mem_cfg, gen, step_fn)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"])
     opt.step()
@@ -526,7 +529,7 @@ def main(argv):
         cfg = {**cfg, "compile_mode": "default"}
         if master:
             print("note: --compile_mode=reduce-overhead (CUDA graphs) runs in one process; torchrun uses default")
-    model = compiled(raw_model, cfg, on_gpu)
+    model, step_fn = compiled(raw_model, cfg, on_gpu)
     # DDP wraps the module that runs the stack from the token ids (all of it for MDLM, the
     # layers below the memory for MemDLM); the inner loop and the top run on model itself
     ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if on_gpu else None) \
@@ -600,7 +603,8 @@ def main(argv):
             step_cfg = cfg if step >= cfg["mem_start"] else {**cfg, "mem": False}
             g_dev = step_generator(cfg["seed"], step, rank, device)[0]
             batch = tuple(a if a is None else a.to(device, non_blocking=True) for a in next(batches))
-            loss, inner_losses = train_step(ddp_model, model, raw_model, opt, batch, step_cfg, mem_cfg, g_dev, ctx)
+            loss, inner_losses = train_step(ddp_model, model, raw_model, opt, batch, step_cfg, mem_cfg, g_dev, ctx,
+                                            step_fn)
             # the loss is read (a host sync) at log steps only; a NaN between them is caught here or
             # by the check before the next evaluation and checkpoint
             if (step + 1) % cfg["log_interval"] == 0 and master:
