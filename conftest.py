@@ -7,3 +7,6 @@ os.environ["OMP_NUM_THREADS"] = "1"  # also read by the DDP ranks the tests spaw
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+# run outputs (out*/) may hold copies of the scripts: the tests are the top-level ones only
+collect_ignore_glob = ["out*"]
