@@ -180,7 +180,8 @@ class DiffusionLM(nn.Module):
     def forward(self, x, fast=None, key_pad=None, lo=0, hi=None, cache=None):
         """Hidden states after layers [lo, hi).
 
-        x: token ids [B, T] when lo == 0, else the hidden states [B, T, C] entering layer lo.
+        x: token ids [B, T] (integers), or the hidden states [B, T, C] entering layer lo (also at
+        lo == 0: the memory's split lies below layer 0 when every layer has fast weights).
         fast: FastWeights (phi) or None (the base model theta alone).
         Running (lo=0, hi=k) then (lo=k) equals one full run: the inner loop uses this to
         reuse the bottom layers' output. key_pad: bool [B, T], True at padding (never
@@ -190,7 +191,7 @@ class DiffusionLM(nn.Module):
         no padding, which also attends to the cached prefix (key_pad is then cache.pad's).
         """
         hi = self.cfg.n_layer if hi is None else hi
-        h = self.tok_emb(x) if lo == 0 else x
+        h = x if x.is_floating_point() else self.tok_emb(x)
         B, T = h.shape[:2]
         pos = cache.pos if cache is not None and cache.reading else None
         n = T if pos is None else int(pos.max()) + 1  # positions the RoPE tables must cover

@@ -92,6 +92,17 @@ def test_bottom_then_top_equals_the_full_stack():
     assert torch.allclose(m(m(x, hi=3), fast=fast, lo=3), full, atol=1e-6)
 
 
+def test_memory_on_every_layer_splits_below_layer_0():
+    # mem_layer_frac=1 (or one layer): the bottom is the embedding alone, and the top starts at layer 0
+    m, x = tiny(n_layer=2), tokens()
+    mcfg = MemoryConfig(rank=4, layer_frac=1.0)
+    assert memory_layers(2, 1.0) == [0, 1]
+    assert torch.allclose(m(m(x, hi=0), lo=0), m(x), atol=1e-6)
+    loss, inner = memdlm_loss(m, x, torch.ones_like(x, dtype=torch.bool), mcfg, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and len(inner) == mcfg.steps and m.layers[0].ffn.up_proj.weight.grad.abs().sum() > 0
+
+
 def test_key_padding_leaves_the_real_tokens_unchanged():
     m, x = tiny(), tokens(1, 12)
     padded = torch.cat([x, torch.zeros(1, 5, dtype=torch.long)], 1)
