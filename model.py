@@ -60,15 +60,16 @@ class FastWeights:
     scale: float = 1.0
 
 
-def fast_linear(x, lin, fw, scale):
-    """lin(x) plus a per-sequence delta: scale * x A^T B^T (LoRA) or x D^T (full rank)."""
+def fast_linear(x, lin, phi, scale):
+    """lin(x) plus a per-sequence delta from this projection's fast weights phi: scale * x A^T B^T
+    (LoRA, phi = (A, B)) or x D^T (full rank, phi = (D,))."""
     y = lin(x)
-    if fw is None:
+    if phi is None:
         return y
-    if len(fw) == 2:
-        A, B = fw
+    if len(phi) == 2:
+        A, B = phi
         return y + scale * torch.bmm(torch.bmm(x, A.mT.to(x.dtype)), B.mT.to(x.dtype))
-    return y + torch.bmm(x, fw[0].mT.to(x.dtype))
+    return y + torch.bmm(x, phi[0].mT.to(x.dtype))
 
 
 class KVCache:
