@@ -9,8 +9,8 @@ phi_K is a constant for the outer backward; only theta learns. phi is thrown awa
 Where the paper is silent this follows the authors' code (JarvisPei/MemDLM): the inner
 loss's normalisation, the layer rule, the pre-anchor's count. One deliberate difference:
 the fast weights carry a batch dimension and each sequence's inner loss is its own, so one
-gradient of the summed losses yields every sequence's own gradient and a sequence's update equals its
-update alone (the authors share one set of fast weights per micro-batch).
+gradient of the summed losses yields every sequence's own gradient and a sequence's update
+equals its update alone (the authors share one set of fast weights per micro-batch).
 """
 import math
 from dataclasses import dataclass, fields

@@ -98,9 +98,11 @@ def test_memory_on_every_layer_splits_below_layer_0():
     mcfg = MemoryConfig(rank=4, layer_frac=1.0)
     assert memory_layers(2, 1.0) == [0, 1]
     assert torch.allclose(m(m(x, hi=0), lo=0), m(x), atol=1e-6)
-    loss, inner = memdlm_loss(m, x, torch.ones_like(x, dtype=torch.bool), mcfg, generator=torch.Generator().manual_seed(0))
+    loss, inner = memdlm_loss(m, x, torch.ones_like(x, dtype=torch.bool), mcfg,
+                              generator=torch.Generator().manual_seed(0))
     loss.backward()
-    assert torch.isfinite(loss) and len(inner) == mcfg.steps and m.layers[0].ffn.up_proj.weight.grad.abs().sum() > 0
+    assert torch.isfinite(loss) and len(inner) == mcfg.steps
+    assert m.layers[0].ffn.up_proj.weight.grad.abs().sum() > 0
 
 
 def test_key_padding_leaves_the_real_tokens_unchanged():
