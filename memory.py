@@ -211,10 +211,11 @@ def inner_loop(model, x0, masks, maskable, fast, mcfg, key_pad=None, bottoms=Non
                step=inner_step):
     """K SGD steps on the fast weights along the trajectory `masks` (Eq. 6-8).
 
-    Only the layers with fast weights run with grad: those below run under no_grad, or, where
+    First-order, the loop records no graph: the layers below the memory run plain, or, where
     bottoms[k] is given, their output for step k's state is already computed (the anchor
-    state's, shared with the outer pass). create_graph=True keeps the graph through the
-    updates (exact bi-level). step: inner_step, or its compiled form.
+    state's, shared with the outer pass), and step differentiates the top with respect to phi
+    alone. create_graph=True keeps the graph through the updates (exact bi-level). step:
+    inner_step, or its compiled form.
     Returns phi_K and the per-step inner losses (each [B], detached).
     """
     first_mem = min(fast.layers)  # the stack splits below the first memory layer
