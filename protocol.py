@@ -169,8 +169,9 @@ def train_job(a, seed, run, extras):
         cmd = [sys.executable, os.path.join(HERE, "train.py"), "--config", a.config, *extras, *flags,
                f"--seed={seed}", f"--out_dir={out}"]
         cmd += [f"--max_iters={iters}"] if iters else []
-        cmd += [f"--init_from={os.path.join(sdir, 'base')}"] if from_base else []
-        return cmd + (["--resume=True"] if state() else [])
+        if state():  # an interrupted run (a fine-tune too) continues from its own checkpoint
+            return cmd + ["--resume=True"]
+        return cmd + ([f"--init_from={os.path.join(sdir, 'base')}"] if from_base else [])
 
     def done():
         s = state()

@@ -14,6 +14,7 @@ import torch
 import exposure
 import niah
 import protocol
+import train
 from data.tokenizer import decode
 from memory import MemoryConfig, adapt
 from model import DiffusionLM, ModelConfig
@@ -73,7 +74,11 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resume(tmp_path):
                                                                "s1/niah_scratch_train"]
     ft = jobs["s1/ft_mdlm"].argv()
     assert ft[-1] == "--resume=True" and "--lr=1e-3" in ft and "--max_iters=10" in ft and "--mem=False" in ft
-    assert f"--init_from={s / 'base'}" in ft and jobs["s1/ft_mdlm"].note() == "resumes at step 5"
+    # an interrupted fine-tune continues its own run: train.py refuses --init_from with --resume
+    assert not any(x.startswith("--init_from=") for x in ft) and jobs["s1/ft_mdlm"].note() == "resumes at step 5"
+    assert train.parse_config(ft[2:])["resume"]
+    new_ft = {j.name: j for j in protocol.plan(args(tmp_path, seeds=[2]), [])}["s2/ft_mem"].argv()
+    assert f"--init_from={tmp_path / 's2' / 'base'}" in new_ft and "--resume=True" not in new_ft
     ev = jobs["s1/niah_ft_heldout"].argv()
     assert "--forms=heldout" in ev and "--tasks=single" in ev and "--lengths=256,512" in ev
     assert ev[ev.index("--out_dir") + 1:ev.index("--out_dir") + 5] == [str(s / r) for r in protocol.EVALS["ft"]]
