@@ -147,6 +147,7 @@ def plot(t, kinds, path):
         ax.plot(steps, s["ratio"], lw=2, label=f"{kind} (n={s['n']})")
         ax.fill_between(steps, lo, hi, alpha=0.2)
     ax.axhline(1.0, color="gray", ls="--", label="Ideal robustness")
+    ax.set_yscale("log")  # a ratio; it spans orders of magnitude once the static loss is near 0
     ax.set(xlabel="denoising steps (tokens decoded)", ylabel="exposure-bias ratio L_seq / L_static")
     ax.legend(fontsize=8)
     fig.tight_layout()
