@@ -57,7 +57,8 @@ def check_task(name):
 
 
 def parse_tasks(spec):
-    """'all' or a comma list of task names."""
+    """'all' or a comma list of task names; training rows draw from the list, so a task named
+    twice makes twice as many rows (a mix weight)."""
     return list(TASKS) if spec == "all" else [check_task(t.strip()) for t in spec.split(",")]
 
 
@@ -385,7 +386,7 @@ class NiahData:
     by the batch's maskable tokens, so full rows in a mixed batch would outweigh the answers
     (at 0.25 and 512 tokens, 84% of the weight) and retrieval would learn far more slowly.
     Lengths (prompt + window) are uniform over [max(niah_min_len, the task's minimum),
-    block_size], depths over 0-100, tasks over niah_tasks, haystacks over niah_haystack (a
+    block_size], depths over 0-100, tasks over niah_tasks (weighted: see parse_tasks), haystacks over niah_haystack (a
     comma list: "noise,prose" mixes both); niah_forms is the surface forms (FORMS).
     niah_curriculum > 0: a length curriculum for training rows, as retrieval is learned sooner in
     short contexts: at step s the longest row is the share min(1, s / niah_curriculum) of the way
@@ -525,7 +526,7 @@ def main(argv=None):
         raise SystemExit("--n, --batch_size and --lengths must be >= 1, --depths within 0-100")
     dirs = a.out_dir + a.more_dirs
     try:
-        tasks = parse_tasks(a.tasks)
+        tasks = list(dict.fromkeys(parse_tasks(a.tasks)))  # each task once, whatever its training weight
     except ValueError as e:
         raise SystemExit(str(e)) from None
 

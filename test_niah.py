@@ -143,6 +143,10 @@ def test_niah_data():
     x, maskable, key_pad = data.batch("train", torch.Generator().manual_seed(0))
     assert (maskable.sum(1) == 16).all() and ((~key_pad).sum(1) >= 300).all()
     assert all("Where is" in decode(ENC, row.tolist()) for row in x)
+    # a task named twice is drawn twice as often
+    data = niah.NiahData({**cfg, "niah_tasks": "single,cwe,cwe"}, "cpu")
+    drawn = [t for step in range(8) for t in data.batch("train", torch.Generator().manual_seed(step), with_tasks=True)[1]]
+    assert set(drawn) == {"single", "cwe"} and 0.58 < drawn.count("cwe") / len(drawn) < 0.75  # 2/3 of 512 rows
     # a block_size that only some draws fit: those that do not are drawn again
     data = niah.NiahData({**cfg, "block_size": 200, "niah_tasks": "multivalue"}, "cpu")
     for step in range(4):
@@ -179,11 +183,11 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert both and all(min(r["eval_answer_acc_single"], r["eval_answer_acc_babi"]) <= r["eval_answer_acc"]
                         <= max(r["eval_answer_acc_single"], r["eval_answer_acc_babi"]) for r in both)
     out_json = tmp_path / "r.json"
-    niah.main(["--out_dir=" + dirs[0], dirs[1], "--tasks=single,vartrack", "--lengths=200,240",
+    niah.main(["--out_dir=" + dirs[0], dirs[1], "--tasks=single,vartrack,single", "--lengths=200,240",
                "--depths=0,100", "--n=2", "--answer_len=16", "--steps=8", "--batch_size=3",
                "--device=cpu", f"--json={out_json}", "--plot"])
     out = capsys.readouterr().out
-    assert "| model | single 200 | single 240 | vartrack 200 | vartrack 240 |" in out
+    assert "| model | single 200 | single 240 | vartrack 200 | vartrack 240 |\n" in out  # a weighted task once
     for label, d in (("MemDLM (Train-Only)", 0), ("MemDLM (Train & Inference)", 0), ("Standard MDLM", 1),
                      ("Standard MDLM + adapt", 1)):
         assert f"| {label} {dirs[d]} |" in out
