@@ -153,11 +153,16 @@ def fake_results(root, seed, scores, accs):
 
 def test_gather_and_tables(tmp_path):
     mdlm, mem = [50.0, 60.0, 70.0], [52.0, 63.0, 73.0]     # MemDLM ahead by 2, 3, 3: no tie
+    accs = {1: [0.2, 0.5, 0.95, 0.99], 2: [0.2, 0.4, 0.6, 0.8], 3: [0.2, 0.95, 0.96, 0.99]}
+    base = {1: 100.0, 2: 100.0, 3: 94.0}
     for i, seed in enumerate((1, 2, 3)):
-        accs = [0.2, 0.5, 0.95, 0.99] if seed != 2 else [0.2, 0.4, 0.6, 0.8]
-        fake_results(tmp_path, seed, {"ft_mdlm": mdlm[i], "ft_mem": mem[i], "ft_mem+adapt": mdlm[i] + (-1) ** i}, accs)
+        fake_results(tmp_path, seed, {"base": base[seed], "ft_mdlm": mdlm[i], "ft_mem": mem[i],
+                                      "ft_mem+adapt": mdlm[i] + (-1) ** i}, accs[seed])
     seeds = protocol.gather(str(tmp_path))
-    assert list(seeds) == ["1", "2", "3"] and [s["onset"] for s in seeds.values()] == [100, None, 100]
+    assert list(seeds) == ["1", "2", "3"] and [s["onset"] for s in seeds.values()] == [100, None, 50]
+    # the bar: every task >= 95% at the shortest length, onset within 60% of the steps (150 here: by step 90)
+    assert [(s["learned"]["tasks"], s["learned"]["onset"]) for s in seeds.values()] == \
+        [(True, False), (True, False), (False, True)]
     assert seeds["1"]["runs"]["base"]["task_onsets"] == {"cwe": None, "single": 100}
     assert seeds["1"]["runs"]["base"]["train_loss"] == 0.5 and seeds["1"]["runs"]["base"]["final_step"] == 150
     t = protocol.score_tables(seeds)["train"]
@@ -170,6 +175,7 @@ def test_gather_and_tables(tmp_path):
     assert re.search(r"\| MemDLM \(Train & Inference\) \| [+-]\d\.\d \[.*\] tie \|", md)
     assert "| 2 | none (cwe none, single none) |" in md and "| 1 | 100 (cwe none, single 100) |" in md
     assert "| Standard MDLM (n=3) | 60.0 ± 5.8 |" in md
+    assert "onset within 60% of its steps. Met by 0 of 3 seeds." in md and "| 3 | single 94.0 | no | yes |" in md
     assert ("Run-to-run spread, seed 2 (the base twice, one command): onset none (cwe none, single none) vs none "
             "(cwe none, single none); eval loss 0.250 vs 0.250; answer accuracy 0.800 vs 0.800.") in md
 
