@@ -386,8 +386,9 @@ class NiahData:
     by the batch's maskable tokens, so full rows in a mixed batch would outweigh the answers
     (at 0.25 and 512 tokens, 84% of the weight) and retrieval would learn far more slowly.
     Lengths (prompt + window) are uniform over [max(niah_min_len, the task's minimum),
-    block_size], depths over 0-100, tasks over niah_tasks (weighted: see parse_tasks), haystacks over niah_haystack (a
-    comma list: "noise,prose" mixes both); niah_forms is the surface forms (FORMS).
+    block_size], depths over 0-100, tasks over niah_tasks (a task named twice: twice the rows),
+    haystacks over niah_haystack (a comma list: "noise,prose" mixes both); niah_forms is the
+    surface forms (FORMS).
     niah_curriculum > 0: a length curriculum for training rows, as retrieval is learned sooner in
     short contexts: at step s the longest row is the share min(1, s / niah_curriculum) of the way
     from the example's minimum to block_size (make_example's fill). Eval rows always span it all."""
