@@ -141,8 +141,8 @@ def learned(seed):
     scores, base = seed["niah"].get("train", {}).get("base"), seed["runs"].get("base")
     if not scores or not base:
         return None
-    at = {t: by_len[min(by_len, key=int)] for t, by_len in scores.items()}
     length = min(int(L) for by_len in scores.values() for L in by_len)
+    at = {t: by_len[str(length)] for t, by_len in scores.items()}
     return {"length": length, "scores": at, "tasks": all(v >= LEARNED for v in at.values()),
             "onset": base["onset"] is not None and base["onset"] <= ONSET_SHARE * base["final_step"]}
 
