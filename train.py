@@ -83,7 +83,7 @@ PRESETS = {
     # workers draw the rows ahead of the loop (the CPU-side row generation otherwise stalls the GPU)
     "niah_proto": dict(out_dir="out-niah-proto", dataset="niah", block_size=256, batch_size=128, max_iters=16000,
                        n_layer=8, n_head=8, n_embd=512, lr=6e-4, min_lr=6e-5, warmup_iters=200, eval_interval=500,
-                       eval_iters=10, log_interval=50, niah_tasks="single,multivalue,cwe",
+                       eval_iters=10, log_interval=50, niah_tasks="single,multivalue,cwe,cwe",
                        niah_answer_len=32, niah_forms="train", niah_haystack="noise,prose", niah_full_frac=0.1,
                        niah_curriculum=4000, data_workers=2),
     "niah": dict(out_dir="out-niah", dataset="niah", block_size=256, batch_size=128, max_iters=4000, n_layer=8,
