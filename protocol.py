@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model import read_checkpoint
 from niah import summarise
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -99,11 +100,12 @@ def fmt_diff(d):
 # What exists on disk
 
 def ckpt_info(out_dir):
-    """(step, train config) of out_dir/ckpt.pt, or None when there is none."""
+    """(step, train config) of out_dir/ckpt.pt, or None when there is none (read as tensors and
+    plain values only: a checkpoint in the root runs no code)."""
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(path):
         return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    ckpt = read_checkpoint(path)
     return ckpt["step"], ckpt["config"]
 
 

@@ -17,6 +17,7 @@ import torch
 
 import bench
 import niah
+import protocol
 import sample
 import train
 from model import load_model, read_checkpoint
@@ -82,7 +83,8 @@ def test_a_checkpoint_whose_pickle_calls_a_function_is_refused_and_never_runs(ba
     for call in (lambda: load_model(str(evil)),  # sample.py, niah.py, bench.py
                  lambda: sample.main([f"--out_dir={evil}", "--device=cpu"]),
                  lambda: run(evil, "--resume=True", "--max_iters=12"),
-                 lambda: run(tmp_path / "new", f"--init_from={evil}", "--max_iters=1")):
+                 lambda: run(tmp_path / "new", f"--init_from={evil}", "--max_iters=1"),
+                 lambda: protocol.ckpt_info(str(evil))):  # protocol.py reads every run's checkpoint
         with pytest.raises(SystemExit, match=r"was not loaded: .*Unsupported global.*could run code"):
             call()
     assert not marker.exists()
