@@ -49,7 +49,7 @@ def test_tie_marking():
 
 def fake_ckpt(out_dir, step, max_iters):
     os.makedirs(out_dir, exist_ok=True)
-    torch.save({"step": step, "config": {"max_iters": max_iters, "block_size": 256, "niah_tasks": "single"}},
+    torch.save({"model": {}, "model_args": {}, "step": step, "config": {"max_iters": max_iters, "block_size": 256, "niah_tasks": "single"}},
                os.path.join(out_dir, "ckpt.pt"))
 
 
