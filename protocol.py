@@ -59,7 +59,8 @@ ROWS = (("base", False, "MDLM base (before fine-tuning)"), ("ft_mdlm", False, "S
         ("ft_mem", True, "MemDLM (Train & Inference)"), ("ft_prompt", False, "MemDLM scope prompt (Train-Only)"),
         ("ft_prompt", True, "MemDLM scope prompt (Train & Inference)"),
         ("scratch", False, "MemDLM from scratch (Train-Only)"), ("scratch", True, "MemDLM from scratch (Train & Inference)"))
-REFERENCE = ("ft_mdlm", False)
+# each MemDLM row's MDLM counterpart: a fine-tune's is Standard MDLM, from scratch's the base (the same steps)
+REFERENCE = {"ft_mem": "ft_mdlm", "ft_prompt": "ft_mdlm", "scratch": "base"}
 ONSET_ACC = 0.9  # the base has learned retrieval at the first eval with eval_answer_acc >= this
 # the bar a base preset must clear in every seed: each task >= LEARNED % in the trained range (the shortest
 # length evaluated, forms `train`), and the onset within ONSET_SHARE of the base's steps
@@ -374,7 +375,6 @@ def score_tables(seeds):
     for forms in sorted({f for s in seeds.values() for f in s["niah"]}):
         per_seed = {sid: s["niah"][forms] for sid, s in seeds.items() if forms in s["niah"]}
         cols = list(dict.fromkeys((t, L) for rows in per_seed.values() for r in rows.values() for t in r for L in r[t]))
-        ref = REFERENCE[0] + ("+adapt" if REFERENCE[1] else "")
         table = {"columns": [f"{t} {L}" for t, L in cols], "rows": {}, "diffs": {}}
         for run, adapt, label in ROWS:
             key = run + ("+adapt" if adapt else "")
@@ -382,12 +382,33 @@ def score_tables(seeds):
             if not have:
                 continue
             table["rows"][label] = {f"{t} {L}": summarise([r[t][L] for r in have.values()]) for t, L in cols}
+            ref = REFERENCE.get(run)
             both = [sid for sid in have if ref in per_seed[sid]]
-            if run.startswith(("ft_mem", "ft_prompt", "scratch")) and both:
+            if both:
                 table["diffs"][label] = {f"{t} {L}": paired([have[s][t][L] for s in both],
                                                             [per_seed[s][ref][t][L] for s in both]) for t, L in cols}
         out[forms] = table
     return out
+
+
+def from_scratch(seeds):
+    """MemDLM from scratch against the MDLM base, the same steps (the paper's faster convergence and
+    lower loss): per quantity, the paired difference scratch - base over the seeds where both runs
+    have it (an onset: where both cross ONSET_ACC). None when no seed has both runs."""
+    pairs = [(s["runs"]["base"], s["runs"]["scratch"]) for s in seeds.values() if {"base", "scratch"} <= set(s["runs"])]
+    if not pairs:
+        return None
+
+    def diff(get_base, get_mem=None):
+        got = [(get_base(b), (get_mem or get_base)(m)) for b, m in pairs]
+        got = [(x, y) for x, y in got if x is not None and y is not None]
+        return paired([y for _, y in got], [x for x, _ in got]) if got else {"n": 0}
+    tasks = sorted(set.intersection(*(set(r["task_onsets"]) for p in pairs for r in p)))
+    return {"onset": diff(lambda r: r["onset"]),
+            **{f"onset_{t}": diff(lambda r, t=t: r["task_onsets"][t]) for t in tasks},
+            "eval_loss": diff(lambda r: r["eval_loss"]),
+            "eval_loss_mem": diff(lambda r: r["eval_loss"], lambda r: r.get("eval_loss_mem")),  # MDLM has no memory
+            "eval_answer_acc": diff(lambda r: r.get("eval_answer_acc"))}
 
 
 def markdown(seeds, tables, exposure_md):
@@ -427,6 +448,24 @@ def markdown(seeds, tables, exposure_md):
                           f"{fmt_onset(r[0])} vs {fmt_onset(r[1])}; eval loss {r[0]['eval_loss']:.3f} vs "
                           f"{r[1]['eval_loss']:.3f}; answer accuracy {r[0].get('eval_answer_acc', float('nan')):.3f} "
                           f"vs {r[1].get('eval_answer_acc', float('nan')):.3f}."]
+    if scratch := from_scratch(seeds):
+        lines += ["", "## From scratch: MemDLM against the MDLM base, the same steps", "",
+                  "| seed | onset MDLM | onset MemDLM | eval loss MDLM | MemDLM alone (with memory) | "
+                  "answer acc MDLM | MemDLM |", "|---|---|---|---|---|---|---|"]
+        for sid, s in seeds.items():
+            if {"base", "scratch"} <= set(s["runs"]):
+                b, m = s["runs"]["base"], s["runs"]["scratch"]
+                acc = lambda r: f"{r['eval_answer_acc']:.3f}" if "eval_answer_acc" in r else "-"
+                lines.append(f"| {sid} | {fmt_onset(b)} | {fmt_onset(m)} | {b['eval_loss']:.3f} | "
+                             f"{m['eval_loss']:.3f} ({m.get('eval_loss_mem', float('nan')):.3f}) | {acc(b)} | {acc(m)} |")
+        num = lambda d, f: "n/a" if d["n"] == 0 else f"{d['mean']:+{f}} (n=1)" if d["lo"] is None else \
+            f"{d['mean']:+{f}} [{d['lo']:+{f}}, {d['hi']:+{f}}]" + (" tie" if d["tie"] else "")
+        names = {"eval_loss": ("eval loss, base model alone", ".4f"), "eval_loss_mem": ("eval loss, MemDLM with memory", ".4f"),
+                 "eval_answer_acc": ("answer accuracy", ".3f"), "onset": ("onset step", ".0f")}
+        name = lambda k: names.get(k) or (f"onset step of {k[len('onset_'):]}", ".0f")
+        lines += ["", "MemDLM - MDLM, mean [95% t interval over seeds; onsets over the seeds where both cross]: " +
+                  "; ".join(f"{name(k)[0]} {num(d, name(k)[1])}" + (f" over {d['n']} seeds" if k.startswith("onset") else "")
+                            for k, d in scratch.items()) + "."]
     for forms, t in tables.items():
         cols = t["columns"]
         head = ["| row | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
@@ -435,8 +474,9 @@ def markdown(seeds, tables, exposure_md):
             lines.append(f"| {label} (n={cells[cols[0]]['n']}) | " +
                          " | ".join(f"{c['mean']:.1f} ± {c['stderr']:.1f}" for c in cells.values()) + " |")
         if t["diffs"]:
-            lines += ["", (f"Paired difference with Standard MDLM, forms `{forms}` (points, mean [95% t interval "
-                           "over seeds]; tie: the interval contains 0)"), ""] + head
+            lines += ["", (f"Paired difference with MDLM, forms `{forms}` (points, mean [95% t interval over "
+                           "seeds]; tie: the interval contains 0): a fine-tune minus Standard MDLM, MemDLM from "
+                           "scratch minus the MDLM base (the same steps)"), ""] + head
             lines += [f"| {label} | " + " | ".join(fmt_diff(d) for d in cells.values()) + " |"
                       for label, cells in t["diffs"].items()]
     if exposure_md:
@@ -498,7 +538,8 @@ def write_results(root, seeds):
     tables = score_tables(seeds)
     base = ckpt_info(os.path.join(root, f"s{next(iter(seeds))}", "base"))  # the settings, for the record
     with open(os.path.join(root, "protocol.json"), "w") as f:
-        json.dump({"root": root, "base_config": base and base[1], "seeds": seeds, "tables": tables}, f, indent=1)
+        json.dump({"root": root, "base_config": base and base[1], "seeds": seeds, "tables": tables,
+                   "from_scratch": from_scratch(seeds)}, f, indent=1)
     text = markdown(seeds, tables, exposure_md)
     with open(os.path.join(root, "protocol.md"), "w") as f:
         f.write(text)

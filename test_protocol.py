@@ -180,6 +180,35 @@ def test_gather_and_tables(tmp_path):
             "(cwe none, single none); eval loss 0.250 vs 0.250; answer accuracy 0.800 vs 0.800.") in md
 
 
+def test_from_scratch_is_paired_with_the_base(tmp_path):
+    # MemDLM from scratch against the MDLM base of the same seed (the same steps), not a fine-tune
+    onsets = {1: ((100, 50), (50, 50)), 2: ((None, 100), (100, 50)), 3: ((150, 100), (100, 100))}  # base, scratch
+    for seed, runs in onsets.items():
+        for run, (pooled, single) in zip(("base", "scratch"), runs):
+            d = tmp_path / f"s{seed}" / run
+            d.mkdir(parents=True)
+            hit = lambda on, step: 0.95 if on is not None and step >= on else 0.5
+            recs = [{"step": st, "eval_loss": 0.3 + 0.1 * seed + (0.05 if run == "scratch" else 0),
+                     **({"eval_loss_mem": 0.2 + 0.1 * seed} if run == "scratch" else {}),
+                     "eval_answer_acc": hit(pooled, st), "eval_answer_acc_single": hit(single, st)} for st in (0, 50, 100, 150)]
+            (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        rows = [{"out_dir": str(tmp_path / f"s{seed}" / run), "adapt": False, "cells": {"single": {"256": {"mean": v}}}}
+                for run, v in (("base", 0.5), ("ft_mdlm", 0.9), ("scratch", 0.5 + 0.1 * seed))]
+        (tmp_path / f"s{seed}" / "niah_ft_train.json").write_text(json.dumps({"forms": "train", "rows": rows}))
+    seeds = protocol.gather(str(tmp_path))
+    d = protocol.score_tables(seeds)["train"]["diffs"]["MemDLM from scratch (Train-Only)"]["single 256"]
+    assert d["mean"] == pytest.approx(20) and d["n"] == 3  # +10, +20, +30 over the base (-20 against ft_mdlm)
+    fs = protocol.from_scratch(seeds)
+    assert fs["onset"]["n"] == 2 and fs["onset"]["mean"] == pytest.approx(-50)       # seed 2's base never crosses
+    assert fs["onset_single"]["n"] == 3 and fs["onset_single"]["mean"] == pytest.approx(-50 / 3)  # 0, -50, 0
+    assert fs["eval_loss"]["mean"] == pytest.approx(0.05) and fs["eval_loss_mem"]["mean"] == pytest.approx(-0.1)
+    assert fs["eval_loss_mem"]["hi"] < 0 and not fs["eval_loss_mem"]["tie"]
+    md = protocol.markdown(seeds, {}, None)
+    assert "| 2 | none (single 100) | 100 (single 50) | 0.500 | 0.550 (0.400) | 0.500 | 0.950 |" in md
+    assert "onset step -50 [-50, -50] over 2 seeds; onset step of single -17 [-88, +55] tie over 3 seeds" in md
+    assert "eval loss, MemDLM with memory -0.1000 [-0.1000, -0.1000];" in md
+
+
 # ---- surface forms ----------------------------------------------------------------------
 
 def held_out_fragments():
