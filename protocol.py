@@ -91,10 +91,13 @@ def paired(a, b):
     return {**s, "lo": s["mean"] - half, "hi": s["mean"] + half, "tie": s["mean"] - half <= 0 <= s["mean"] + half}
 
 
-def fmt_diff(d):
+def fmt_diff(d, f=".1f"):
+    """A paired difference as `mean [lo, hi]`, then `tie` when the interval contains 0."""
+    if d["n"] == 0:
+        return "n/a"
     if d["lo"] is None:
-        return f"{d['mean']:+.1f} (n=1)"
-    return f"{d['mean']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]" + (" tie" if d["tie"] else "")
+        return f"{d['mean']:+{f}} (n=1)"
+    return f"{d['mean']:+{f}} [{d['lo']:+{f}}, {d['hi']:+{f}}]" + (" tie" if d["tie"] else "")
 
 
 # ---------------------------------------------------------------------------------------
@@ -458,14 +461,17 @@ def markdown(seeds, tables, exposure_md):
                 acc = lambda r: f"{r['eval_answer_acc']:.3f}" if "eval_answer_acc" in r else "-"
                 lines.append(f"| {sid} | {fmt_onset(b)} | {fmt_onset(m)} | {b['eval_loss']:.3f} | "
                              f"{m['eval_loss']:.3f} ({m.get('eval_loss_mem', float('nan')):.3f}) | {acc(b)} | {acc(m)} |")
-        num = lambda d, f: "n/a" if d["n"] == 0 else f"{d['mean']:+{f}} (n=1)" if d["lo"] is None else \
-            f"{d['mean']:+{f}} [{d['lo']:+{f}}, {d['hi']:+{f}}]" + (" tie" if d["tie"] else "")
-        names = {"eval_loss": ("eval loss, base model alone", ".4f"), "eval_loss_mem": ("eval loss, MemDLM with memory", ".4f"),
-                 "eval_answer_acc": ("answer accuracy", ".3f"), "onset": ("onset step", ".0f")}
-        name = lambda k: names.get(k) or (f"onset step of {k[len('onset_'):]}", ".0f")
+        names = {"eval_loss": ("eval loss, base model alone", ".4f"), "eval_answer_acc": ("answer accuracy", ".3f"),
+                 "eval_loss_mem": ("eval loss, MemDLM with memory", ".4f")}
+        parts = []
+        for k, d in scratch.items():
+            if k.startswith("onset"):  # onset (pooled) or onset_<task>
+                what = "onset step" + (f" of {k[len('onset_'):]}" if k != "onset" else "")
+                parts.append(f"{what} {fmt_diff(d, '.0f')} over {d['n']} seeds")
+            else:
+                parts.append(f"{names[k][0]} {fmt_diff(d, names[k][1])}")
         lines += ["", "MemDLM - MDLM, mean [95% t interval over seeds; onsets over the seeds where both cross]: " +
-                  "; ".join(f"{name(k)[0]} {num(d, name(k)[1])}" + (f" over {d['n']} seeds" if k.startswith("onset") else "")
-                            for k, d in scratch.items()) + "."]
+                  "; ".join(parts) + "."]
     for forms, t in tables.items():
         cols = t["columns"]
         head = ["| row | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
