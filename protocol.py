@@ -21,7 +21,8 @@ last checkpoint. --deadline stops the jobs in time to write the tables: rerun th
 to go on. Other --key=value arguments go to every train.py run.
 
 Writes root/protocol.json (per seed: the base's onset step, the final losses, the needle
-scores per row x task x length), root/protocol.md (the tables), root/loss_curves.png, and
+scores per row x task x length; MemDLM from scratch against the base: onsets and losses, paired),
+root/protocol.md (the tables), root/loss_curves.png, and
 with exposure.py root/exposure.{json,md,png}; each job's output is in root/logs/.
 """
 import argparse
