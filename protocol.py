@@ -395,11 +395,17 @@ def score_tables(seeds):
     return out
 
 
+def scratch_pairs(seeds):
+    """{seed: (MDLM base, MemDLM from scratch)} of the seeds that have both runs."""
+    return {sid: (s["runs"]["base"], s["runs"]["scratch"]) for sid, s in seeds.items()
+            if {"base", "scratch"} <= set(s["runs"])}
+
+
 def from_scratch(seeds):
     """MemDLM from scratch against the MDLM base, the same steps (the paper's faster convergence and
     lower loss): per quantity, the paired difference scratch - base over the seeds where both runs
     have it (an onset: where both cross ONSET_ACC). None when no seed has both runs."""
-    pairs = [(s["runs"]["base"], s["runs"]["scratch"]) for s in seeds.values() if {"base", "scratch"} <= set(s["runs"])]
+    pairs = list(scratch_pairs(seeds).values())
     if not pairs:
         return None
 
@@ -456,12 +462,10 @@ def markdown(seeds, tables, exposure_md):
         lines += ["", "## From scratch: MemDLM against the MDLM base, the same steps", "",
                   "| seed | onset MDLM | onset MemDLM | eval loss MDLM | MemDLM alone (with memory) | "
                   "answer acc MDLM | MemDLM |", "|---|---|---|---|---|---|---|"]
-        for sid, s in seeds.items():
-            if {"base", "scratch"} <= set(s["runs"]):
-                b, m = s["runs"]["base"], s["runs"]["scratch"]
-                acc = lambda r: f"{r['eval_answer_acc']:.3f}" if "eval_answer_acc" in r else "-"
-                lines.append(f"| {sid} | {fmt_onset(b)} | {fmt_onset(m)} | {b['eval_loss']:.3f} | "
-                             f"{m['eval_loss']:.3f} ({m.get('eval_loss_mem', float('nan')):.3f}) | {acc(b)} | {acc(m)} |")
+        acc = lambda r: f"{r['eval_answer_acc']:.3f}" if "eval_answer_acc" in r else "-"
+        for sid, (b, m) in scratch_pairs(seeds).items():
+            lines.append(f"| {sid} | {fmt_onset(b)} | {fmt_onset(m)} | {b['eval_loss']:.3f} | "
+                         f"{m['eval_loss']:.3f} ({m.get('eval_loss_mem', float('nan')):.3f}) | {acc(b)} | {acc(m)} |")
         names = {"eval_loss": ("eval loss, base model alone", ".4f"), "eval_answer_acc": ("answer accuracy", ".3f"),
                  "eval_loss_mem": ("eval loss, MemDLM with memory", ".4f")}
         parts = []
