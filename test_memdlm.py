@@ -601,8 +601,8 @@ def _ddp_rank(rank, ports, out):
     os.environ.update(MASTER_PORT=str(ports[1]), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
     drawn, batch = [], train.TextData.batch
 
-    def recorded(self, split, gen, step=None):
-        b = batch(self, split, gen, step)
+    def recorded(self, split, gen, step=None, with_tasks=False):
+        b = batch(self, split, gen, step, with_tasks)
         if split == "train":
             drawn.append(b[0])
         return b

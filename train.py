@@ -217,15 +217,16 @@ class TextData:
                 raise SystemExit(f"{tokens.filename} holds fewer tokens than block_size={self.T}")
             self.files[s], self.dtype = tokens.filename, tokens.dtype
 
-    def batch(self, split, gen, step=None):
+    def batch(self, split, gen, step=None, with_tasks=False):
         """(x0, maskable, key_pad) of batch_size windows, positions drawn from gen (step: no
-        curriculum for plain text)."""
+        curriculum for plain text; with_tasks: also None, the rows have no task)."""
         data = np.memmap(self.files[split], dtype=self.dtype, mode="r")  # reopened: no leak (nanoGPT)
         ix = torch.randint(len(data) - self.T, (self.B,), generator=gen).tolist()
         x = torch.from_numpy(np.stack([data[i:i + self.T].astype(np.int64) for i in ix]))
         if self.device.startswith("cuda"):
             x = x.pin_memory().to(self.device, non_blocking=True)
-        return x, torch.ones_like(x, dtype=torch.bool), None
+        out = x, torch.ones_like(x, dtype=torch.bool), None
+        return (out, None) if with_tasks else out
 
 
 def make_data(cfg, device):
@@ -384,8 +385,7 @@ def evaluate(raw_model, data, cfg, mem_cfg, device, ctx):
     losses, hits = {mem: [] for mem in modes}, {}  # hits: task (or None) -> [correct, total]
     for i in range(cfg["eval_iters"]):
         g_cpu = step_generator(cfg["seed"] + 1, i, 0, device)[1]
-        batch, tasks = data.batch("val", g_cpu, with_tasks=True) if isinstance(data, NiahData) \
-            else (data.batch("val", g_cpu), None)
+        batch, tasks = data.batch("val", g_cpu, with_tasks=True)
         with ctx:
             for mem in modes:  # a fresh generator each: both see the same t and masks
                 g_dev = step_generator(cfg["seed"] + 1, i, 0, device)[0]
