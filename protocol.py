@@ -154,6 +154,11 @@ def learned(seed):
             "onset": base["onset"] is not None and base["onset"] <= ONSET_SHARE * base["final_step"]}
 
 
+def fmt_acc(run):
+    """A run's last answer accuracy for the tables ("-" when its log has none)."""
+    return f"{run['eval_answer_acc']:.3f}" if "eval_answer_acc" in run else "-"
+
+
 def fmt_onset(run):
     """A run's onset for the table (None: no such run): pooled, then per task where logged."""
     run, fmt = run or {}, lambda step: "none" if step is None else str(step)
@@ -437,8 +442,7 @@ def markdown(seeds, tables, exposure_md):
                 continue
             mem = f" ({v['eval_loss_mem']:.3f})" if "eval_loss_mem" in v else ""
             train = "-" if v["train_loss"] is None else f"{v['train_loss']:.3f}"
-            acc = f"{v['eval_answer_acc']:.3f}" if "eval_answer_acc" in v else "-"
-            cells.append(f"{train} / {v['eval_loss']:.3f}{mem} / {acc} @{v['final_step']}")
+            cells.append(f"{train} / {v['eval_loss']:.3f}{mem} / {fmt_acc(v)} @{v['final_step']}")
         lines.append(f"| {sid} | {fmt_onset(s['runs'].get('base'))} | " + " | ".join(cells) + " |")
     bar = {sid: s["learned"] for sid, s in seeds.items() if s.get("learned")}
     if bar:
@@ -456,16 +460,14 @@ def markdown(seeds, tables, exposure_md):
             r = [s["runs"][k] for k in ("base", "base_repeat")]
             lines += ["", f"Run-to-run spread, seed {sid} (the base twice, one command): onset "
                           f"{fmt_onset(r[0])} vs {fmt_onset(r[1])}; eval loss {r[0]['eval_loss']:.3f} vs "
-                          f"{r[1]['eval_loss']:.3f}; answer accuracy {r[0].get('eval_answer_acc', float('nan')):.3f} "
-                          f"vs {r[1].get('eval_answer_acc', float('nan')):.3f}."]
+                          f"{r[1]['eval_loss']:.3f}; answer accuracy {fmt_acc(r[0])} vs {fmt_acc(r[1])}."]
     if scratch := from_scratch(seeds):
         lines += ["", "## From scratch: MemDLM against the MDLM base, the same steps", "",
                   "| seed | onset MDLM | onset MemDLM | eval loss MDLM | MemDLM alone (with memory) | "
                   "answer acc MDLM | MemDLM |", "|---|---|---|---|---|---|---|"]
-        acc = lambda r: f"{r['eval_answer_acc']:.3f}" if "eval_answer_acc" in r else "-"
         for sid, (b, m) in scratch_pairs(seeds).items():
-            lines.append(f"| {sid} | {fmt_onset(b)} | {fmt_onset(m)} | {b['eval_loss']:.3f} | "
-                         f"{m['eval_loss']:.3f} ({m.get('eval_loss_mem', float('nan')):.3f}) | {acc(b)} | {acc(m)} |")
+            lines.append(f"| {sid} | {fmt_onset(b)} | {fmt_onset(m)} | {b['eval_loss']:.3f} | {m['eval_loss']:.3f} "
+                         f"({m.get('eval_loss_mem', float('nan')):.3f}) | {fmt_acc(b)} | {fmt_acc(m)} |")
         names = {"eval_loss": ("eval loss, base model alone", ".4f"), "eval_answer_acc": ("answer accuracy", ".3f"),
                  "eval_loss_mem": ("eval loss, MemDLM with memory", ".4f")}
         parts = []
