@@ -371,9 +371,9 @@ def gather(root):
                 key = os.path.basename(os.path.normpath(r["out_dir"])) + ("+adapt" if r["adapt"] else "")
                 rows[key] = {t: {L: 100 * c["mean"] for L, c in by_len.items()} for t, by_len in r["cells"].items()}
         exposure = os.path.join(sdir, "exposure.json")
-        seeds[name[1:]] = {"onset": runs.get("base", {}).get("onset"), "runs": runs, "niah": niah,
-                           "exposure": exposure if os.path.exists(exposure) else None}
-        seeds[name[1:]]["learned"] = learned(seeds[name[1:]])
+        seed = {"onset": runs.get("base", {}).get("onset"), "runs": runs, "niah": niah,
+                "exposure": exposure if os.path.exists(exposure) else None}
+        seeds[name[1:]] = {**seed, "learned": learned(seed)}
     return seeds
 
 
