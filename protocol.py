@@ -21,7 +21,8 @@ last checkpoint. --deadline stops the jobs in time to write the tables: rerun th
 to go on. Other --key=value arguments go to every train.py run.
 
 Writes root/protocol.json (per seed: the base's onset step, the final losses, the needle
-scores per row x task x length; MemDLM from scratch against the base: onsets and losses, paired),
+scores per row x task x length; MemDLM from scratch against the base: onsets and losses, paired;
+the fine-tunes' eval losses against Standard MDLM, paired),
 root/protocol.md (the tables), root/loss_curves.png, and
 with exposure.py root/exposure.{json,md,png}; each job's output is in root/logs/.
 """
@@ -62,6 +63,7 @@ ROWS = (("base", False, "MDLM base (before fine-tuning)"), ("ft_mdlm", False, "S
         ("scratch", False, "MemDLM from scratch (Train-Only)"), ("scratch", True, "MemDLM from scratch (Train & Inference)"))
 # each MemDLM row's MDLM counterpart: a fine-tune's is Standard MDLM, from scratch's the base (the same steps)
 REFERENCE = {"ft_mem": "ft_mdlm", "ft_prompt": "ft_mdlm", "scratch": "base"}
+SCOPES = {"ft_mem": "MemDLM scope response", "ft_prompt": "MemDLM scope prompt"}
 ONSET_ACC = 0.9  # the base has learned retrieval at the first eval with eval_answer_acc >= this
 # the bar a base preset must clear in every seed: each task >= LEARNED % in the trained range (the shortest
 # length evaluated, forms `train`), and the onset within ONSET_SHARE of the base's steps
@@ -413,17 +415,35 @@ def from_scratch(seeds):
     pairs = list(scratch_pairs(seeds).values())
     if not pairs:
         return None
-
-    def diff(get_base, get_mem=None):
-        got = [(get_base(b), (get_mem or get_base)(m)) for b, m in pairs]
-        got = [(x, y) for x, y in got if x is not None and y is not None]
-        return paired([y for _, y in got], [x for x, _ in got]) if got else {"n": 0}
+    diff = lambda *get: paired_runs(pairs, *get)
     tasks = sorted(set.intersection(*(set(r["task_onsets"]) for p in pairs for r in p)))
     return {"onset": diff(lambda r: r["onset"]),
             **{f"onset_{t}": diff(lambda r, t=t: r["task_onsets"][t]) for t in tasks},
             "eval_loss": diff(lambda r: r["eval_loss"]),
             "eval_loss_mem": diff(lambda r: r["eval_loss"], lambda r: r.get("eval_loss_mem")),  # MDLM has no memory
             "eval_answer_acc": diff(lambda r: r.get("eval_answer_acc"))}
+
+
+def paired_runs(pairs, get_ref, get_run=None):
+    """The paired difference run - reference over (reference, run) records, of the pairs where
+    both have the quantity (get_run reads the run's, when it differs from the reference's)."""
+    got = [(get_ref(a), (get_run or get_ref)(b)) for a, b in pairs]
+    got = [(x, y) for x, y in got if x is not None and y is not None]
+    return paired([y for _, y in got], [x for x, _ in got]) if got else {"n": 0}
+
+
+def finetune_losses(seeds):
+    """The fine-tunes with memory against Standard MDLM on the final eval loss (the paper's lower
+    loss): the base model alone and with memory, paired over seeds; below: in how many seeds the
+    loss with memory is below MDLM's."""
+    out = {}
+    for run in ("ft_mem", "ft_prompt"):
+        pairs = [(s["runs"]["ft_mdlm"], s["runs"][run]) for s in seeds.values() if {"ft_mdlm", run} <= set(s["runs"])]
+        if pairs:
+            out[run] = {"eval_loss": paired_runs(pairs, lambda r: r["eval_loss"]),
+                        "eval_loss_mem": paired_runs(pairs, lambda r: r["eval_loss"], lambda r: r.get("eval_loss_mem")),
+                        "below": sum(m.get("eval_loss_mem", b["eval_loss"]) < b["eval_loss"] for b, m in pairs)}
+    return out
 
 
 def markdown(seeds, tables, exposure_md):
@@ -479,6 +499,12 @@ def markdown(seeds, tables, exposure_md):
                 parts.append(f"{names[k][0]} {fmt_diff(d, names[k][1])}")
         lines += ["", "MemDLM - MDLM, mean [95% t interval over seeds; onsets over the seeds where both cross]: " +
                   "; ".join(parts) + "."]
+    if ft := finetune_losses(seeds):
+        lines += ["", "## Eval loss after fine-tuning: MemDLM - Standard MDLM", "",
+                  "Mean [95% t interval over seeds]; tie: the interval contains 0.", "",
+                  "| fine-tune | base model alone | with memory | seeds with memory below MDLM |", "|---|---|---|---|"]
+        lines += [f"| {SCOPES[run]} | {fmt_diff(d['eval_loss'], '.4f')} | {fmt_diff(d['eval_loss_mem'], '.4f')} | "
+                  f"{d['below']} of {d['eval_loss']['n']} |" for run, d in ft.items()]
     for forms, t in tables.items():
         cols = t["columns"]
         head = ["| row | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
@@ -552,7 +578,7 @@ def write_results(root, seeds):
     base = ckpt_info(os.path.join(root, f"s{next(iter(seeds))}", "base"))  # the settings, for the record
     with open(os.path.join(root, "protocol.json"), "w") as f:
         json.dump({"root": root, "base_config": base and base[1], "seeds": seeds, "tables": tables,
-                   "from_scratch": from_scratch(seeds)}, f, indent=1)
+                   "from_scratch": from_scratch(seeds), "finetune_losses": finetune_losses(seeds)}, f, indent=1)
     text = markdown(seeds, tables, exposure_md)
     with open(os.path.join(root, "protocol.md"), "w") as f:
         f.write(text)

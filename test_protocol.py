@@ -209,6 +209,30 @@ def test_from_scratch_is_paired_with_the_base(tmp_path):
     assert "eval loss, MemDLM with memory -0.1000 [-0.1000, -0.1000];" in md
 
 
+
+def test_finetune_losses_are_paired_with_standard_mdlm(tmp_path):
+    # per seed: ft_mdlm's eval loss; the memory fine-tunes' base-alone and with-memory losses
+    losses = {1: {"ft_mdlm": (0.30,), "ft_mem": (0.31, 0.28), "ft_prompt": (0.30, 0.30)},
+              2: {"ft_mdlm": (0.40,), "ft_mem": (0.41, 0.37), "ft_prompt": (0.40, 0.41)},
+              3: {"ft_mdlm": (0.50,), "ft_mem": (0.50, 0.49)}}                    # no ft_prompt in seed 3
+    for seed, runs in losses.items():
+        for run, (alone, *mem) in runs.items():
+            d = tmp_path / f"s{seed}" / run
+            d.mkdir(parents=True)
+            rec = {"step": 1000, "eval_loss": alone, **({"eval_loss_mem": mem[0]} if mem else {})}
+            (d / "log.jsonl").write_text(json.dumps(rec) + "\n")
+    ft = protocol.finetune_losses(protocol.gather(str(tmp_path)))
+    assert set(ft) == {"ft_mem", "ft_prompt"}
+    mem = ft["ft_mem"]
+    assert mem["eval_loss"]["mean"] == pytest.approx(0.02 / 3) and mem["eval_loss"]["n"] == 3
+    # -0.02, -0.03, -0.01: sd 0.01, half width t(2) 4.303 x 0.01 / sqrt(3)
+    assert mem["eval_loss_mem"]["mean"] == pytest.approx(-0.02)
+    assert mem["eval_loss_mem"]["hi"] == pytest.approx(-0.02 + 4.303 * 0.01 / 3 ** 0.5, abs=1e-4)
+    assert mem["eval_loss_mem"]["tie"] and mem["below"] == 3
+    assert ft["ft_prompt"]["eval_loss_mem"]["n"] == 2 and ft["ft_prompt"]["below"] == 0   # 0.30 = 0.30, 0.41 > 0.40
+    md = protocol.markdown(protocol.gather(str(tmp_path)), {}, None)
+    assert "| MemDLM scope response | +0.0067 [-0.0077, +0.0210] tie | -0.0200 [-0.0448, +0.0048] tie | 3 of 3 |" in md
+
 # ---- surface forms ----------------------------------------------------------------------
 
 def held_out_fragments():

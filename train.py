@@ -80,7 +80,7 @@ PRESETS = {
     # (multivalue, cwe; vartrack and babi: RESULTS.md) in varied surface forms over noise and prose
     # filler; the 32-token window holds the longest answer (multivalue: 29 + <|endoftext|>); rows grow
     # to 256 tokens over the first 4000 steps; cwe is the slowest, so it is named four times (two thirds
-    # of the rows: answer accuracy >= 0.9 within 60% of the steps in 4 of 5 seeds, 3 of 5 at half, 3 of 5
+    # of the rows: answer accuracy >= 0.9 within 60% of the steps in 7 of 9 seeds, 3 of 5 at half, 3 of 5
     # at a third); two workers draw the rows ahead of the loop (the CPU-side row generation otherwise
     # stalls the GPU)
     "niah_proto": dict(out_dir="out-niah-proto", dataset="niah", block_size=256, batch_size=128, max_iters=16000,
