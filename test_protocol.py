@@ -209,7 +209,6 @@ def test_from_scratch_is_paired_with_the_base(tmp_path):
     assert "eval loss, MemDLM with memory -0.1000 [-0.1000, -0.1000];" in md
 
 
-
 def test_finetune_losses_are_paired_with_standard_mdlm(tmp_path):
     # per seed: ft_mdlm's eval loss; the memory fine-tunes' base-alone and with-memory losses
     losses = {1: {"ft_mdlm": (0.30,), "ft_mem": (0.31, 0.28), "ft_prompt": (0.30, 0.30)},
@@ -232,6 +231,7 @@ def test_finetune_losses_are_paired_with_standard_mdlm(tmp_path):
     assert ft["ft_prompt"]["eval_loss_mem"]["n"] == 2 and ft["ft_prompt"]["below"] == 0   # 0.30 = 0.30, 0.41 > 0.40
     md = protocol.markdown(protocol.gather(str(tmp_path)), {}, None)
     assert "| MemDLM scope response | +0.0067 [-0.0077, +0.0210] tie | -0.0200 [-0.0448, +0.0048] tie | 3 of 3 |" in md
+
 
 # ---- surface forms ----------------------------------------------------------------------
 
