@@ -63,7 +63,7 @@ ROWS = (("base", False, "MDLM base (before fine-tuning)"), ("ft_mdlm", False, "S
         ("scratch", False, "MemDLM from scratch (Train-Only)"), ("scratch", True, "MemDLM from scratch (Train & Inference)"))
 # each MemDLM row's MDLM counterpart: a fine-tune's is Standard MDLM, from scratch's the base (the same steps)
 REFERENCE = {"ft_mem": "ft_mdlm", "ft_prompt": "ft_mdlm", "scratch": "base"}
-SCOPES = {"ft_mem": "MemDLM scope response", "ft_prompt": "MemDLM scope prompt"}
+SCOPES = {"ft_mem": "MemDLM scope response", "ft_prompt": "MemDLM scope prompt"}  # the fine-tunes with memory
 ONSET_ACC = 0.9  # the base has learned retrieval at the first eval with eval_answer_acc >= this
 # the bar a base preset must clear in every seed: each task >= LEARNED % in the trained range (the shortest
 # length evaluated, forms `train`), and the onset within ONSET_SHARE of the base's steps
@@ -437,7 +437,7 @@ def finetune_losses(seeds):
     loss): the base model alone and with memory, paired over seeds; below: in how many seeds the
     loss with memory is below MDLM's."""
     out = {}
-    for run in ("ft_mem", "ft_prompt"):
+    for run in SCOPES:
         pairs = [(s["runs"]["ft_mdlm"], s["runs"][run]) for s in seeds.values() if {"ft_mdlm", run} <= set(s["runs"])]
         if pairs:
             out[run] = {"eval_loss": paired_runs(pairs, lambda r: r["eval_loss"]),
