@@ -15,14 +15,12 @@ import time
 import pytest
 import torch
 
-import bench
-import niah
-import protocol
+from experiments import bench, niah_eval, protocol
 import sample
 import train
 from model import load_model, read_checkpoint
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -407,7 +405,7 @@ def test_a_damaged_checkpoint_gives_one_line_everywhere(base, tmp_path, kind):
     bad = tmp_path / "bad"
     _damage(base / "ckpt.pt", bad, kind)
     for call in (lambda: sample.main([f"--out_dir={bad}", "--device=cpu"]),
-                 lambda: niah.main([f"--out_dir={bad}", "--device=cpu"]),
+                 lambda: niah_eval.main([f"--out_dir={bad}", "--device=cpu"]),
                  lambda: run(bad, "--resume=True", "--max_iters=12")):
         with pytest.raises(SystemExit, match=r"ckpt.pt (cannot be read as a checkpoint|was not loaded)") as e:
             call()
@@ -423,15 +421,15 @@ def test_a_prompt_file_that_is_not_utf8(base, tmp_path):
 def test_niah_results_file_is_checked_before_the_evaluation(base, tmp_path, monkeypatch):
     def evaluated(*a, **k):
         raise AssertionError("the evaluation ran")
-    monkeypatch.setattr(sample, "generate", evaluated)
+    monkeypatch.setattr(niah_eval, "generate", evaluated)
     argv = [f"--out_dir={base}", "--device=cpu", "--tasks=single", "--lengths=200", "--n=1"]
     with pytest.raises(SystemExit, match=r"the directory .*missing does not exist"):
-        niah.main(argv + [f"--json={tmp_path / 'missing' / 'r.json'}"])
+        niah_eval.main(argv + [f"--json={tmp_path / 'missing' / 'r.json'}"])
     (tmp_path / "r.json").write_text("earlier results")
     with pytest.raises(SystemExit, match=r"r.json exists: choose another --json file, or pass --overwrite"):
-        niah.main(argv + [f"--json={tmp_path / 'r.json'}"])
+        niah_eval.main(argv + [f"--json={tmp_path / 'r.json'}"])
     with pytest.raises(AssertionError, match="the evaluation ran"):  # --overwrite lets it go on
-        niah.main(argv + [f"--json={tmp_path / 'r.json'}", "--overwrite"])
+        niah_eval.main(argv + [f"--json={tmp_path / 'r.json'}", "--overwrite"])
     assert (tmp_path / "r.json").read_text() == "earlier results"
 
 

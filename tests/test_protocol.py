@@ -11,9 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import exposure
 import niah
-import protocol
+from experiments import common, exposure, niah_eval, protocol
 import train
 from data.tokenizer import decode
 from memory import MemoryConfig, adapt
@@ -25,24 +24,24 @@ ENC = niah.byte_encoding()
 # ---- statistics -------------------------------------------------------------------------
 
 def test_paired_interval_by_hand():
-    d = protocol.paired([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])  # differences 1, 2, 3: mean 2, sd 1
+    d = common.paired([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])  # differences 1, 2, 3: mean 2, sd 1
     half = 4.302653 / math.sqrt(3)  # t(0.975, 2) x sd / sqrt(n)
     assert d["mean"] == pytest.approx(2) and d["stderr"] == pytest.approx(1 / math.sqrt(3))
     assert (d["lo"], d["hi"]) == (pytest.approx(2 - half, abs=1e-3), pytest.approx(2 + half, abs=1e-3))
-    assert d["tie"] and protocol.fmt_diff(d) == "+2.0 [-0.5, +4.5] tie"  # 3 seeds: t = 4.30
+    assert d["tie"] and common.fmt_diff(d) == "+2.0 [-0.5, +4.5] tie"  # 3 seeds: t = 4.30
     # paired: a common per-seed shift cancels
-    assert protocol.paired([11.0, 52.0, 93.0], [10.0, 50.0, 90.0])["mean"] == pytest.approx(2)
+    assert common.paired([11.0, 52.0, 93.0], [10.0, 50.0, 90.0])["mean"] == pytest.approx(2)
     # beyond the table: within 1e-3 of the exact quantiles (40: 2.0211, 120: 1.9799)
-    assert protocol.t975(40) == pytest.approx(2.0211, abs=1e-3) and protocol.t975(120) == pytest.approx(1.9799, abs=1e-3)
+    assert common.t975(40) == pytest.approx(2.0211, abs=1e-3) and common.t975(120) == pytest.approx(1.9799, abs=1e-3)
 
 
 def test_tie_marking():
-    tie = protocol.paired([1.0, -1.0, 2.0], [0.0, 0.0, 0.0])
-    assert tie["lo"] < 0 < tie["hi"] and tie["tie"] and protocol.fmt_diff(tie).endswith(" tie")
-    worse = protocol.paired([0.0, 0.0, 0.0, 0.0], [3.0, 4.0, 3.5, 4.5])
-    assert worse["hi"] < 0 and not worse["tie"] and "tie" not in protocol.fmt_diff(worse)
-    one = protocol.paired([5.0], [1.0])
-    assert one["tie"] is None and protocol.fmt_diff(one) == "+4.0 (n=1)"
+    tie = common.paired([1.0, -1.0, 2.0], [0.0, 0.0, 0.0])
+    assert tie["lo"] < 0 < tie["hi"] and tie["tie"] and common.fmt_diff(tie).endswith(" tie")
+    worse = common.paired([0.0, 0.0, 0.0, 0.0], [3.0, 4.0, 3.5, 4.5])
+    assert worse["hi"] < 0 and not worse["tie"] and "tie" not in common.fmt_diff(worse)
+    one = common.paired([5.0], [1.0])
+    assert one["tie"] is None and common.fmt_diff(one) == "+4.0 (n=1)"
 
 
 # ---- skipping, resuming, scheduling -------------------------------------------------------
@@ -355,7 +354,7 @@ def test_tiny_checkpoints_end_to_end(tmp_path):
     mdlm, mem = str(tmp_path / "mdlm"), str(tmp_path / "mem")
     for d, flag in ((mdlm, "False"), (mem, "True")):
         train.main(["--config", "niah_tiny", f"--out_dir={d}", "--max_iters=1", f"--mem={flag}"])
-    niah.main([f"--out_dir={mdlm}", "--tasks=single", "--lengths=256", "--n=2", "--forms=heldout", "--adapt=off",
+    niah_eval.main([f"--out_dir={mdlm}", "--tasks=single", "--lengths=256", "--n=2", "--forms=heldout", "--adapt=off",
                "--device=cpu", f"--json={tmp_path / 'n.json'}"])
     assert json.loads((tmp_path / "n.json").read_text())["forms"] == "heldout"
     exposure.main(["--out_dir", mdlm, mem, "--n=3", "--batch_size=2", "--device=cpu", f"--json={tmp_path / 'e.json'}",

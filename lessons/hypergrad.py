@@ -1,7 +1,7 @@
 """First-order vs exact hypergradient (paper Eq. 10), measured on a trained checkpoint.
 
-    python hypergrad.py                                  # the checkpoint in out (train.py --config small)
-    python hypergrad.py --out_dir=out-tiny --batches=2   # CPU, seconds
+    python -m lessons.hypergrad                                 # the checkpoint in out (train.py --config small)
+    python -m lessons.hypergrad --out_dir=out-tiny --batches=2   # CPU, seconds
 
 MemDLM updates theta with the gradient of the outer loss (Eq. 9) taken at phi_K, the fast
 weights after K inner SGD steps (Eq. 6-8). phi_K depends on theta through every inner

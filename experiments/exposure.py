@@ -1,7 +1,7 @@
 """The exposure-bias ratio of the paper's Fig. 3 (Eq. 3-4) on held-out needle rows.
 
-    python exposure.py --out_dir out-mdlm out-memdlm --n=256            # measure one run of each
-    python exposure.py --summary out-proto/s*/exposure.json --png=exposure.png   # the mean over runs
+    python -m experiments.exposure --out_dir out-mdlm out-memdlm --n=256        # measure one run of each
+    python -m experiments.exposure --summary out-proto/s*/exposure.json --png=exposure.png   # the mean over runs
 
 Rows come from NiahData's val split with the checkpoint's settings: a prompt, then the
 answer window of A tokens (the response). For m = A, A-1, ..., 1 masked response tokens
@@ -10,7 +10,7 @@ answer window of A tokens (the response). For m = A, A-1, ..., 1 masked response
                masked at random and the others the ground truth (Eq. 3);
   L_seq(t)     the same where the visible response tokens are the model's own: the response
                decoded from fully masked, greedily, the most confident token each step (as
-               niah.py decodes with its default steps), until m are left masked (Eq. 4).
+               niah_eval decodes with its default steps), until m are left masked (Eq. 4).
 R_EB(t) = L_seq / L_static; at t = 1 nothing is decoded yet and R_EB = 1. Rows: a checkpoint
 trained with mem=False is "Standard MDLM"; one with mem=True gives "MemDLM (Train-Only)" and
 "MemDLM (Train & Inference)", whose prompts are first written into fast weights
@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from memory import MemoryConfig, adapt
 from model import load_model, pick_device, proposal_logits
-from niah import NIAH_DEFAULTS, NiahData, row_label, summarise
+from experiments.common import mean_stderr, row_label
+from niah import NIAH_DEFAULTS, NiahData
 
 
 def val_rows(cfg, n, device, forms=None, seed=0):
@@ -110,7 +111,7 @@ def summary(results):
             kinds.setdefault(row["kind"], []).append(row)
     out = {}
     for kind, rows in kinds.items():
-        stats = [summarise([r["ratio"][k] for r in rows]) for k in range(len(t))]
+        stats = [mean_stderr([r["ratio"][k] for r in rows]) for k in range(len(t))]
         out[kind] = dict(n=len(rows), token_acc=sum(r["token_acc"] for r in rows) / len(rows),
                          ratio=[s["mean"] for s in stats], ratio_se=[s["stderr"] for s in stats],
                          **{key: [sum(r[key][k] for r in rows) / len(rows) for k in range(len(t))]
@@ -184,7 +185,7 @@ def main(argv=None):
             except (OSError, ValueError) as e:
                 raise SystemExit(f"cannot read {path}: {e}") from None
             if not isinstance(res, dict) or not isinstance(res.get("rows"), list):
-                raise SystemExit(f"{path} is not a measurement: give the files exposure.py --out_dir wrote")
+                raise SystemExit(f"{path} is not a measurement: give the files --out_dir wrote")
             results.append(res)
         path = a.json
     t, kinds = summary(results)

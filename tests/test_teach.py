@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import hypergrad
+from lessons import hypergrad
 import sample
 import train
 from data.tokenizer import decode, get_encoding
@@ -121,9 +121,9 @@ def test_exact_hypergradient_matches_finite_differences(workdir):
 
 def test_the_paper_to_code_map_points_into_the_functions_it_names():
     """README's map, "`name` (file.py:N)": line N lies in the body of `def name` in file.py."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
     with open(os.path.join(here, "README.md")) as f:
-        refs = re.findall(r"`(?:\w+\.)?(\w+)` \((\w+\.py):(\d+)", f.read())
+        refs = re.findall(r"`(?:\w+\.)?(\w+)` \(([\w/]+\.py):(\d+)", f.read())
     assert len(refs) >= 10
     for name, path, n in refs:
         with open(os.path.join(here, path)) as f:

@@ -2,19 +2,19 @@
 fine-tunes with and without memory) and MemDLM from scratch, each evaluated with and without
 inference-time memory, summarised over seeds with paired confidence intervals.
 
-    python protocol.py --root=out-proto --config=niah_proto --seeds=1,2,3,4,5 --repeat=1 --deadline=540
-    python protocol.py --root=out-proto --table_only
+    python -m experiments.protocol --root=out-proto --config=niah_proto --seeds=1,2,3,4,5 --repeat=1 --deadline=540
+    python -m experiments.protocol --root=out-proto --table_only
 
-Per seed S, in root/sS/ (every run a `python train.py` or `python niah.py` subprocess):
+Per seed S, in root/sS/ (every run a `python train.py` or `python -m experiments.niah_eval` subprocess):
   base       MDLM from scratch (train.py --config C --mem=False --seed=S)
   ft_mdlm    base + F steps of MDLM (--init_from=base --max_iters=F, a fresh optimizer)
   ft_mem     base + F steps of MemDLM, scope response (the paper's)
   ft_prompt  base + F steps of MemDLM, scope prompt
   scratch    MemDLM from scratch, as many steps as the base
   base_repeat  with --repeat=S: seed S's base again, the same command (the run-to-run spread)
-  niah_ft_<forms>.json, niah_scratch_<forms>.json   niah.py --adapt=both on the runs above,
+  niah_ft_<forms>.json, niah_scratch_<forms>.json   niah_eval --adapt=both on the runs above,
              once per surface form set (--forms: those trained on, and held-out ones)
-  exposure.json   exposure.py on ft_mdlm and ft_mem (the exposure-bias ratio)
+  exposure.json   experiments.exposure on ft_mdlm and ft_mem (the exposure-bias ratio)
 Jobs run on the visible GPUs, --per_gpu at a time on each (CUDA_VISIBLE_DEVICES), in order
 of need. A job whose results exist is skipped; an interrupted training run resumes from its
 last checkpoint. --deadline stops the jobs in time to write the tables: rerun the same command
@@ -24,7 +24,7 @@ Writes root/protocol.json (per seed: the base's onset step, the final losses, th
 scores per row x task x length; MemDLM from scratch against the base: onsets and losses, paired;
 the fine-tunes' eval losses against Standard MDLM, paired),
 root/protocol.md (the tables), root/loss_curves.png, and
-with exposure.py root/exposure.{json,md,png}; each job's output is in root/logs/.
+with experiments.exposure root/exposure.{json,md,png}; each job's output is in root/logs/.
 """
 import argparse
 import glob
@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 import torch
 
 from model import read_checkpoint
-from niah import summarise
+from experiments.common import fmt_diff, int_list, mean_stderr, paired
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: train.py's directory
 STAGES = ("base", "repeat", "finetune", "scratch", "eval", "exposure")
 # training runs: (stage, train.py arguments, starts from the base)
 # (a fine-tune starts from a base that has seen every length: no length curriculum again)
@@ -53,7 +53,7 @@ RUNS = {
     "scratch": ("scratch", ["--mem=True", "--mem_scope=response"], False),
     "base_repeat": ("repeat", ["--mem=False"], False),  # the base again (--repeat): one seed's run-to-run spread
 }
-EVALS = {"ft": ("base", "ft_mdlm", "ft_mem", "ft_prompt"), "scratch": ("scratch",)}  # one niah.py call each
+EVALS = {"ft": ("base", "ft_mdlm", "ft_mem", "ft_prompt"), "scratch": ("scratch",)}  # one niah_eval call each
 OWN_KEYS = ("config", "mem", "mem_scope", "seed", "out_dir", "init_from", "resume", "max_iters")
 # the table's rows: (run, adapt) and their names; the MemDLM rows are also compared with Standard MDLM
 ROWS = (("base", False, "MDLM base (before fine-tuning)"), ("ft_mdlm", False, "Standard MDLM"),
@@ -68,41 +68,6 @@ ONSET_ACC = 0.9  # the base has learned retrieval at the first eval with eval_an
 # the bar a base preset must clear in every seed: each task >= LEARNED % in the trained range (the shortest
 # length evaluated, forms `train`), and the onset within ONSET_SHARE of the base's steps
 LEARNED, ONSET_SHARE = 95.0, 0.6
-# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
-def t975(df):
-    """The 0.975 quantile of Student's t: the table to 30 degrees of freedom, then the
-    Cornish-Fisher expansion around the normal (within 1e-3 there)."""
-    if df < 1:
-        raise ValueError("a t interval needs at least 2 values")
-    if df <= len(T975):
-        return T975[df - 1]
-    z = 1.959964
-    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
-
-
-def paired(a, b):
-    """The paired difference a - b over seeds: mean, its standard error, n, and the 95% t
-    interval (lo, hi; None for one seed); tie when the interval contains 0."""
-    s = summarise([x - y for x, y in zip(a, b)])
-    if s["n"] < 2:
-        return {**s, "lo": None, "hi": None, "tie": None}
-    half = t975(s["n"] - 1) * s["stderr"]
-    return {**s, "lo": s["mean"] - half, "hi": s["mean"] + half, "tie": s["mean"] - half <= 0 <= s["mean"] + half}
-
-
-def fmt_diff(d, f=".1f"):
-    """A paired difference as `mean [lo, hi]`, then `tie` when the interval contains 0."""
-    if d["n"] == 0:
-        return "n/a"
-    if d["lo"] is None:
-        return f"{d['mean']:+{f}} (n=1)"
-    return f"{d['mean']:+{f}} [{d['lo']:+{f}}, {d['hi']:+{f}}]" + (" tie" if d["tie"] else "")
-
-
 # ---------------------------------------------------------------------------------------
 # What exists on disk
 
@@ -195,7 +160,7 @@ def train_job(a, seed, run, extras):
         return info[0], (iters or info[1]["max_iters"])
 
     def argv():
-        cmd = [sys.executable, os.path.join(HERE, "train.py"), "--config", a.config, *extras, *flags,
+        cmd = [sys.executable, "train.py", "--config", a.config, *extras, *flags,
                f"--seed={seed}", f"--out_dir={out}"]
         cmd += [f"--max_iters={iters}"] if iters else []
         if state():  # an interrupted run (a fine-tune too) continues from its own checkpoint
@@ -221,7 +186,7 @@ def eval_job(a, seed, group, forms):
         cfg = ckpt_info(dirs[0])[1]
         T = cfg["block_size"]
         lengths = a.lengths or f"{T},{2 * T}"  # the longest training rows, and twice as long
-        return [sys.executable, os.path.join(HERE, "niah.py"), "--out_dir", *dirs, "--adapt=both",
+        return [sys.executable, "-m", "experiments.niah_eval", "--out_dir", *dirs, "--adapt=both",
                 f"--tasks={a.tasks or cfg['niah_tasks']}", f"--lengths={lengths}", f"--n={a.n}",
                 f"--forms={forms}", f"--batch_size={a.eval_batch}", f"--json={path}"]
     return Job(f"s{seed}/niah_{group}_{forms}", "eval", [f"s{seed}/{r}" for r in EVALS[group]], argv,
@@ -234,7 +199,7 @@ def exposure_job(a, seed):
     path = os.path.join(sdir, "exposure.json")
 
     def argv():
-        return [sys.executable, os.path.join(HERE, "exposure.py"), "--out_dir", *dirs, f"--n={a.exposure_n}",
+        return [sys.executable, "-m", "experiments.exposure", "--out_dir", *dirs, f"--n={a.exposure_n}",
                 f"--json={path}"]
     return Job(f"s{seed}/exposure", "exposure", [f"s{seed}/ft_mdlm", f"s{seed}/ft_mem"], argv,
                lambda: newer(path, dirs))
@@ -330,7 +295,7 @@ def run_jobs(jobs, slots, log_dir, deadline=None, poll=0.5):
             env = {**os.environ, "TQDM_MININTERVAL": "30"}  # a progress line every 30 s in the log, not 10 a second
             if slot is not None:
                 env["CUDA_VISIBLE_DEVICES"] = str(slot)
-            running[i] = (job, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=HERE),
+            running[i] = (job, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
                           time.time(), log)
             say(f"start {job.name}" + ("" if slot is None else f" on GPU {slot}") + (f" ({note})" if note else ""))
         if running:
@@ -392,7 +357,7 @@ def score_tables(seeds):
             have = {sid: rows[key] for sid, rows in per_seed.items() if key in rows}
             if not have:
                 continue
-            table["rows"][label] = {f"{t} {L}": summarise([r[t][L] for r in have.values()]) for t, L in cols}
+            table["rows"][label] = {f"{t} {L}": mean_stderr([r[t][L] for r in have.values()]) for t, L in cols}
             ref = REFERENCE.get(run)
             both = [sid for sid in have if ref in per_seed[sid]]
             if both:
@@ -561,14 +526,14 @@ def plot_losses(root, seeds, path):
 
 def write_results(root, seeds):
     """root's results into protocol.json and protocol.md (printed), the loss curves and,
-    through exposure.py, the exposure-bias summary."""
+    through experiments.exposure, the exposure-bias summary."""
     exposure_files = [s["exposure"] for s in seeds.values() if s["exposure"]]
     exposure_md = None
     if exposure_files:
         md = os.path.join(root, "exposure.md")
-        done = subprocess.run([sys.executable, os.path.join(HERE, "exposure.py"), "--summary", *exposure_files,
+        done = subprocess.run([sys.executable, "-m", "experiments.exposure", "--summary", *exposure_files,
                                f"--json={os.path.join(root, 'exposure.json')}", f"--md={md}",
-                               f"--png={os.path.join(root, 'exposure.png')}"], cwd=HERE, check=False)
+                               f"--png={os.path.join(root, 'exposure.png')}"], cwd=ROOT, check=False)
         if done.returncode == 0:
             with open(md) as f:
                 exposure_md = f.read()
@@ -591,10 +556,6 @@ def write_results(root, seeds):
     print(f"wrote {os.path.join(root, 'protocol.json')} and protocol.md")
 
 
-def int_list(s):
-    return [int(v) for v in s.split(",")]
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="The needle protocol over seeds: train, fine-tune, evaluate, tabulate.",
                                 epilog="Other --key=value arguments are passed to every train.py run.")
@@ -608,12 +569,12 @@ def main(argv=None):
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
     p.add_argument("--gpus", default=None, help="comma list of GPU ids (default: the visible ones; none: the CPU)")
     p.add_argument("--per_gpu", type=int, default=1, help="jobs at a time on each GPU")
-    p.add_argument("--tasks", default=None, help="niah.py --tasks (default: the tasks trained)")
-    p.add_argument("--lengths", default=None, help="niah.py --lengths (default: block_size and twice it)")
-    p.add_argument("--forms", default="train,heldout", help="surface forms to evaluate, one niah.py call each")
+    p.add_argument("--tasks", default=None, help="niah_eval --tasks (default: the tasks trained)")
+    p.add_argument("--lengths", default=None, help="niah_eval --lengths (default: block_size and twice it)")
+    p.add_argument("--forms", default="train,heldout", help="surface forms to evaluate, one niah_eval call each")
     p.add_argument("--n", type=int, default=100, help="niah.py examples per task and length")
-    p.add_argument("--eval_batch", type=int, default=250, help="niah.py --batch_size")
-    p.add_argument("--exposure_n", type=int, default=256, help="exposure.py rows")
+    p.add_argument("--eval_batch", type=int, default=250, help="niah_eval --batch_size")
+    p.add_argument("--exposure_n", type=int, default=256, help="experiments.exposure rows")
     p.add_argument("--deadline", type=float, default=None, help="seconds: stop the jobs then and write the tables")
     p.add_argument("--table_only", action="store_true", help="only gather the results on disk into the tables")
     p.add_argument("--dry_run", action="store_true", help="print each job's state and command, run nothing")

@@ -1,8 +1,8 @@
 """Benchmark training steps of MDLM and MemDLM in one process (and, with --sample, the sampler).
 
-    python bench.py --config small                       # any train.py key can be overridden
-    python bench.py --config small --block_size=8192 --batch_size=2
-    python bench.py --config small --profile=True        # top kernels of each mode's step
+    python -m experiments.bench --config small                       # any train.py key can be overridden
+    python -m experiments.bench --config small --block_size=8192 --batch_size=2
+    python -m experiments.bench --config small --profile=True        # top kernels of each mode's step
 
 Prints tokens/s, model FLOPs utilisation, peak memory and the step-time ratio MemDLM/MDLM.
 Steps are timed with CUDA events after a warm-up (compilation included there); the median
@@ -156,7 +156,7 @@ def bench_sampling(bench, device):
     data = train.make_data(cfg, "cpu")
     if not hasattr(data, "files"):
         raise SystemExit(f"--sample_from needs a checkpoint trained on text; {bench['sample_from']} was trained on "
-                         f"dataset={cfg['dataset']}: time its sampling with niah.py, which prints answers/s")
+                         f"dataset={cfg['dataset']}: time its sampling with python -m experiments.niah_eval, which prints answers/s")
     val = np.memmap(data.files["val"], dtype=data.dtype, mode="r")
     B, G, blk = bench["sample_batch"], bench["gen_len"], bench["block"]
     print(f"sampling: {bench['sample_from']}, batch {B}, gen_len {G}, blocks of {blk}, steps = gen_len")

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-import bench
+from experiments import bench
 import train
 
 
@@ -25,7 +25,7 @@ def test_sampling_bench_and_its_errors(tmp_path, capsys):
         assert f"| 32 | {setting} |" in out
     assert re.search(r"prefix cache \| [\d.]+ \| [\d,]+ \| [\d.]+x plain, \d+% tokens as plain", out)
     train.main(["--config", "niah_tiny", f"--out_dir={tmp_path / 'niah'}", "--max_iters=1"])
-    with pytest.raises(SystemExit, match="trained on text.*niah.py"):
+    with pytest.raises(SystemExit, match="trained on text.*niah_eval"):
         bench.main([f"--sample_from={tmp_path / 'niah'}", "--device=cpu"])
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import niah
+from experiments import niah_eval
 from data.tokenizer import decode
 
 ENC = niah.byte_encoding()
@@ -183,7 +184,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert both and all(min(r["eval_answer_acc_single"], r["eval_answer_acc_babi"]) <= r["eval_answer_acc"]
                         <= max(r["eval_answer_acc_single"], r["eval_answer_acc_babi"]) for r in both)
     out_json = tmp_path / "r.json"
-    niah.main(["--out_dir=" + dirs[0], dirs[1], "--tasks=single,vartrack,single", "--lengths=200,240",
+    niah_eval.main(["--out_dir=" + dirs[0], dirs[1], "--tasks=single,vartrack,single", "--lengths=200,240",
                "--depths=0,100", "--n=2", "--answer_len=16", "--steps=8", "--batch_size=3",
                "--device=cpu", f"--json={out_json}", "--plot"])
     out = capsys.readouterr().out
@@ -201,8 +202,8 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert cell["n"] == 2 and set(cell["depths"]) == {"0", "100"} and 0 <= cell["mean"] <= 1
     assert len(res["rows"][0]["samples"]) == 8
     with pytest.raises(SystemExit, match="too short for task single"):
-        niah.main(["--out_dir=" + dirs[0], "--tasks=single", "--lengths=64", "--device=cpu"])
+        niah_eval.main(["--out_dir=" + dirs[0], "--tasks=single", "--lengths=64", "--device=cpu"])
     with pytest.raises(SystemExit, match="unknown task 'foo'"):
-        niah.main(["--out_dir=" + dirs[0], "--tasks=foo"])
+        niah_eval.main(["--out_dir=" + dirs[0], "--tasks=foo"])
     with pytest.raises(SystemExit, match="no checkpoint"):
-        niah.main(["--out_dir=" + str(tmp_path / "none"), "--device=cpu"])
+        niah_eval.main(["--out_dir=" + str(tmp_path / "none"), "--device=cpu"])

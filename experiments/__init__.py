@@ -1,0 +1,1 @@
+"""The research apparatus beside the teaching core, each run as python -m experiments.NAME."""

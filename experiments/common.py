@@ -1,0 +1,60 @@
+"""What several experiments share: the command line's integer lists, the names of Table 1's
+rows, and the statistics of the tables (mean and standard error over seeds or examples, the
+paired difference with its 95% t interval)."""
+
+
+def int_list(s):
+    """'1,2,3' -> [1, 2, 3] (argparse type)."""
+    return [int(v) for v in s.split(",")]
+
+
+def row_label(cfg, adapt, out_dir):
+    """The name of a Table 1 row: the method a checkpoint was trained with, with or without adapt."""
+    if cfg["mem"]:
+        name = "MemDLM (Train & Inference)" if adapt else "MemDLM (Train-Only)"
+    else:
+        name = "Standard MDLM + adapt" if adapt else "Standard MDLM"
+    return f"{name} {out_dir}"
+
+
+def mean_stderr(scores):
+    """mean and standard error (sample std / sqrt(n)) of a list of scores."""
+    n = len(scores)
+    m = sum(scores) / n
+    se = (sum((s - m) ** 2 for s in scores) / (n - 1) / n) ** 0.5 if n > 1 else 0.0
+    return dict(mean=m, stderr=se, n=n)
+
+
+# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t975(df):
+    """The 0.975 quantile of Student's t: the table to 30 degrees of freedom, then the
+    Cornish-Fisher expansion around the normal (within 1e-3 there)."""
+    if df < 1:
+        raise ValueError("a t interval needs at least 2 values")
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def paired(a, b):
+    """The paired difference a - b over seeds: mean, its standard error, n, and the 95% t
+    interval (lo, hi; None for one seed); tie when the interval contains 0."""
+    s = mean_stderr([x - y for x, y in zip(a, b)])
+    if s["n"] < 2:
+        return {**s, "lo": None, "hi": None, "tie": None}
+    half = t975(s["n"] - 1) * s["stderr"]
+    return {**s, "lo": s["mean"] - half, "hi": s["mean"] + half, "tie": s["mean"] - half <= 0 <= s["mean"] + half}
+
+
+def fmt_diff(d, f=".1f"):
+    """A paired difference as `mean [lo, hi]`, then `tie` when the interval contains 0."""
+    if d["n"] == 0:
+        return "n/a"
+    if d["lo"] is None:
+        return f"{d['mean']:+{f}} (n=1)"
+    return f"{d['mean']:+{f}} [{d['lo']:+{f}}, {d['hi']:+{f}}]" + (" tie" if d["tie"] else "")
