@@ -32,15 +32,28 @@ class ModelConfig:
     n_embd: int = 128
     ffn_mult: float = 8 / 3    # SwiGLU hidden = ffn_mult * n_embd, rounded up to 64
     rope_theta: float = 10000.0
+    attn_chunk: int = 0        # 0: full attention; W > 0: each token attends only within its chunk of W tokens
+    rope_scaling: str = "none" # past block_size at inference: "ntk" (NTK-aware theta) or "pi" (position interpolation)
 
     @property
     def ffn_hidden(self):
         return 64 * math.ceil(self.ffn_mult * self.n_embd / 64)
 
 
-def rope_tables(T, head_dim, theta, device):
+ROPE_SCALINGS = ("none", "ntk", "pi")
+
+
+def rope_tables(T, head_dim, theta, device, trained=None, scaling="none"):
+    """cos, sin [T, head_dim / 2] of RoPE's angles. Past the trained length, scaling stretches
+    them by s = T / trained so that T positions span the angles the model saw: "pi" divides the
+    positions by s (position interpolation, arXiv:2306.15595), "ntk" raises the base theta by
+    s^(d / (d - 2)) (NTK-aware scaling), which keeps the fastest rotations as trained."""
+    s = T / trained if trained and T > trained else 1.0
+    if scaling == "ntk":
+        theta = theta * s ** (head_dim / (head_dim - 2))
     inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    ang = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv)
+    pos = torch.arange(T, device=device, dtype=torch.float32)
+    ang = torch.outer(pos / s if scaling == "pi" else pos, inv)
     return ang.cos(), ang.sin()
 
 
@@ -106,10 +119,29 @@ class KVCache:
         self.pos, self.reading = pos, True
 
 
+def chunked_attention(q, k, v, visible, W):
+    """Bidirectional attention within chunks of W positions (0-W, W-2W, ...): q, k, v [B, H, T, D],
+    visible [B, T] (False at padding) or None. The chunks are folded into the batch, so SDPA keeps
+    its fast kernels and costs T W rather than T^2. T is padded up to a multiple of W with hidden
+    keys; a chunk with no visible key (all padding) sees all of its own: its queries are padding
+    too, and a query that sees no key would give NaN."""
+    B, H, T, D = q.shape
+    n = -(-T // W)
+    real = (torch.arange(n * W, device=q.device) < T).view(1, n, W)  # False at the padding up to n W
+    visible = F.pad(torch.ones(B, T, dtype=torch.bool, device=q.device) if visible is None else visible,
+                    (0, n * W - T)).view(B, n, W)
+    visible = visible | (real & ~visible.any(-1, keepdim=True))
+    q, k, v = (F.pad(x, (0, 0, 0, n * W - T)) for x in (q, k, v))
+    fold = lambda x: x.view(B, H, n, W, D).transpose(1, 2).reshape(B * n, H, W, D)
+    mask = None if visible.all() else visible.view(B * n, 1, 1, W)
+    y = F.scaled_dot_product_attention(fold(q), fold(k), fold(v), attn_mask=mask)
+    return y.view(B, n, H, W, D).transpose(1, 2).reshape(B, H, n * W, D)[:, :, :T]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg, layer):
         super().__init__()
-        self.n_head, self.layer = cfg.n_head, layer
+        self.n_head, self.layer, self.chunk = cfg.n_head, layer, cfg.attn_chunk
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
@@ -117,6 +149,11 @@ class Attention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # [B, H, T, D] each
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.chunk and T > self.chunk:  # local attention (a model option: see ModelConfig.attn_chunk)
+            if cache is not None:
+                raise ValueError("the prefix cache attends to a whole prefix: it cannot run with attn_chunk")
+            y = chunked_attention(q, k, v, None if attn_mask is None else attn_mask[:, 0, 0], self.chunk)
+            return self.proj(y.transpose(1, 2).reshape(B, T, C))
         if cache is not None:  # record k, v; or attend to the cached prefix's too: [B, H, P + T, D]
             k, v = cache.update(self.layer, k, v)
         # bidirectional: every position sees every (non-padding) position
@@ -199,7 +236,8 @@ class DiffusionLM(nn.Module):
         if n <= self.rope_cos.shape[0]:
             cos, sin = self.rope_cos[:n], self.rope_sin[:n]
         else:
-            cos, sin = rope_tables(n, self.cfg.n_embd // self.cfg.n_head, self.cfg.rope_theta, h.device)
+            cos, sin = rope_tables(n, self.cfg.n_embd // self.cfg.n_head, self.cfg.rope_theta, h.device,
+                                   trained=self.cfg.block_size, scaling=self.cfg.rope_scaling)
         if pos is not None:  # each row its own positions: [B, 1, T, D/2], broadcast over heads
             cos, sin = cos[pos][:, None], sin[pos][:, None]
         if pos is not None:  # the keys: the cached prefix's, then the T tokens' own (no padding among them)

@@ -19,9 +19,9 @@ from model import DiffusionLM, FastWeights, ModelConfig, forward_process, load_m
 MASK = 257
 
 
-def tiny(n_layer=2, dtype=torch.float32, seed=0):
+def tiny(n_layer=2, dtype=torch.float32, seed=0, **cfg):
     torch.manual_seed(seed)
-    return DiffusionLM(ModelConfig(n_layer=n_layer, n_head=2, n_embd=32)).to(dtype)
+    return DiffusionLM(ModelConfig(n_layer=n_layer, n_head=2, n_embd=32, **cfg)).to(dtype)
 
 
 def tokens(B=2, T=16, seed=1):
@@ -61,6 +61,38 @@ def test_rope_scores_depend_on_the_relative_position_only():
         diag = scores.diagonal(d)
         assert torch.allclose(diag, diag[:1].expand_as(diag), atol=1e-4), d
     assert len({round(scores[0, n].item(), 3) for n in range(32)}) > 16  # and it does vary with m - n
+
+
+def test_rope_scaling_maps_a_longer_context_onto_the_trained_angles():
+    # twice the trained length: position interpolation turns position 2p as position p was trained;
+    # NTK-aware scaling keeps the fastest pair as trained and turns the slowest by half as much
+    cos, sin = model.rope_tables(8, 8, 100.0, None)
+    pcos, psin = model.rope_tables(16, 8, 100.0, None, trained=8, scaling="pi")
+    assert torch.allclose(pcos[::2], cos, atol=1e-6) and torch.allclose(psin[::2], sin, atol=1e-6)
+    ang = lambda c, s: torch.atan2(s, c)
+    ncos, nsin = model.rope_tables(16, 8, 100.0, None, trained=8, scaling="ntk")
+    plain = ang(*model.rope_tables(16, 8, 100.0, None))
+    assert torch.allclose(ang(ncos, nsin)[:, 0], plain[:, 0]) and torch.allclose(ang(ncos, nsin)[1, -1], plain[1, -1] / 2)
+    assert torch.equal(model.rope_tables(8, 8, 100.0, None, trained=8, scaling="ntk")[0], cos)  # within it: as trained
+
+
+def test_chunked_attention_sees_its_own_chunk_only_and_equals_an_explicit_mask():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 2, 2, 10, 4, generator=g)
+    visible = torch.ones(2, 10, dtype=torch.bool)
+    visible[1, 7:] = False  # row 1: three padding tokens, in the last chunk
+    chunk = torch.arange(10) // 4  # W = 4: chunks 0-3, 4-7, 8-9 (padded to 12 inside)
+    same = chunk[:, None] == chunk[None, :]
+    allowed = same & visible[:, None, None, :]
+    allowed = allowed | (same & ~allowed.any(-1, keepdim=True))  # row 1's last chunk is all padding: it sees itself
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    assert torch.allclose(model.chunked_attention(q, k, v, visible, 4), ref, atol=1e-6)
+    m, x = tiny(attn_chunk=8), tokens(1, T=24)
+    y = x.clone()
+    y[0, 0] = (x[0, 0] + 1) % 256  # a change in chunk 0 never reaches the other chunks, at any depth...
+    assert torch.equal(logits(m, x)[0, 8:], logits(m, y)[0, 8:])
+    assert not torch.allclose(logits(m, x)[0, :8], logits(m, y)[0, :8])  # ...but reaches its own
+    assert torch.allclose(logits(tiny(attn_chunk=24), x), logits(tiny(), x), atol=1e-6)  # one chunk: full attention
 
 
 def test_zero_fast_weights_give_the_base_output_exactly():

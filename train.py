@@ -41,6 +41,7 @@ DEFAULTS = dict(
     batch_size=64,         # sequences per step (per GPU under torchrun)
     # model
     n_layer=8, n_head=6, n_embd=384,
+    attn_chunk=0,          # 0: full attention; W: attention only within chunks of W tokens (the memory's test)
     # AdamW: linear warmup, then cosine decay to min_lr at max_iters
     max_iters=1500, lr=1e-3, min_lr=1e-4, warmup_iters=100,
     weight_decay=0.1, beta1=0.9, beta2=0.95,
@@ -106,7 +107,7 @@ PRESETS = {
                  n_embd=64, warmup_iters=5, eval_interval=20, eval_iters=2, log_interval=10,
                  mem_rank=8, compile=False),
 }
-MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "tokenizer")
+MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "attn_chunk", "tokenizer")
 # keys a resumed run may change without changing what its steps compute; a change of any other is noted
 RESUME_FREE = ("out_dir", "resume", "overwrite", "init_from", "device", "compile", "compile_mode",
                "eval_interval", "eval_iters", "log_interval", "sample_block_len", "sample_temperature",
@@ -151,7 +152,7 @@ def check_config(cfg):
     for k in ("block_size", "batch_size", "n_layer", "n_head", "n_embd", "eval_interval", "eval_iters",
               "log_interval", "niah_answer_len", "sample_block_len"):
         need(cfg[k] >= 1, f"--{k}={cfg[k]}: must be a positive integer")
-    for k in ("max_iters", "warmup_iters", "mem_start", "niah_min_len", "niah_curriculum", "data_workers"):
+    for k in ("max_iters", "warmup_iters", "mem_start", "attn_chunk", "niah_min_len", "niah_curriculum", "data_workers"):
         need(cfg[k] >= 0, f"--{k}={cfg[k]}: must be >= 0")
     head = cfg["n_embd"] / cfg["n_head"]
     need(head == int(head), f"--n_embd={cfg['n_embd']} is not a multiple of --n_head={cfg['n_head']}: "
@@ -261,7 +262,7 @@ def model_config(cfg, enc):
     mask_id = enc._special_tokens["<|mask|>"]
     return ModelConfig(vocab_size=64 * math.ceil(enc.n_vocab / 64), n_vocab=enc.n_vocab, mask_id=mask_id,
                        eot_id=enc.eot_token, block_size=cfg["block_size"], n_layer=cfg["n_layer"],
-                       n_head=cfg["n_head"], n_embd=cfg["n_embd"])
+                       n_head=cfg["n_head"], n_embd=cfg["n_embd"], attn_chunk=cfg["attn_chunk"])
 
 
 def lr_at(it, cfg):
@@ -505,8 +506,8 @@ def main(argv):
         ckpt = read_checkpoint(ckpt_path, device)
         old = ckpt["config"]
         for k in MODEL_KEYS + ("mem",):
-            if old[k] != cfg[k]:
-                raise SystemExit(f"{ckpt_path} was trained with {k}={old[k]!r}, not {cfg[k]!r}: "
+            if old.get(k, DEFAULTS[k]) != cfg[k]:  # a key older checkpoints lack has its default
+                raise SystemExit(f"{ckpt_path} was trained with {k}={old.get(k, DEFAULTS[k])!r}, not {cfg[k]!r}: "
                                  f"use the same setting or another --out_dir")
         changed = [f"{k} {old[k]!r} -> {cfg[k]!r}" for k in DEFAULTS
                    if k not in RESUME_FREE and old.get(k, cfg[k]) != cfg[k]]
