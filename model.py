@@ -127,13 +127,14 @@ def chunked_attention(q, k, v, visible, W):
     too, and a query that sees no key would give NaN."""
     B, H, T, D = q.shape
     n = -(-T // W)
-    real = (torch.arange(n * W, device=q.device) < T).view(1, n, W)  # False at the padding up to n W
-    visible = F.pad(torch.ones(B, T, dtype=torch.bool, device=q.device) if visible is None else visible,
-                    (0, n * W - T)).view(B, n, W)
-    visible = visible | (real & ~visible.any(-1, keepdim=True))
+    mask = None
+    if visible is not None or n * W > T:  # no mask at all where none is needed: SDPA's fastest kernel
+        real = (torch.arange(n * W, device=q.device) < T).view(1, n, W)  # False at the padding up to n W
+        visible = F.pad(torch.ones(B, T, dtype=torch.bool, device=q.device) if visible is None else visible,
+                        (0, n * W - T)).view(B, n, W)
+        mask = (visible | (real & ~visible.any(-1, keepdim=True))).view(B * n, 1, 1, W)
     q, k, v = (F.pad(x, (0, 0, 0, n * W - T)) for x in (q, k, v))
     fold = lambda x: x.view(B, H, n, W, D).transpose(1, 2).reshape(B * n, H, W, D)
-    mask = None if visible.all() else visible.view(B * n, 1, 1, W)
     y = F.scaled_dot_product_attention(fold(q), fold(k), fold(v), attn_mask=mask)
     return y.view(B, n, H, W, D).transpose(1, 2).reshape(B, H, n * W, D)[:, :, :T]
 

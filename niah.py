@@ -298,28 +298,29 @@ def _cwe_list(common, budget, rng, enc, words):
 def _place(facts, budget, rng, enc, haystack):
     """Facts (tokens, frac) inserted into `budget` haystack tokens, each at the sentence
     boundary nearest frac * budget (ties in list order): frac is the share of the haystack
-    before the fact, as RULER's depth. Returns the context and the needle's (facts[0]) offset."""
+    before the fact, as RULER's depth. Returns the context and each fact's (start, end) in it, in
+    the order of facts (the needle, facts[0], first)."""
     tokens, is_start, starts = _source(enc, haystack)
     idx = (starts[rng.randrange(len(starts))] + np.arange(budget)) % len(tokens)  # wraps around
     filler = tokens[idx].tolist()
     bounds = np.append(np.flatnonzero(is_start[idx]), budget)
-    out, last = [], 0
+    out, last, spans = [], 0, [None] * len(facts)
     for i in sorted(range(len(facts)), key=lambda i: (facts[i][1], i)):
         toks, frac = facts[i]
         j = int(np.searchsorted(bounds, frac * budget))
         near = bounds[max(j - 1, 0):j + 1]
         p = int(near[np.abs(near - frac * budget).argmin()])  # never before `last`: fracs are sorted
         out += filler[last:p]
-        if i == 0:
-            pos = len(out)
+        spans[i] = (len(out), len(out) + len(toks))
         out += toks
         last = p
-    return out + filler[last:], pos
+    return out + filler[last:], spans
 
 
 def make_example(task, length, depth, rng, enc=None, haystack="noise", answer_len=0, forms="fixed", fill=1.0):
     """One example: dict(prompt=token ids, answers=reference strings, target=the answer text
-    a model should write, needle_pos=token index of the needle, or None for cwe).
+    a model should write, needle_pos=token index of the needle, or None for cwe, fact_spans=the
+    (start, end) of every fact in the prompt, the needle first, [] for cwe).
 
     length: prompt + answer_len tokens (the prompt fills it, cwe's within one list item), or
     a (lo, hi) range: uniform over [max(lo, this example's minimum), hi]. An example that
@@ -358,10 +359,22 @@ def make_example(task, length, depth, rng, enc=None, haystack="noise", answer_le
     length = rng.randint(lo, lo + int(fill * (hi - lo)))
     if task == "cwe":
         context, common = _cwe_list(facts, length - answer_len - len(question), rng, enc, s.words)
-        target, pos = " " + " ".join(common), None  # the same words, in order of first appearance
+        target, spans = " " + " ".join(common), []  # the same words, in order of first appearance
     else:
-        context, pos = _place(facts, length - need, rng, enc, haystack)
-    return dict(prompt=context + list(question), answers=answers, target=target, needle_pos=pos)
+        context, spans = _place(facts, length - need, rng, enc, haystack)
+    return dict(prompt=context + list(question), answers=answers, target=target,
+                needle_pos=spans[0][0] if spans else None, fact_spans=spans)
+
+
+def hide_answers(example, enc=None):
+    """The prompt with every fact that holds a reference answer cut out (write-then-hide: what
+    attention can no longer find). A fact holds an answer when its text contains one, as score
+    counts it: the needle of single and multikey, every value of multivalue, the asked chain of
+    vartrack, the moves into the answer's room in babi. cwe has no facts: its prompt is kept."""
+    enc = enc or byte_encoding()
+    prompt, answers = example["prompt"], [a.lower() for a in example["answers"]]
+    cut = [(a, b) for a, b in example["fact_spans"] if any(x in enc.decode(prompt[a:b]).lower() for x in answers)]
+    return [t for i, t in enumerate(prompt) if not any(a <= i < b for a, b in cut)]
 
 
 def score(output_text, answers):

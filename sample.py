@@ -172,7 +172,7 @@ def block_logits_cached(model, canvas, active, block_len, fast, key_pad, cache):
 def generate(model, prompts, gen_len=64, steps=64, block_len=None, temperature=0.0,
              remasking="low_confidence", threshold=None, generator=None,
              adapt=False, adapt_steps=2, adapt_lr=0.1, adapt_ratio=ADAPT_RATIO, mcfg=None, progress=False,
-             prefix_cache=False, on_step=None):
+             prefix_cache=False, on_step=None, memory_prompts=None):
     """prompts: list of lists of token ids (may be empty lists = unconditional, lengths may differ).
     Returns (tokens LongTensor [B, gen_len] of the generated part, adapt_losses list or None).
 
@@ -185,6 +185,8 @@ def generate(model, prompts, gen_len=64, steps=64, block_len=None, temperature=0
     draws from its own only (adapt's masks and phi_0, Gumbel noise, random confidences), and
     gets exactly what it gets decoded alone. adapt: write each prompt into its own fresh memory
     first (adapt_* and mcfg as memory.adapt takes them) and decode with it.
+    memory_prompts: with adapt, write the memory from these prompts instead (one per row; the
+    write-then-hide test decodes from a prompt with its needle cut out).
     prefix_cache: Fast-dLLM's approximate prefix KV cache (block_logits_cached).
     on_step: called with the generated part [B, gen_len] after every step (--show prints it).
     """
@@ -206,7 +208,8 @@ def generate(model, prompts, gen_len=64, steps=64, block_len=None, temperature=0
     fast = losses = None
     with sampling_autocast(device):
         if adapt:
-            fast, losses = write_memory(model, prompts, mcfg, adapt_ratio, adapt_steps, adapt_lr, generator)
+            fast, losses = write_memory(model, prompts if memory_prompts is None else memory_prompts, mcfg, adapt_ratio,
+                                        adapt_steps, adapt_lr, generator)
         bar = tqdm(total=steps, disable=not progress, desc="unmasking", leave=False, dynamic_ncols=True)
         for start in range(0, gen_len, block_len):
             active = gen_pos[:, start:]  # this block and the masked blocks after it

@@ -6,12 +6,25 @@ Every checkpoint is evaluated on the same examples (niah.make_example), decoded 
 sample.generate with and without inference-time memory (--adapt), scored as RULER does
 (niah.score). Prints a markdown table of mean +- standard error per task x length and writes
 every sample to a JSON file.
+
+Where attention cannot reach (the memory as the only way to the answer):
+  --hide       write-then-hide: three more rows per checkpoint decode from the prompt with the
+               facts that hold the answer cut out (niah.hide_answers): with no memory (chance),
+               with the memory of the cut prompt (a control, at chance) and with the memory of
+               the full prompt (in-weight retrieval: the measure)
+  attn_chunk   a checkpoint trained with local attention (train.py --attn_chunk=W) gets a table
+               of the score against the needle's distance from the answer, in chunks: at 0
+               attention reaches the needle, beyond it only the memory can
+  --rope       RoPE scaling past the trained length (ntk, pi; a comma list: one row each), so
+               that a position failure is not taken for a memory effect
+  --adapt_*    the inference-time inner loop's budget (default: the checkpoint's K and lr)
 """
 import argparse
 import json
 import os
 import random
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -20,9 +33,26 @@ from tqdm import tqdm
 from data.tokenizer import decode, get_encoding
 from experiments.common import int_list, mean_stderr, row_label
 from memory import MemoryConfig
-from model import load_model, pick_device
-from niah import FORMS, HAYSTACKS, NIAH_DEFAULTS, TASKS, make_example, parse_tasks, score
+from model import ROPE_SCALINGS, load_model, pick_device
+from niah import FORMS, HAYSTACKS, NIAH_DEFAULTS, TASKS, hide_answers, make_example, parse_tasks, score
 from sample import generate, plan
+
+
+# a row: (the prompt decoded from, the prompt the memory is written from or None), "cut" the
+# prompt with the answer's facts cut out; the first two are the Table 1 rows (adapt off / on)
+VIEWS = {"plain": ("full", None), "adapt": ("full", "full"), "cut": ("cut", None),
+         "cut_adapt": ("cut", "cut"), "hidden": ("cut", "full")}
+VIEW_NAMES = {"cut": "needle cut, no memory", "cut_adapt": "needle cut, memory of the cut prompt",
+              "hidden": "needle cut, memory of the full prompt"}
+
+
+def distance(example, chunk):
+    """The needle's distance from the answer in chunks of `chunk` tokens, counted from the needle's
+    last token (0: some of it shares the answer's chunk, which attention reaches), or None without
+    chunks or needle."""
+    if not chunk or example["needle_pos"] is None:
+        return None
+    return len(example["prompt"]) // chunk - (example["fact_spans"][0][1] - 1) // chunk
 
 
 def cells(samples, tasks, lengths):
@@ -61,11 +91,19 @@ def plot(row, lengths, depths, path):
     plt.close(fig)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Needle-in-a-haystack evaluation of train.py checkpoints.")
+def parse(argv):
+    p = argparse.ArgumentParser(description="Needle-in-a-haystack evaluation of train.py checkpoints.",
+                                allow_abbrev=False)
     p.add_argument("--out_dir", nargs="+", required=True, help="checkpoint directories, evaluated on the same examples")
     p.add_argument("more_dirs", nargs="*", help=argparse.SUPPRESS)  # --out_dir=a b c
     p.add_argument("--adapt", choices=("off", "on", "both"), default="both", help="inference-time memory")
+    p.add_argument("--hide", action="store_true", help="write-then-hide rows: decode with the answer's facts cut out")
+    p.add_argument("--rope", default="none", help=f"RoPE scaling past the trained length: comma list of "
+                                                  f"{', '.join(ROPE_SCALINGS)}, one row set each")
+    p.add_argument("--adapt_steps", type=int, default=None, help="inner steps K of adapt (default: the checkpoint's)")
+    p.add_argument("--adapt_lr", type=float, default=None, help="inner lr of adapt (default: the checkpoint's)")
+    p.add_argument("--adapt_rank", type=int, default=None, help="LoRA rank of adapt's memory (default: the checkpoint's)")
+    p.add_argument("--adapt_ratio", type=float, default=None, help="anchor mask ratio of adapt (default 0.2)")
     p.add_argument("--tasks", default="all", help=f"comma list of {', '.join(TASKS)}, or all")
     p.add_argument("--lengths", type=int_list, default=[256, 512], help="context lengths: prompt + answer window")
     p.add_argument("--depths", type=int_list, default=[0, 25, 50, 75, 100], help="needle depths in percent")
@@ -86,14 +124,98 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.n < 1 or a.batch_size < 1 or min(a.lengths) < 1 or not all(0 <= d <= 100 for d in a.depths):
         raise SystemExit("--n, --batch_size and --lengths must be >= 1, --depths within 0-100")
-    dirs = a.out_dir + a.more_dirs
+    for k in ("answer_len", "steps", "adapt_steps", "adapt_rank"):
+        if getattr(a, k) is not None and getattr(a, k) < 1:
+            raise SystemExit(f"--{k}={getattr(a, k)}: must be a positive integer")
+    if a.adapt_lr is not None and not 0 <= a.adapt_lr < float("inf"):
+        raise SystemExit(f"--adapt_lr={a.adapt_lr}: must be a finite number >= 0")
+    if a.adapt_ratio is not None and not 0 < a.adapt_ratio <= 1:
+        raise SystemExit(f"--adapt_ratio={a.adapt_ratio}: must be within 0 (exclusive) and 1")
+    a.rope = a.rope.split(",")
+    if not set(a.rope) <= set(ROPE_SCALINGS):
+        raise SystemExit(f"--rope={','.join(a.rope)}: use {', '.join(ROPE_SCALINGS)} or a comma list of them")
     try:
-        tasks = list(dict.fromkeys(parse_tasks(a.tasks)))  # each task once, whatever its training weight
+        a.tasks = list(dict.fromkeys(parse_tasks(a.tasks)))  # each task once, whatever its training weight
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    return a
 
-    device = pick_device(a.device)
+
+def make_examples(a, enc, answer_len, forms):
+    """The same examples for every checkpoint; an example depends only on (seed, task, length, i)."""
+    examples = []
+    try:
+        for L in a.lengths:
+            for t in a.tasks:
+                for i in range(a.n):
+                    d = a.depths[i % len(a.depths)]
+                    ex = make_example(t, L, d, random.Random(f"{a.seed}:{t}:{L}:{i}"), enc, a.haystack, answer_len, forms)
+                    examples.append({**ex, "task": t, "length": L, "depth": None if t == "cwe" else d,
+                                     "cut": hide_answers(ex, enc) if a.hide else None})
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    return examples
+
+
+def adapt_memory_config(a, cfg):
+    """The checkpoint's memory settings with the command line's adapt budget on top."""
+    mcfg = MemoryConfig.from_config(cfg)
+    if a.adapt_rank:  # the LoRA scale alpha / r kept as trained
+        mcfg = replace(mcfg, rank=a.adapt_rank, alpha=mcfg.scale * a.adapt_rank)
+    return replace(mcfg, steps=a.adapt_steps or mcfg.steps, lr=mcfg.lr if a.adapt_lr is None else a.adapt_lr)
+
+
+def decode_row(model, examples, view, a, *, mcfg, enc, answer_len, steps, device, bar):
+    """Outputs, scores and decoding seconds of one row (a VIEWS entry) over the examples."""
+    source, memory = VIEWS[view]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    outputs, scores, decode_s = [], [], 0.0
+    for k in range(0, len(examples), a.batch_size):
+        batch = examples[k:k + a.batch_size]
+        prompts = {"full": [e["prompt"] for e in batch], "cut": [e["cut"] for e in batch]}
+        g = torch.Generator(device).manual_seed(a.seed * 1_000_003 + k)  # adapt's masks and phi_0
+        sync()
+        t0 = time.perf_counter()
+        tokens, _ = generate(model, prompts[source], gen_len=answer_len, steps=steps, block_len=None, temperature=0.0,
+                             remasking="low_confidence", generator=g, threshold=a.threshold, adapt=memory is not None,
+                             memory_prompts=prompts[memory] if memory else None, mcfg=mcfg,
+                             adapt_steps=mcfg.steps, adapt_lr=mcfg.lr,
+                             **({"adapt_ratio": a.adapt_ratio} if a.adapt_ratio else {}), prefix_cache=a.prefix_cache)
+        sync()
+        decode_s += time.perf_counter() - t0
+        for e, ids in zip(batch, tokens.tolist()):
+            outputs.append(decode(enc, ids))
+            scores.append(score(outputs[-1], e["answers"]))
+        bar.update(len(batch))
+    return outputs, scores, decode_s
+
+
+def print_tables(rows, a, examples):
+    cols = [(t, L) for t in a.tasks for L in a.lengths]
+    print("| model | " + " | ".join(f"{t} {L}" for t, L in cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for r in rows:
+        cell = [r["cells"][t][str(L)] for t, L in cols]
+        print(f"| {r['label']} | " + " | ".join(f"{100 * c['mean']:.1f} ± {100 * c['stderr']:.1f} ({c['n']})"
+                                                for c in cell) + " |")
+    dists = sorted({(s["length"], s["distance"]) for r in rows for s in r["samples"] if s["distance"] is not None})
+    if dists:  # local attention: the score against the needle's distance from the answer
+        print("\nscore by the needle's distance from the answer, in chunks (0: attention reaches it)")
+        print("| model | " + " | ".join(f"{L}: distance {d}" for L, d in dists) + " |")
+        print("|---|" + "---|" * len(dists))
+        for r in rows:
+            by = [mean_stderr([s["score"] for s in r["samples"] if (s["length"], s["distance"]) == ld])
+                  for ld in dists]
+            print(f"| {r['label']} | " + " | ".join(f"{100 * c['mean']:.1f} ± {100 * c['stderr']:.1f} ({c['n']})"
+                                                    for c in by) + " |")
+    for r in rows:  # the sampler's speed: --threshold and --prefix_cache trade it against the table
+        print(f"{r['label']}: {r['decode_s']:.1f} s decoding, {len(examples) / r['decode_s']:.1f} answers/s")
+
+
+def main(argv=None):
+    a = parse(argv)
+    dirs = a.out_dir + a.more_dirs
+    device = pick_device(a.device)
     runs = [(d, *load_model(d, device)) for d in dirs]
     path = a.json or os.path.join(dirs[0], "niah.json")  # checked now, not after the evaluation
     if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
@@ -105,6 +227,8 @@ def main(argv=None):
     if len(tokenizers) > 1:
         raise SystemExit(f"the checkpoints use different tokenizers ({', '.join(sorted(tokenizers))}): "
                          f"evaluate them separately")
+    if a.prefix_cache and any(m.cfg.attn_chunk for _, m, _ in runs):
+        raise SystemExit("--prefix_cache attends to a whole prefix: leave it out for checkpoints trained with attn_chunk")
     enc = get_encoding(tokenizers.pop())
     answer_len = a.answer_len or runs[0][2].get("niah_answer_len", NIAH_DEFAULTS["niah_answer_len"])
     steps = a.steps or answer_len
@@ -113,60 +237,38 @@ def main(argv=None):
         plan(answer_len, steps)  # the sampler's own check of gen_len and steps
     except ValueError as e:
         raise SystemExit(str(e)) from None
-
-    # the same examples for every checkpoint; an example depends only on (seed, task, length, i)
-    examples = []
-    try:
-        for L in a.lengths:
-            for t in tasks:
-                for i in range(a.n):
-                    d = a.depths[i % len(a.depths)]
-                    ex = make_example(t, L, d, random.Random(f"{a.seed}:{t}:{L}:{i}"), enc, a.haystack, answer_len, forms)
-                    examples.append({**ex, "task": t, "length": L, "depth": None if t == "cwe" else d})
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    examples = make_examples(a, enc, answer_len, forms)
     for d, model, _ in runs:
         if max(a.lengths) > model.cfg.block_size:
             print(f"note: {d} was trained at block_size={model.cfg.block_size}; longer lengths test extrapolation")
 
-    settings = {"off": [False], "on": [True], "both": [False, True]}[a.adapt]
-    bar = tqdm(total=len(runs) * len(settings) * len(examples), desc="niah", dynamic_ncols=True)
+    views = {"off": ["plain"], "on": ["adapt"], "both": ["plain", "adapt"]}[a.adapt] + \
+        (["cut", "cut_adapt", "hidden"] if a.hide else [])
+    bar = tqdm(total=len(runs) * len(a.rope) * len(views) * len(examples), desc="niah", dynamic_ncols=True)
     rows = []
     for d, model, cfg in runs:
-        mcfg = MemoryConfig.from_config(cfg)
-        for adapt in settings:
-            outputs, scores, decode_s = [], [], 0.0
-            for k in range(0, len(examples), a.batch_size):
-                chunk = examples[k:k + a.batch_size]
-                g = torch.Generator(device).manual_seed(a.seed * 1_000_003 + k)  # adapt's masks and phi_0
-                sync()
-                t0 = time.perf_counter()
-                tokens, _ = generate(model, [e["prompt"] for e in chunk], gen_len=answer_len, steps=steps,
-                                     block_len=None, temperature=0.0, remasking="low_confidence", generator=g,
-                                     threshold=a.threshold, adapt=adapt, mcfg=mcfg, prefix_cache=a.prefix_cache)
-                sync()
-                decode_s += time.perf_counter() - t0
-                for e, ids in zip(chunk, tokens.tolist()):
-                    outputs.append(decode(enc, ids))
-                    scores.append(score(outputs[-1], e["answers"]))
-                bar.update(len(chunk))
-            samples = [dict(task=e["task"], length=e["length"], depth=e["depth"], output=o, score=s)
-                       for e, o, s in zip(examples, outputs, scores)]
-            rows.append(dict(label=row_label(cfg, adapt, d), out_dir=d, adapt=adapt, decode_s=decode_s,
-                             cells=cells(samples, tasks, a.lengths), samples=samples))
+        mcfg = adapt_memory_config(a, cfg)
+        for rope in a.rope:
+            model.cfg.rope_scaling = rope
+            for view in views:
+                outputs, scores, decode_s = decode_row(model, examples, view, a, mcfg=mcfg, enc=enc,
+                                                       answer_len=answer_len, steps=steps, device=device, bar=bar)
+                samples = [dict(task=e["task"], length=e["length"], depth=e["depth"],
+                                distance=distance(e, model.cfg.attn_chunk), output=o, score=s)
+                           for e, o, s in zip(examples, outputs, scores)]
+                label = row_label(cfg, view == "adapt", d) if view in ("plain", "adapt") else \
+                    f"{row_label(cfg, False, d)}: {VIEW_NAMES[view]}"
+                rows.append(dict(label=label + ("" if rope == "none" else f" (RoPE {rope})"), out_dir=d,
+                                 adapt=VIEWS[view][1] is not None, view=view, rope=rope, decode_s=decode_s,
+                                 cells=cells(samples, a.tasks, a.lengths), samples=samples))
     bar.close()
-
-    cols = [(t, L) for t in tasks for L in a.lengths]
-    print("| model | " + " | ".join(f"{t} {L}" for t, L in cols) + " |")
-    print("|---|" + "---|" * len(cols))
-    for r in rows:
-        cell = [r["cells"][t][str(L)] for t, L in cols]
-        print(f"| {r['label']} | " + " | ".join(f"{100 * c['mean']:.1f} ± {100 * c['stderr']:.1f} ({c['n']})"
-                                                for c in cell) + " |")
-    with open(path, "w") as f:
-        json.dump(dict(args=vars(a), answer_len=answer_len, steps=steps, forms=forms, rows=rows), f, indent=1)
-    for r in rows:  # the sampler's speed: --threshold and --prefix_cache trade it against the table
-        print(f"{r['label']}: {r['decode_s']:.1f} s decoding, {len(examples) / r['decode_s']:.1f} answers/s")
+    print_tables(rows, a, examples)
+    tmp = f"{path}.tmp{os.getpid()}"  # written whole, then renamed: an earlier results file is never half replaced
+    with open(tmp, "w") as f:
+        json.dump(dict(args=vars(a), answer_len=answer_len, steps=steps, forms=forms,
+                       adapt=dict(steps=mcfg.steps, lr=mcfg.lr, rank=mcfg.rank, ratio=a.adapt_ratio), rows=rows),
+                  f, indent=1)
+    os.replace(tmp, path)
     print(f"wrote {path}")
     if a.plot:
         try:
@@ -175,7 +277,8 @@ def main(argv=None):
             print("note: --plot needs matplotlib (pip install matplotlib); no heatmaps written")
             return
         for r in rows:
-            png = os.path.join(r["out_dir"], f"niah_{'adapt' if r['adapt'] else 'base'}.png")
+            name = {"plain": "base"}.get(r["view"], r["view"]) + ("" if r["rope"] == "none" else "_" + r["rope"])
+            png = os.path.join(r["out_dir"], f"niah_{name}.png")
             plot(r, a.lengths, a.depths, png)
             print(f"wrote {png}")
 

@@ -2,6 +2,7 @@
 examples are reproducible, RULER scoring, NiahData rows, errors, and the evaluation CLI end to end.
 CPU only: python -m pytest -q test_niah.py"""
 import json
+import random
 import os
 import re
 from collections import Counter
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import niah
-from experiments import niah_eval
+from experiments import common, niah_eval
 from data.tokenizer import decode
 
 ENC = niah.byte_encoding()
@@ -207,3 +208,108 @@ def test_cli_end_to_end(tmp_path, capsys):
         niah_eval.main(["--out_dir=" + dirs[0], "--tasks=foo"])
     with pytest.raises(SystemExit, match="no checkpoint"):
         niah_eval.main(["--out_dir=" + str(tmp_path / "none"), "--device=cpu"])
+
+
+@pytest.mark.parametrize("task", ["single", "multikey", "multivalue", "vartrack", "babi"])
+def test_hide_answers_cuts_every_fact_that_holds_an_answer_and_nothing_else(task):
+    ex = niah.make_example(task, 400, 50, 3, ENC, answer_len=32)
+    cut = niah.hide_answers(ex, ENC)
+    text, kept = decode(ENC, ex["prompt"]), decode(ENC, cut)
+    assert niah.score(text, ex["answers"]) == 1.0 and niah.score(kept, ex["answers"]) == 0.0
+    spans = [s for s in ex["fact_spans"] if any(a.lower() in decode(ENC, ex["prompt"][s[0]:s[1]]).lower()
+                                                for a in ex["answers"])]
+    assert len(cut) == len(ex["prompt"]) - sum(b - a for a, b in spans) and cut[-20:] == ex["prompt"][-20:]
+    needle = decode(ENC, ex["prompt"][slice(*ex["fact_spans"][0])])
+    assert needle.strip() and needle not in kept and all(a in ex["fact_spans"] for a in spans)
+
+
+def test_the_needle_distance_counts_chunks_from_the_needles_last_token():
+    ex = {"prompt": [0] * 240, "needle_pos": 100, "fact_spans": [(100, 130)]}
+    assert niah_eval.distance(ex, 128) == 0  # its end shares the answer's chunk (128-255)
+    assert niah_eval.distance({**ex, "fact_spans": [(90, 120)]}, 128) == 1
+    assert niah_eval.distance({**ex, "fact_spans": [(10, 40)]}, 64) == 3 and niah_eval.distance(ex, 0) is None
+    assert niah_eval.distance({**ex, "needle_pos": None, "fact_spans": []}, 128) is None
+
+
+def test_write_then_hide_decodes_the_cut_prompt_with_the_memory_of_the_full_one(tmp_path, capsys, monkeypatch):
+    import sample
+    import train
+    out = str(tmp_path / "m")
+    train.main(["--config", "niah_tiny", f"--out_dir={out}", "--max_iters=1", "--niah_tasks=single",
+                "--attn_chunk=64"])
+    written, decoded = [], []
+    real_write, real_block = sample.write_memory, sample.block_logits
+
+    def write(model, prompts, *a, **k):
+        written.append([len(p) for p in prompts])
+        return real_write(model, prompts, *a, **k)
+
+    def block(model, canvas, *a, **k):
+        decoded.append(canvas.shape[1])
+        return real_block(model, canvas, *a, **k)
+    monkeypatch.setattr(sample, "write_memory", write)
+    monkeypatch.setattr(sample, "block_logits", block)
+    path = tmp_path / "r.json"
+    niah_eval.main([f"--out_dir={out}", "--hide", "--tasks=single", "--lengths=256", "--n=2", "--depths=0,100",
+                    "--answer_len=16", "--steps=4", "--device=cpu", f"--json={path}", "--adapt_steps=3"])
+    res = json.loads(path.read_text())
+    assert [r["view"] for r in res["rows"]] == ["plain", "adapt", "cut", "cut_adapt", "hidden"]
+    full = 256 - 16
+    examples = [niah.make_example("single", 256, d, random.Random(f"0:single:256:{i}"), ENC, "noise", 16, "fixed")
+                for i, d in enumerate((0, 100))]
+    cut = [len(niah.hide_answers(e, ENC)) for e in examples]
+    assert written == [[full, full], cut, [full, full]]  # adapt, cut_adapt, hidden: hidden writes the full prompts
+    assert len(decoded) == 5 * 4 and decoded[16:] == [max(cut) + 16] * 4  # ... and decodes the cut ones (4 steps a row)
+    assert res["adapt"]["steps"] == 3 and all(s["distance"] in (0, 1, 2, 3) for s in res["rows"][0]["samples"])
+    assert "score by the needle's distance from the answer" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--prefix_cache attends to a whole prefix"):
+        niah_eval.main([f"--out_dir={out}", "--prefix_cache", "--device=cpu", f"--json={tmp_path / 'x.json'}"])
+    with pytest.raises(SystemExit, match="--rope=yarn: use none, ntk, pi"):
+        niah_eval.main([f"--out_dir={out}", "--rope=yarn"])
+
+
+def test_a_row_decoded_with_another_prompts_memory_gets_what_it_gets_alone():
+    import sample
+    from memory import MemoryConfig
+    from model import DiffusionLM, ModelConfig
+    torch.manual_seed(0)
+    model = DiffusionLM(ModelConfig(n_layer=2, n_head=2, n_embd=32)).eval()
+    prompts = [list(range(40, 60)), list(range(70, 85))]
+    memories = [list(range(100, 130)), list(range(5, 12))]
+    kw = dict(gen_len=8, steps=8, adapt=True, mcfg=MemoryConfig(rank=4), adapt_lr=5.0)
+    gens = lambda i: [torch.Generator().manual_seed(10 + i)]
+    both, _ = sample.generate(model, prompts, generator=[g for i in (0, 1) for g in gens(i)],
+                              memory_prompts=memories, **kw)
+    for i in (0, 1):
+        alone, _ = sample.generate(model, prompts[i:i + 1], generator=gens(i), memory_prompts=memories[i:i + 1], **kw)
+        assert torch.equal(both[i], alone[0])
+    own, _ = sample.generate(model, prompts, generator=[g for i in (0, 1) for g in gens(i)], **kw)
+    assert not torch.equal(own, both)  # the memory is the other prompts': it changes the output
+
+
+def test_reach_tables_pair_each_row_with_its_reference_over_seeds(tmp_path, capsys):
+    from experiments import reach
+    assert reach.digit_score(" 1234999 and more", "1234567") == 4 / 7 and reach.digit_score("", "12") == 0
+    args = dict(lengths=[256], tasks=["single"], n=2, depths=[0, 100], seed=0, haystack="noise")
+    refs = reach.answers({"args": args, "answer_len": 16, "forms": "fixed"})
+    assert refs == [niah.make_example("single", 256, d, random.Random(f"0:single:256:{i}"), ENC, "noise", 16,
+                                      "fixed")["answers"][0] for i, d in enumerate((0, 100))]
+    half = lambda r: r[:len(r) // 2] + "x" * (len(r) - len(r) // 2)
+    for seed, (hidden, control) in {1: (refs, ["x"] * 2), 2: ([half(r) for r in refs], ["x"] * 2),
+                                    3: (refs, [half(r) for r in refs])}.items():
+        rows = [dict(out_dir=f"r/s{seed}/ft_mem", view=view, adapt=True,
+                     samples=[dict(length=256, distance=d, output=o, score=float(o == r))
+                              for d, o, r in zip((1, 1), outs, refs)])
+                for view, outs in (("hidden", hidden), ("cut_adapt", control))]
+        (tmp_path / f"s{seed}").mkdir()
+        (tmp_path / f"s{seed}" / "reach.json").write_text(json.dumps(dict(args=args, answer_len=16, forms="fixed",
+                                                                          rows=rows)))
+    reach.main([f"--root={tmp_path}", "--against=cut_adapt"])
+    out = capsys.readouterr().out
+    # digit scores, hidden minus control per seed: all, the first half, all but the first half
+    halves = sum(len(r) // 2 / len(r) for r in refs) / 2
+    diffs = [100.0, 100 * halves, 100 * (1 - halves)]
+    assert f"| MemDLM scope response: cut, memory of the full prompt | {common.fmt_diff(common.paired(diffs, [0, 0, 0]))} |" in out
+    assert "| MemDLM scope response: cut, memory of the full prompt | +66.7 [-" in out  # answers whole: 2 of 3 seeds
+    with pytest.raises(SystemExit, match="no reach.json under"):
+        reach.main([f"--root={tmp_path / 'none'}"])

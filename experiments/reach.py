@@ -1,0 +1,115 @@
+"""Where attention cannot reach: the tables of the chunked-attention and write-then-hide runs,
+over seeds, from the results files of experiments.niah_eval (--hide, checkpoints trained with
+--attn_chunk).
+
+    python -m experiments.reach --root=out-reach                       # root/s*/reach.json
+    python -m experiments.reach --root=out-reach --pattern='sweep_*.json' --against=cut_adapt
+
+Per seed S, root/sS/<pattern> holds one niah_eval run over the checkpoints root/sS/<run>. For
+each row (a run and a view: plain, adapt, and the write-then-hide views cut, cut_adapt, hidden)
+and each length x distance cell (the needle's distance from the answer, in chunks), the mean
+over seeds of two scores: RULER's (the answer found whole) and the digit score (the share of
+the answer's characters written at their place: partial retrieval, chance 0.1 for digits).
+Then each row minus the row named by --against of the same run (default: Standard MDLM, the
+plain view of ft_mdlm), paired over seeds, with the 95% t interval.
+"""
+import argparse
+import glob
+import json
+import os
+import random
+import re
+
+from data.tokenizer import get_encoding
+from experiments.common import fmt_diff, mean_stderr, paired
+from niah import make_example
+
+STANDARD = ("ft_mdlm", "plain")  # Standard MDLM: the MDLM fine-tune decoded from the full prompt, no memory
+RUN_NAMES = {"base": "MDLM base", "ft_mdlm": "Standard MDLM", "ft_mem": "MemDLM scope response",
+             "ft_prompt": "MemDLM scope prompt"}
+VIEW_NAMES = {"plain": "", "adapt": " + adapt", "cut": ": needle cut", "cut_adapt": ": cut, memory of the cut prompt",
+              "hidden": ": cut, memory of the full prompt"}
+
+
+def digit_score(output, answer):
+    """The share of the answer's characters that the output (its first word) has at their place."""
+    words = output.split()
+    out = words[0] if words else ""
+    return sum(a == b for a, b in zip(out, answer)) / len(answer)
+
+
+def answers(result):
+    """The reference answers of a niah_eval results file's examples, drawn again as it drew them
+    (an example depends only on the seed, task, length and index)."""
+    a, enc = result["args"], get_encoding("byte")
+    out = []
+    for L in a["lengths"]:
+        for t in a["tasks"]:
+            for i in range(a["n"]):
+                ex = make_example(t, L, a["depths"][i % len(a["depths"])], random.Random(f"{a['seed']}:{t}:{L}:{i}"),
+                                  enc, a["haystack"], result["answer_len"], result["forms"])
+                out.append(ex["answers"][0])
+    return out
+
+
+def seed_cells(path):
+    """{(run, view): {(length, distance): (score, digit score)}} of one results file."""
+    result = json.load(open(path))
+    refs = answers(result)
+    cells = {}
+    for row in result["rows"]:
+        key = (os.path.basename(row["out_dir"].rstrip("/")), row.get("view", "adapt" if row["adapt"] else "plain"))
+        by = {}
+        for s, ref in zip(row["samples"], refs):
+            by.setdefault((s["length"], s["distance"]), []).append((s["score"], digit_score(s["output"], ref)))
+        cells[key] = {c: tuple(sum(v[k] for v in vs) / len(vs) for k in (0, 1)) for c, vs in by.items()}
+    return cells
+
+
+def table(seeds, against, which):
+    """Markdown: every row's mean over seeds per cell, then its paired difference with `against`."""
+    rows = sorted({r for s in seeds.values() for r in s}, key=lambda r: (list(RUN_NAMES).index(r[0]),
+                                                                         list(VIEW_NAMES).index(r[1])))
+    cols = sorted({c for s in seeds.values() for r in s.values() for c in r}, key=lambda c: (c[0], c[1] is None, c[1]))
+    name = lambda r: RUN_NAMES.get(r[0], r[0]) + VIEW_NAMES.get(r[1], " " + r[1])
+    head = "| row | " + " | ".join(f"{L}: d {d}" for L, d in cols) + " |\n|---|" + "---|" * len(cols) + "\n"
+    means, diffs = head, head
+    for r in rows:
+        have = [s for s in seeds.values() if r in s]
+        cell = [mean_stderr([100 * s[r][c][which] for s in have]) for c in cols]
+        means += f"| {name(r)} | " + " | ".join(f"{m['mean']:.1f} ± {m['stderr']:.1f}" for m in cell) + " |\n"
+        ref = (r[0], against) if against != "standard" else STANDARD
+        if r == ref:
+            continue
+        both = [s for s in have if ref in s]
+        d = [paired([100 * s[r][c][which] for s in both], [100 * s[ref][c][which] for s in both]) for c in cols]
+        diffs += f"| {name(r)} | " + " | ".join(fmt_diff(x) for x in d) + " |\n"
+    return means, diffs
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="The chunked-attention and write-then-hide tables over seeds.",
+                                allow_abbrev=False)
+    p.add_argument("--root", required=True, help="directory of the seeds' directories s1, s2, ...")
+    p.add_argument("--pattern", default="reach.json", help="the niah_eval results file(s) in each seed's directory")
+    p.add_argument("--against", default="standard",
+                   help="the reference of the differences: standard (Standard MDLM) or a view of the same run "
+                        "(cut_adapt: the control of write-then-hide)")
+    a = p.parse_args(argv)
+    if a.against != "standard" and a.against not in VIEW_NAMES:
+        raise SystemExit(f"--against={a.against}: use standard or one of {', '.join(VIEW_NAMES)}")
+    files = sorted(glob.glob(os.path.join(glob.escape(a.root), "s*", a.pattern)))
+    if not files:
+        raise SystemExit(f"no {a.pattern} under {a.root}/s*/: run python -m experiments.niah_eval --hide first")
+    for pattern in sorted({os.path.basename(f) for f in files}):
+        seeds = {f.split(os.sep)[-2]: seed_cells(f) for f in files if os.path.basename(f) == pattern}
+        against = "Standard MDLM" if a.against == "standard" else f"the same run's view {a.against}"
+        print(f"## {pattern}: {len(seeds)} seeds ({', '.join(sorted(seeds))}); cells: length, distance in chunks\n")
+        for which, what in ((0, "score (%, the answer whole)"), (1, "digit score (%, characters at their place)")):
+            means, diffs = table(seeds, a.against, which)
+            print(f"### {what}: mean ± standard error over seeds\n\n{means}")
+            print(f"### {what}: minus {against}, paired over seeds [95% t interval]\n\n{diffs}")
+
+
+if __name__ == "__main__":
+    main()
