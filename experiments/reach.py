@@ -18,7 +18,6 @@ import glob
 import json
 import os
 import random
-import re
 
 from data.tokenizer import get_encoding
 from experiments.common import fmt_diff, mean_stderr, paired
