@@ -3,7 +3,7 @@ over seeds, from the results files of experiments.niah_eval (--hide, checkpoints
 --attn_chunk).
 
     python -m experiments.reach --root=out-reach                       # root/s*/reach.json
-    python -m experiments.reach --root=out-reach --pattern='sweep_*.json' --against=cut_adapt
+    python -m experiments.reach --root=out-reach --pattern='sweep_*.json' --against=cut --seeds=2,3,4,5
 
 Per seed S, root/sS/<pattern> holds one niah_eval run over the checkpoints root/sS/<run>. For
 each row (a run and a view: plain, adapt, and the write-then-hide views cut, cut_adapt, hidden)
@@ -20,7 +20,7 @@ import os
 import random
 
 from data.tokenizer import get_encoding
-from experiments.common import fmt_diff, mean_stderr, paired
+from experiments.common import fmt_diff, int_list, mean_stderr, paired
 from niah import make_example
 
 STANDARD = ("ft_mdlm", "plain")  # Standard MDLM: the MDLM fine-tune decoded from the full prompt, no memory
@@ -91,13 +91,15 @@ def main(argv=None):
                                 allow_abbrev=False)
     p.add_argument("--root", required=True, help="directory of the seeds' directories s1, s2, ...")
     p.add_argument("--pattern", default="reach.json", help="the niah_eval results file(s) in each seed's directory")
+    p.add_argument("--seeds", type=int_list, default=None, help="the seeds to tabulate (default: every sS)")
     p.add_argument("--against", default="standard",
                    help="the reference of the differences: standard (Standard MDLM) or a view of the same run "
                         "(cut_adapt: the control of write-then-hide)")
     a = p.parse_args(argv)
     if a.against != "standard" and a.against not in VIEW_NAMES:
         raise SystemExit(f"--against={a.against}: use standard or one of {', '.join(VIEW_NAMES)}")
-    files = sorted(glob.glob(os.path.join(glob.escape(a.root), "s*", a.pattern)))
+    files = sorted(f for f in glob.glob(os.path.join(glob.escape(a.root), "s*", a.pattern))
+                   if a.seeds is None or f.split(os.sep)[-2] in {f"s{s}" for s in a.seeds})
     if not files:
         raise SystemExit(f"no {a.pattern} under {a.root}/s*/: run python -m experiments.niah_eval --hide first")
     for pattern in sorted({os.path.basename(f) for f in files}):
