@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import time
 from dataclasses import replace
 
@@ -213,6 +214,14 @@ def print_tables(rows, a, examples):
 
 
 def main(argv=None):
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a SIGTERM ends as Ctrl-C does: one line
+    try:
+        evaluate(argv)
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: no results written (an earlier results file is left as it was)") from None
+
+
+def evaluate(argv):
     a = parse(argv)
     dirs = a.out_dir + a.more_dirs
     device = pick_device(a.device)
@@ -221,6 +230,8 @@ def main(argv=None):
     if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise SystemExit(f"--json={path}: the directory {os.path.dirname(os.path.abspath(path))} does not exist: "
                          f"create it or choose another file")
+    if os.path.isdir(path):
+        raise SystemExit(f"--json={path} is a directory: give a file name, such as {os.path.join(path, 'niah.json')}")
     if os.path.exists(path) and not a.overwrite:
         raise SystemExit(f"{path} exists: choose another --json file, or pass --overwrite to replace it")
     tokenizers = {cfg["tokenizer"] for _, _, cfg in runs}

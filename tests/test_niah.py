@@ -313,3 +313,26 @@ def test_reach_tables_pair_each_row_with_its_reference_over_seeds(tmp_path, caps
     assert "| MemDLM scope response: cut, memory of the full prompt | +66.7 [-" in out  # answers whole: 2 of 3 seeds
     with pytest.raises(SystemExit, match="no reach.json under"):
         reach.main([f"--root={tmp_path / 'none'}"])
+
+
+def test_niah_eval_ends_in_one_line_on_ctrl_c_or_a_directory_as_results_file(tmp_path, monkeypatch):
+    import train
+    out = str(tmp_path / "m")
+    train.main(["--config", "niah_tiny", f"--out_dir={out}", "--max_iters=1", "--niah_tasks=single"])
+    argv = [f"--out_dir={out}", "--tasks=single", "--lengths=200", "--n=1", "--device=cpu"]
+    with pytest.raises(SystemExit, match=r"r is a directory: give a file name, such as .*niah.json"):
+        (tmp_path / "r").mkdir()
+        niah_eval.main(argv + [f"--json={tmp_path / 'r'}", "--overwrite"])
+    (tmp_path / "old.json").write_text("earlier results")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(niah_eval, "decode_row", interrupted)
+    with pytest.raises(SystemExit, match=r"^interrupted: no results written") as e:
+        niah_eval.main(argv + [f"--json={tmp_path / 'old.json'}", "--overwrite"])
+    assert "\n" not in str(e.value) and (tmp_path / "old.json").read_text() == "earlier results"
+    for bad, msg in (("--answer_len=0", "--answer_len=0: must be a positive integer"),
+                     ("--steps=0", "--steps=0: must be a positive integer"),
+                     ("--adapt_lr=inf", "--adapt_lr=inf: must be a finite number")):
+        with pytest.raises(SystemExit, match=msg):  # refused, not read as "the default"
+            niah_eval.main(argv + [bad])
