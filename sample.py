@@ -31,7 +31,7 @@ import math
 import random
 import re
 import sys
-from contextlib import nullcontext
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from data.tokenizer import decode, get_encoding, open_split
 from memory import ADAPT_RATIO, MemoryConfig, adapt as adapt_memory, flat, unflat
-from model import KVCache, load_model, pick_device, proposal_logits
+from model import KVCache, autocast, load_model, pick_device, proposal_logits, seeded_generator
 from niah import make_example, parse_tasks
 
 REMASKING = ("low_confidence", "random")
@@ -115,25 +115,20 @@ def choose(confidence, masked, n_reveal, threshold=None):
     return masked & (rank < n)
 
 
-def sampling_autocast(device):
-    """bf16 on the GPU, full precision on the CPU: the sampler's (and adaptation's) precision."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
-
-
-def write_memory(model, prompts, mcfg, ratio, steps, lr, generator):
+def write_memory(model, prompts, mcfg, *, ratio=ADAPT_RATIO, generator=None):
     """Each prompt written into its own fresh fast weights (memory.adapt): the inner loop on the
-    prompt alone, anchor mask ratio `ratio` (paper Sec. 4.5). Returns (fast, per-step losses [B])."""
+    prompt alone, mcfg.steps SGD steps of mcfg.lr, anchor mask ratio `ratio` (paper Sec. 4.5).
+    Returns (fast, per-step losses [B])."""
     if not all(prompts):
         raise ValueError("adapt=True writes the prompt into the memory: every row needs a non-empty prompt")
     device = next(model.parameters()).device
-    kw = dict(ratio=ratio, steps=steps, lr=lr)
     if not isinstance(generator, (list, tuple)):  # one padded batch, the rows sharing one stream
         ids, key_pad = pad_batch(prompts, model.cfg.eot_id)
         return adapt_memory(model, ids.to(device), mcfg, key_pad=key_pad.to(device) if key_pad.any() else None,
-                            generator=generator, **kw)
+                            ratio=ratio, generator=generator)
     # memory.adapt draws a whole batch's masks and phi_0 from one generator: rows with a generator
     # of their own adapt one at a time, so each gets exactly its memory alone
-    rows = [adapt_memory(model, torch.tensor([p], device=device), mcfg, generator=g, **kw)
+    rows = [adapt_memory(model, torch.tensor([p], device=device), mcfg, ratio=ratio, generator=g)
             for p, g in zip(prompts, generator)]
     fast = unflat(rows[0][0], [torch.cat(ts) for ts in zip(*(flat(f) for f, _ in rows))])
     return fast, [torch.cat(ls) for ls in zip(*(losses for _, losses in rows))]
@@ -169,10 +164,9 @@ def block_logits_cached(model, canvas, active, block_len, fast, key_pad, cache):
 
 
 @torch.no_grad()
-def generate(model, prompts, gen_len=64, steps=64, block_len=None, temperature=0.0,
-             remasking="low_confidence", threshold=None, generator=None,
-             adapt=False, adapt_steps=2, adapt_lr=0.1, adapt_ratio=ADAPT_RATIO, mcfg=None, progress=False,
-             prefix_cache=False, on_step=None):
+def generate(model, prompts, *, gen_len=64, steps=64, block_len=None, temperature=0.0,
+             remasking="low_confidence", threshold=None, generator=None, adapt=False, mcfg=None,
+             adapt_ratio=ADAPT_RATIO, prefix_cache=False, progress=False, on_step=None):
     """prompts: list of lists of token ids (may be empty lists = unconditional, lengths may differ).
     Returns (tokens LongTensor [B, gen_len] of the generated part, adapt_losses list or None).
 
@@ -184,7 +178,7 @@ def generate(model, prompts, gen_len=64, steps=64, block_len=None, temperature=0
     generator: one torch.Generator shared by the batch, or a list of one per row: then a row
     draws from its own only (adapt's masks and phi_0, Gumbel noise, random confidences), and
     gets exactly what it gets decoded alone. adapt: write each prompt into its own fresh memory
-    first (adapt_* and mcfg as memory.adapt takes them) and decode with it.
+    first (write_memory: mcfg's K = steps and inner lr, anchor ratio adapt_ratio) and decode with it.
     prefix_cache: Fast-dLLM's approximate prefix KV cache (block_logits_cached).
     on_step: called with the generated part [B, gen_len] after every step (--show prints it).
     """
@@ -204,9 +198,9 @@ def generate(model, prompts, gen_len=64, steps=64, block_len=None, temperature=0
     # canvas positions of the generated tokens: each row's start at its own prompt length
     gen_pos = torch.tensor([len(p) for p in prompts], device=device)[:, None] + torch.arange(gen_len, device=device)
     fast = losses = None
-    with sampling_autocast(device):
+    with autocast(device):
         if adapt:
-            fast, losses = write_memory(model, prompts, mcfg, adapt_ratio, adapt_steps, adapt_lr, generator)
+            fast, losses = write_memory(model, prompts, mcfg or MemoryConfig(), ratio=adapt_ratio, generator=generator)
         bar = tqdm(total=steps, disable=not progress, desc="unmasking", leave=False, dynamic_ncols=True)
         for start in range(0, gen_len, block_len):
             active = gen_pos[:, start:]  # this block and the masked blocks after it
@@ -336,8 +330,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--adapt", action=argparse.BooleanOptionalAction, default=False,
                    help="write the prompt into fast weights first")
-    p.add_argument("--adapt_steps", type=int, default=2)
-    p.add_argument("--adapt_lr", type=float, default=0.1)
+    p.add_argument("--adapt_steps", type=int, default=None, help="K, inner steps (default: the checkpoint's mem_steps)")
+    p.add_argument("--adapt_lr", type=float, default=None, help="inner lr (default: the checkpoint's mem_lr)")
     p.add_argument("--adapt_ratio", type=float, default=ADAPT_RATIO)
     p.add_argument("--prefix_cache", action=argparse.BooleanOptionalAction, default=False,
                    help="reuse the keys/values before the current block within it (approximate, faster)")
@@ -348,8 +342,8 @@ def main(argv=None):
                    help=f"watch the denoising: the first sample's generated part after every step, one line "
                         f"each, {MASK_CHAR} where still masked, {NEWLINE_CHAR} for a newline")
     a = p.parse_args(argv)
-    if (a.num_samples < 1 or not (a.temperature is None or a.temperature >= 0) or a.adapt_steps < 1
-            or not 0 < a.adapt_ratio <= 1 or not 0 <= a.adapt_lr < math.inf):
+    if (a.num_samples < 1 or not (a.temperature is None or a.temperature >= 0) or (a.adapt_steps or 1) < 1
+            or not 0 < a.adapt_ratio <= 1 or not 0 <= (a.adapt_lr or 0) < math.inf):
         raise SystemExit("need --num_samples >= 1, --temperature >= 0, --adapt_steps >= 1, 0 < --adapt_ratio <= 1 "
                          "and a finite --adapt_lr >= 0")
     if a.gen_len is not None and a.block_len is not None:  # a bad layout fails before the checkpoint loads
@@ -395,17 +389,18 @@ def main(argv=None):
         print(show_line(enc, generated[0].tolist(), model.cfg.mask_id))
     if a.show:
         print(f"---------- sample 1, one line per step ({MASK_CHAR} masked) ----------")
-    # a generator per sample: sample i is the same whatever --num_samples
-    gens = [torch.Generator(device).manual_seed(a.seed * 1_000_003 + i) for i in range(a.num_samples)]
-    out, losses = generate(model, [prompt] * a.num_samples, a.gen_len, steps, block_len, temperature,
-                           a.remasking, a.threshold, gens, a.adapt, a.adapt_steps, a.adapt_lr, a.adapt_ratio,
-                           MemoryConfig.from_config(cfg), progress=steps >= 64 and not a.show,
-                           prefix_cache=a.prefix_cache, on_step=show if a.show else None)
+    mcfg = MemoryConfig.from_config(cfg)  # the checkpoint's K and inner lr, unless the flags say otherwise
+    mcfg = replace(mcfg, steps=a.adapt_steps or mcfg.steps, lr=mcfg.lr if a.adapt_lr is None else a.adapt_lr)
+    gens = [seeded_generator(a.seed, index=i, device=device) for i in range(a.num_samples)]  # sample i: its own
+    out, losses = generate(model, [prompt] * a.num_samples, gen_len=a.gen_len, steps=steps, block_len=block_len,
+                           temperature=temperature, remasking=a.remasking, threshold=a.threshold, generator=gens,
+                           adapt=a.adapt, mcfg=mcfg, adapt_ratio=a.adapt_ratio, prefix_cache=a.prefix_cache,
+                           progress=steps >= 64 and not a.show, on_step=show if a.show else None)
     bad = next((k for k, v in enumerate(losses or []) if not v.isfinite().all()), None)
     if bad is not None:  # the memory holds NaN or infinite weights: the samples would be noise
         raise SystemExit(f"--adapt: the inner loss of step {bad + 1} is not finite "
                          f"({' '.join(f'{v:.4g}' for v in losses[bad].tolist())}): the memory is unusable, "
-                         f"no samples printed; lower --adapt_lr (now {a.adapt_lr})")
+                         f"no samples printed; lower --adapt_lr (now {mcfg.lr})")
     for k, l in enumerate(losses or []):
         print(f"adapt step {k + 1}/{len(losses)}: inner loss " + " ".join(f"{v:.4f}" for v in l.tolist()))
     samples = [decode(enc, row) for row in out.tolist()]
