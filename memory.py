@@ -246,7 +246,7 @@ def memdlm_loss(model, x0, maskable, mcfg, *, key_pad=None, generator=None, crea
     x_t, mask_t, t = forward_process(x0, maskable, model.cfg.mask_id, generator=generator)  # Eq. 1: the anchor x_t
     fast = init_fast(model, len(x0), mcfg, generator)  # phi_0: delta W = 0
     split = min(fast.layers)  # the stack splits below the first memory layer
-    h_t = (bottom or model)(x_t, key_pad=key_pad, stop=split)  # once, with grad: for stage 2 and Eq. 9
+    h_t = (model if bottom is None else bottom)(x_t, key_pad=key_pad, stop=split)  # once, with grad: for stage 2 and Eq. 9
     if mcfg.scope == "response":
         masks, at_anchor = trajectory(mask_t, maskable, mcfg, generator)  # [x_pre, x_t]
         bottoms = [h_t if a else None for a in at_anchor]

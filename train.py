@@ -261,18 +261,19 @@ class Nets:
     ctx: object = field(default_factory=nullcontext)
 
     def __post_init__(self):
-        self.model = self.model or self.raw
-        self.ddp = self.ddp or self.model
+        self.model = self.raw if self.model is None else self.model
+        self.ddp = self.model if self.ddp is None else self.ddp
 
 
 def compiled(raw, cfg, device, ddp=False):
-    """Nets of raw: torch.compile of the model's forward and of the inner SGD step (its backward,
-    clip and update included) on the GPU only; the DDP wrapper under torchrun."""
+    """Nets of raw: torch.compile of the model's forward, of its top and of the inner SGD step (its
+    backward, clip and update included) on the GPU only; the DDP wrapper under torchrun."""
     on_gpu = device.startswith("cuda")
     model, step = raw, inner_step
     if cfg["compile"] and on_gpu:
         mode = None if cfg["compile_mode"] == "default" else cfg["compile_mode"]
         model, step = torch.compile(raw, mode=mode), torch.compile(inner_step, mode=mode)
+        model.top = torch.compile(raw.top, mode=mode)  # the layers above the memory split: memdlm_loss's outer pass
     wrapper = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if on_gpu else None) if ddp else None
     return Nets(raw, model, wrapper, step, autocast(device, cfg["dtype"]))
 
