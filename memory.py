@@ -269,15 +269,13 @@ def bernoulli_anchor(maskable, ratio, generator=None):
 
 @torch.no_grad()
 def adapt(model, prompt_ids, mcfg=None, *, key_pad=None, ratio=ADAPT_RATIO, steps=None, lr=None, generator=None):
-    """Inference-time memory (paper Sec. 4.5, "Train & Inference"): write each prompt into its
-    own fresh fast weights. Every (non-padding) prompt token is maskable; the anchor masks each
-    with probability `ratio` (bernoulli_anchor), the pre-anchor raises the realised ratio
-    by pre_scale (1.5); uniform weights, so each step's loss is the mean NLL over the masked
-    prompt tokens. steps, lr: K and eta, the memory's own (mcfg.steps, mcfg.lr: a checkpoint's
-    mem_steps and mem_lr) unless given. Returns (phi, losses)."""
-    mcfg = mcfg or MemoryConfig()
-    mcfg = replace(mcfg, steps=mcfg.steps if steps is None else steps, lr=mcfg.lr if lr is None else lr,
-                   weighting="uniform", trajectory="anchor")
+    """Inference-time memory (Sec. 4.5, "Train & Inference"): the inner loop on each prompt alone,
+    into its own fresh fast weights. The anchor masks each (non-padding) prompt token with
+    probability `ratio`, the pre-anchor pre_scale times as many; uniform weights (the mean NLL
+    over the masked tokens). K and eta: mcfg's (a checkpoint's mem_steps, mem_lr) unless steps,
+    lr say otherwise. Returns (phi, losses)."""
+    mcfg = replace(mcfg or MemoryConfig(), weighting="uniform", trajectory="anchor")
+    mcfg = replace(mcfg, steps=mcfg.steps if steps is None else steps, lr=mcfg.lr if lr is None else lr)
     rows = Rows(prompt_ids, torch.ones_like(prompt_ids, dtype=torch.bool) if key_pad is None else ~key_pad, key_pad)
     mask_t = bernoulli_anchor(rows.maskable, ratio, generator)
     fast = init_fast(model, len(prompt_ids), mcfg, generator)

@@ -52,12 +52,8 @@ def pad_batch(seqs, pad_id):
     """Right-pad token lists into ids [B, T] and key_pad [B, T] (True at padding). Right padding
     keeps each row's positions (and so its RoPE angles) those of the row alone."""
     T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    key_pad = torch.ones(len(seqs), T, dtype=torch.bool)
-    for b, s in enumerate(seqs):
-        ids[b, :len(s)] = torch.tensor(s, dtype=torch.long)
-        key_pad[b, :len(s)] = False
-    return ids, key_pad
+    return (torch.tensor([list(s) + [pad_id] * (T - len(s)) for s in seqs], dtype=torch.long),
+            torch.tensor([[False] * len(s) + [True] * (T - len(s)) for s in seqs], dtype=torch.bool))
 
 
 def reveal_schedule(n_masks, steps):
@@ -70,15 +66,13 @@ def plan(gen_len, steps, block_len=None):
     """Check the block layout and return (block_len, the reveal schedule of one block)."""
     block_len = gen_len if block_len is None else block_len
     if gen_len < 1 or block_len < 1 or gen_len % block_len:
-        raise ValueError(f"gen_len={gen_len} must be a positive multiple of block_len={block_len}: "
-                         f"pick a block_len that divides gen_len")
+        raise ValueError(f"gen_len={gen_len} must be a positive multiple of block_len={block_len}: pick one that divides it")
     n_blocks = gen_len // block_len
     if steps < n_blocks or steps % n_blocks:
         raise ValueError(f"steps={steps} must be a multiple of the {n_blocks} blocks (gen_len / block_len), "
                          f"as each block gets steps / {n_blocks} steps: try steps={n_blocks * max(1, round(steps / n_blocks))}")
     if steps // n_blocks > block_len:
-        raise ValueError(f"steps={steps} gives {steps // n_blocks} steps to a block of {block_len} tokens: "
-                         f"at most one step per token, use steps <= gen_len={gen_len}")
+        raise ValueError(f"steps={steps}: at most one step per token of a block, use steps <= gen_len={gen_len}")
     return block_len, reveal_schedule(block_len, steps // n_blocks)
 
 
@@ -116,9 +110,8 @@ def choose(confidence, masked, n_reveal, threshold=None):
 
 
 def write_memory(model, prompts, mcfg, *, ratio=ADAPT_RATIO, generator=None):
-    """Each prompt written into its own fresh fast weights (memory.adapt): the inner loop on the
-    prompt alone, mcfg.steps SGD steps of mcfg.lr, anchor mask ratio `ratio` (paper Sec. 4.5).
-    Returns (fast, per-step losses [B])."""
+    """Each prompt written into its own fresh fast weights by memory.adapt (mcfg's K and inner lr,
+    anchor mask ratio `ratio`). Returns (fast, per-step losses [B])."""
     if not all(prompts):
         raise ValueError("adapt=True writes the prompt into the memory: every row needs a non-empty prompt")
     device = next(model.parameters()).device
@@ -135,14 +128,13 @@ def write_memory(model, prompts, mcfg, *, ratio=ADAPT_RATIO, generator=None):
 
 
 def token_logits(model, h):
-    """Vocabulary logits (float) of hidden states, without the embedding's padding rows and with
-    the mask token ruled out."""
+    """Float logits of hidden states over what may be proposed (model.proposal_logits)."""
     return proposal_logits(model.logits(h).float(), model.cfg)
 
 
 def block_logits(model, canvas, block, fast, key_pad, cache=None):
-    """Logits [B, L, n_vocab] at the block's canvas positions block [B, L], from a forward of
-    the whole canvas (recording its keys/values into cache, if given); never the mask itself."""
+    """token_logits [B, L, n_vocab] at the block's canvas positions [B, L], from a forward of the
+    whole canvas (recording its keys/values into cache, if given)."""
     h = model(canvas, fast=fast, key_pad=key_pad, cache=cache)
     return token_logits(model, h.gather(1, block[..., None].expand(-1, -1, h.shape[-1])))
 
@@ -167,40 +159,29 @@ def block_logits_cached(model, canvas, active, block_len, fast, key_pad, cache):
 def generate(model, prompts, *, gen_len=64, steps=64, block_len=None, temperature=0.0,
              remasking="low_confidence", threshold=None, generator=None, adapt=False, mcfg=None,
              adapt_ratio=ADAPT_RATIO, prefix_cache=False, progress=False, on_step=None):
-    """prompts: list of lists of token ids (may be empty lists = unconditional, lengths may differ).
-    Returns (tokens LongTensor [B, gen_len] of the generated part, adapt_losses list or None).
-
-    block_len: decode blocks of this many tokens left to right, steps / n_blocks steps each
-    (None: one block, fully parallel). remasking: which masked positions a step reveals, the most
-    confident ("low_confidence") or random ones. threshold: also reveal every masked position of
-    the block whose confidence is above it, ending the block early once it has no mask left; a
-    step still reveals at least its scheduled share, so the budget of steps is an upper bound.
-    generator: one torch.Generator shared by the batch, or a list of one per row: then a row
-    draws from its own only (adapt's masks and phi_0, Gumbel noise, random confidences), and
-    gets exactly what it gets decoded alone. adapt: write each prompt into its own fresh memory
-    first (write_memory: mcfg's K = steps and inner lr, anchor ratio adapt_ratio) and decode with it.
-    prefix_cache: Fast-dLLM's approximate prefix KV cache (block_logits_cached).
-    on_step: called with the generated part [B, gen_len] after every step (--show prints it).
-    """
-    if remasking not in REMASKING:
-        raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    """prompts: lists of token ids (of any lengths; empty: unconditional). Returns (the generated
+    tokens [B, gen_len], adapt's inner losses or None). block_len: blocks decoded left to right,
+    steps / n_blocks steps each (None: one block). remasking: a step reveals the most confident
+    ("low_confidence") or random masked positions; threshold: also every one above it (the
+    steps are then a budget). generator: one shared by the batch, or one per row, which then
+    decodes exactly as it would alone. adapt: first write each prompt into its own fresh memory
+    (write_memory: mcfg's K and inner lr, anchor ratio adapt_ratio). prefix_cache: see
+    block_logits_cached. on_step(generated part) after every step (--show)."""
+    if remasking not in REMASKING or temperature < 0:
+        raise ValueError(f"remasking must be one of {REMASKING} and temperature >= 0, got {remasking!r}, {temperature}")
     block_len, schedule = plan(gen_len, steps, block_len)
-    cfg, B = model.cfg, len(prompts)
-    gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * B
-    if len(gens) != B:
-        raise ValueError(f"{len(gens)} generators for {B} prompts: give one per row, or a single one")
+    cfg, gens = model.cfg, list(generator) if isinstance(generator, (list, tuple)) else [generator] * len(prompts)
+    if len(gens) != len(prompts):
+        raise ValueError(f"{len(gens)} generators for {len(prompts)} prompts: give one per row, or a single one")
     device = next(model.parameters()).device
-    canvas, key_pad = pad_batch([list(p) + [cfg.mask_id] * gen_len for p in prompts], cfg.eot_id)
-    canvas = canvas.to(device)
-    key_pad = key_pad.to(device) if key_pad.any() else None  # no padding: SDPA may use its fastest kernel
+    canvas, key_pad = (t.to(device) for t in pad_batch([p + [cfg.mask_id] * gen_len for p in map(list, prompts)],
+                                                        cfg.eot_id))
+    key_pad = key_pad if key_pad.any() else None  # no padding: SDPA may use its fastest kernel
     # canvas positions of the generated tokens: each row's start at its own prompt length
     gen_pos = torch.tensor([len(p) for p in prompts], device=device)[:, None] + torch.arange(gen_len, device=device)
-    fast = losses = None
     with autocast(device):
-        if adapt:
-            fast, losses = write_memory(model, prompts, mcfg or MemoryConfig(), ratio=adapt_ratio, generator=generator)
+        fast, losses = write_memory(model, prompts, mcfg or MemoryConfig(), ratio=adapt_ratio, generator=generator) \
+            if adapt else (None, None)
         bar = tqdm(total=steps, disable=not progress, desc="unmasking", leave=False, dynamic_ncols=True)
         for start in range(0, gen_len, block_len):
             active = gen_pos[:, start:]  # this block and the masked blocks after it
@@ -212,10 +193,8 @@ def generate(model, prompts, *, gen_len=64, steps=64, block_len=None, temperatur
                 rows_left = masked.any(1).tolist()
                 if not any(rows_left):  # threshold mode finished the block early
                     break
-                if cache is None:
-                    logits = block_logits(model, canvas, block, fast, key_pad)
-                else:
-                    logits = block_logits_cached(model, canvas, active, block_len, fast, key_pad, cache)
+                logits = block_logits(model, canvas, block, fast, key_pad) if cache is None else \
+                    block_logits_cached(model, canvas, active, block_len, fast, key_pad, cache)
                 proposal, confidence = propose(logits, temperature, remasking, gens, rows_left)
                 reveal = choose(confidence, masked, n_reveal, threshold)
                 canvas.scatter_(1, block, torch.where(reveal, proposal, tokens))
