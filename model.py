@@ -11,6 +11,7 @@ import os
 import pickle
 import re
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import torch
@@ -27,9 +28,9 @@ class ModelConfig:
     mask_id: int = 257
     eot_id: int = 256
     block_size: int = 256      # training context; RoPE lets the model run longer
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
+    n_layer: int = 8           # (these defaults are train.py's)
+    n_head: int = 6
+    n_embd: int = 384
     ffn_mult: float = 8 / 3    # SwiGLU hidden = ffn_mult * n_embd, rounded up to 64
     rope_theta: float = 10000.0
     attn_chunk: int = 0        # 0: full attention; W > 0: each token attends only within its chunk of W tokens
@@ -65,24 +66,25 @@ def apply_rope(x, cos, sin):
 
 @dataclass
 class FastWeights:
-    """phi: per-sequence fast weights. layers maps a layer index to {"gate_proj" | "up_proj" |
-    "down_proj": a LoRA pair (A [B, r, d_in], B [B, d_out, r]) or a full-rank delta
-    (D [B, d_out, d_in],)}; scale is the LoRA alpha / r. Both belong to the memory
-    (memory.py), not to the model: any rank and alpha run on any checkpoint."""
+    """phi: per-sequence fast weights. layers maps a layer index to that layer's fast weights,
+    {"gate_proj" | "up_proj" | "down_proj": the projection's tensors}: a LoRA pair (A [B, r, d_in],
+    B [B, d_out, r]), or beyond the paper a full-rank delta (D [B, d_out, d_in],). scale is the
+    LoRA alpha / r. Both belong to the memory (memory.py), not to the model: any rank and alpha
+    run on any checkpoint."""
     layers: dict
     scale: float = 1.0
 
 
 def fast_linear(x, lin, phi, scale):
-    """lin(x) plus a per-sequence delta from this projection's fast weights phi: scale * x A^T B^T
-    (LoRA, phi = (A, B)) or x D^T (full rank, phi = (D,))."""
+    """lin(x) plus the per-sequence delta of this projection's fast weights phi: Eq. 5's LoRA,
+    scale * x A^T B^T for phi = (A, B); x D^T for a full-rank phi = (D,)."""
     y = lin(x)
     if phi is None:
         return y
-    if len(phi) == 2:
-        A, B = phi
-        return y + scale * torch.bmm(torch.bmm(x, A.mT.to(x.dtype)), B.mT.to(x.dtype))
-    return y + torch.bmm(x, phi[0].mT.to(x.dtype))
+    if len(phi) == 1:  # the full-rank adapter (memory.py, beyond the paper)
+        return y + torch.bmm(x, phi[0].mT.to(x.dtype))
+    A, B = phi
+    return y + scale * torch.bmm(torch.bmm(x, A.mT.to(x.dtype)), B.mT.to(x.dtype))
 
 
 class KVCache:
@@ -169,11 +171,12 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=False)
 
-    def forward(self, x, fast=None, scale=1.0):
-        f = fast or {}
-        g = fast_linear(x, self.gate_proj, f.get("gate_proj"), scale)
-        u = fast_linear(x, self.up_proj, f.get("up_proj"), scale)
-        return fast_linear(F.silu(g) * u, self.down_proj, f.get("down_proj"), scale)
+    def forward(self, x, phi=None, scale=1.0):
+        """phi: this layer's fast weights, {projection name: its tensors} (FastWeights.layers[i])."""
+        phi = phi or {}
+        g = fast_linear(x, self.gate_proj, phi.get("gate_proj"), scale)
+        u = fast_linear(x, self.up_proj, phi.get("up_proj"), scale)
+        return fast_linear(F.silu(g) * u, self.down_proj, phi.get("down_proj"), scale)
 
 
 class Block(nn.Module):
@@ -184,9 +187,9 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.n_embd)
         self.ffn = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, attn_mask, fast=None, scale=1.0, cache=None):
+    def forward(self, x, cos, sin, attn_mask, phi=None, scale=1.0, cache=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, cache)
-        return x + self.ffn(self.ffn_norm(x), fast, scale)
+        return x + self.ffn(self.ffn_norm(x), phi, scale)
 
 
 class DiffusionLM(nn.Module):
@@ -216,21 +219,23 @@ class DiffusionLM(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, x, fast=None, key_pad=None, lo=0, hi=None, cache=None):
-        """Hidden states after layers [lo, hi).
+    def forward(self, idx, fast=None, key_pad=None, cache=None, stop=None):
+        """Token ids [B, T] -> the final hidden states [B, T, C], of p_theta or, with fast weights
+        (FastWeights), of p_{theta, phi}. key_pad: bool [B, T], True at padding (never attended to).
+        stop=k: only the layers below k, no final norm: the bottom of the memory split (see top).
+        cache: a KVCache (sample.py's prefix cache). Recording, the forward stores every layer's
+        keys/values; reading, idx is a slice of the sequence at positions cache.pos, with no
+        padding, which also attends to the cached prefix (key_pad is then cache.pad's)."""
+        return self._layers(self.tok_emb(idx), 0, self.cfg.n_layer if stop is None else stop, fast, key_pad, cache)
 
-        x: token ids [B, T] (integers), or the hidden states [B, T, C] entering layer lo (also at
-        lo == 0: the memory's split lies below layer 0 when every layer has fast weights).
-        fast: FastWeights (phi) or None (the base model theta alone).
-        Running (lo=0, hi=k) then (lo=k) equals one full run: the inner loop uses this to
-        reuse the bottom layers' output. key_pad: bool [B, T], True at padding (never
-        attended to). The final norm is applied when hi reaches the top.
-        cache: a KVCache (sample.py's prefix cache). Recording, the forward stores every
-        layer's keys/values; reading, x is a slice of the sequence at positions cache.pos, with
-        no padding, which also attends to the cached prefix (key_pad is then cache.pad's).
-        """
-        hi = self.cfg.n_layer if hi is None else hi
-        h = x if x.is_floating_point() else self.tok_emb(x)
+    def top(self, h, start, fast=None, key_pad=None):
+        """The hidden states [B, T, C] entering layer start -> the final hidden states: the top of
+        the memory split. top(forward(x, stop=k), k) equals forward(x), so the memory's inner loop
+        reuses the bottom layers' output of a state."""
+        return self._layers(h, start, self.cfg.n_layer, fast, key_pad, None)
+
+    def _layers(self, h, lo, hi, fast, key_pad, cache):
+        """Layers [lo, hi) on the hidden states h; the final norm when hi reaches the top."""
         B, T = h.shape[:2]
         pos = cache.pos if cache is not None and cache.reading else None
         n = T if pos is None else int(pos.max()) + 1  # positions the RoPE tables must cover
@@ -241,7 +246,7 @@ class DiffusionLM(nn.Module):
                                    trained=self.cfg.block_size, scaling=self.cfg.rope_scaling)
         if pos is not None:  # each row its own positions: [B, 1, T, D/2], broadcast over heads
             cos, sin = cos[pos][:, None], sin[pos][:, None]
-        if pos is not None:  # the keys: the cached prefix's, then the T tokens' own (no padding among them)
+            # the keys: the cached prefix's, then the T tokens' own (no padding among them)
             key_pad = None if cache.pad is None else torch.cat([cache.pad, cache.pad.new_zeros(B, T)], 1)
         attn_mask = None if key_pad is None else ~key_pad[:, None, None, :]  # [B, 1, 1, keys]
         for i in range(lo, hi):
@@ -313,6 +318,17 @@ def pick_device(name):
         raise SystemExit(f"--device={name}: only {torch.cuda.device_count()} GPU(s) visible, cuda:0 to "
                          f"cuda:{torch.cuda.device_count() - 1}")
     return name
+
+
+def autocast(device, dtype="bfloat16"):
+    """Mixed precision on the GPU (bf16 by default), full precision on the CPU: train.py's and the sampler's."""
+    return torch.autocast("cuda", dtype=getattr(torch, dtype)) if torch.device(device).type == "cuda" else nullcontext()
+
+
+def seeded_generator(seed, step=0, index=0, device="cpu"):
+    """A generator whose stream depends on (seed, step, index) alone: train.py's step and rank,
+    sample.py's sample, so a resumed run, or a sample decoded in a larger batch, draws the same."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step * 1009 + index)
 
 
 def read_checkpoint(path, device="cpu"):

@@ -31,7 +31,7 @@ import math
 import random
 import re
 import sys
-from contextlib import nullcontext
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from data.tokenizer import decode, get_encoding, open_split
 from memory import ADAPT_RATIO, MemoryConfig, adapt as adapt_memory, flat, unflat
-from model import KVCache, load_model, pick_device, proposal_logits
+from model import KVCache, autocast, load_model, pick_device, proposal_logits, seeded_generator
 from niah import make_example, parse_tasks
 
 REMASKING = ("low_confidence", "random")
@@ -52,12 +52,8 @@ def pad_batch(seqs, pad_id):
     """Right-pad token lists into ids [B, T] and key_pad [B, T] (True at padding). Right padding
     keeps each row's positions (and so its RoPE angles) those of the row alone."""
     T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    key_pad = torch.ones(len(seqs), T, dtype=torch.bool)
-    for b, s in enumerate(seqs):
-        ids[b, :len(s)] = torch.tensor(s, dtype=torch.long)
-        key_pad[b, :len(s)] = False
-    return ids, key_pad
+    return (torch.tensor([list(s) + [pad_id] * (T - len(s)) for s in seqs], dtype=torch.long),
+            torch.tensor([[False] * len(s) + [True] * (T - len(s)) for s in seqs], dtype=torch.bool))
 
 
 def reveal_schedule(n_masks, steps):
@@ -70,15 +66,13 @@ def plan(gen_len, steps, block_len=None):
     """Check the block layout and return (block_len, the reveal schedule of one block)."""
     block_len = gen_len if block_len is None else block_len
     if gen_len < 1 or block_len < 1 or gen_len % block_len:
-        raise ValueError(f"gen_len={gen_len} must be a positive multiple of block_len={block_len}: "
-                         f"pick a block_len that divides gen_len")
+        raise ValueError(f"gen_len={gen_len} must be a positive multiple of block_len={block_len}: pick one that divides it")
     n_blocks = gen_len // block_len
     if steps < n_blocks or steps % n_blocks:
         raise ValueError(f"steps={steps} must be a multiple of the {n_blocks} blocks (gen_len / block_len), "
                          f"as each block gets steps / {n_blocks} steps: try steps={n_blocks * max(1, round(steps / n_blocks))}")
     if steps // n_blocks > block_len:
-        raise ValueError(f"steps={steps} gives {steps // n_blocks} steps to a block of {block_len} tokens: "
-                         f"at most one step per token, use steps <= gen_len={gen_len}")
+        raise ValueError(f"steps={steps}: at most one step per token of a block, use steps <= gen_len={gen_len}")
     return block_len, reveal_schedule(block_len, steps // n_blocks)
 
 
@@ -115,39 +109,32 @@ def choose(confidence, masked, n_reveal, threshold=None):
     return masked & (rank < n)
 
 
-def sampling_autocast(device):
-    """bf16 on the GPU, full precision on the CPU: the sampler's (and adaptation's) precision."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
-
-
-def write_memory(model, prompts, mcfg, ratio, steps, lr, generator):
-    """Each prompt written into its own fresh fast weights (memory.adapt): the inner loop on the
-    prompt alone, anchor mask ratio `ratio` (paper Sec. 4.5). Returns (fast, per-step losses [B])."""
+def write_memory(model, prompts, mcfg, *, ratio=ADAPT_RATIO, generator=None):
+    """Each prompt written into its own fresh fast weights by memory.adapt (mcfg's K and inner lr,
+    anchor mask ratio `ratio`). Returns (fast, per-step losses [B])."""
     if not all(prompts):
         raise ValueError("adapt=True writes the prompt into the memory: every row needs a non-empty prompt")
     device = next(model.parameters()).device
-    kw = dict(ratio=ratio, steps=steps, lr=lr)
     if not isinstance(generator, (list, tuple)):  # one padded batch, the rows sharing one stream
         ids, key_pad = pad_batch(prompts, model.cfg.eot_id)
         return adapt_memory(model, ids.to(device), mcfg, key_pad=key_pad.to(device) if key_pad.any() else None,
-                            generator=generator, **kw)
+                            ratio=ratio, generator=generator)
     # memory.adapt draws a whole batch's masks and phi_0 from one generator: rows with a generator
     # of their own adapt one at a time, so each gets exactly its memory alone
-    rows = [adapt_memory(model, torch.tensor([p], device=device), mcfg, generator=g, **kw)
+    rows = [adapt_memory(model, torch.tensor([p], device=device), mcfg, ratio=ratio, generator=g)
             for p, g in zip(prompts, generator)]
     fast = unflat(rows[0][0], [torch.cat(ts) for ts in zip(*(flat(f) for f, _ in rows))])
     return fast, [torch.cat(ls) for ls in zip(*(losses for _, losses in rows))]
 
 
 def token_logits(model, h):
-    """Vocabulary logits (float) of hidden states, without the embedding's padding rows and with
-    the mask token ruled out."""
+    """Float logits of hidden states over what may be proposed (model.proposal_logits)."""
     return proposal_logits(model.logits(h).float(), model.cfg)
 
 
 def block_logits(model, canvas, block, fast, key_pad, cache=None):
-    """Logits [B, L, n_vocab] at the block's canvas positions block [B, L], from a forward of
-    the whole canvas (recording its keys/values into cache, if given); never the mask itself."""
+    """token_logits [B, L, n_vocab] at the block's canvas positions [B, L], from a forward of the
+    whole canvas (recording its keys/values into cache, if given)."""
     h = model(canvas, fast=fast, key_pad=key_pad, cache=cache)
     return token_logits(model, h.gather(1, block[..., None].expand(-1, -1, h.shape[-1])))
 
@@ -169,47 +156,35 @@ def block_logits_cached(model, canvas, active, block_len, fast, key_pad, cache):
 
 
 @torch.no_grad()
-def generate(model, prompts, gen_len=64, steps=64, block_len=None, temperature=0.0,
-             remasking="low_confidence", threshold=None, generator=None,
-             adapt=False, adapt_steps=2, adapt_lr=0.1, adapt_ratio=ADAPT_RATIO, mcfg=None, progress=False,
-             prefix_cache=False, on_step=None, memory_prompts=None):
-    """prompts: list of lists of token ids (may be empty lists = unconditional, lengths may differ).
-    Returns (tokens LongTensor [B, gen_len] of the generated part, adapt_losses list or None).
-
-    block_len: decode blocks of this many tokens left to right, steps / n_blocks steps each
-    (None: one block, fully parallel). remasking: which masked positions a step reveals, the most
-    confident ("low_confidence") or random ones. threshold: also reveal every masked position of
-    the block whose confidence is above it, ending the block early once it has no mask left; a
-    step still reveals at least its scheduled share, so the budget of steps is an upper bound.
-    generator: one torch.Generator shared by the batch, or a list of one per row: then a row
-    draws from its own only (adapt's masks and phi_0, Gumbel noise, random confidences), and
-    gets exactly what it gets decoded alone. adapt: write each prompt into its own fresh memory
-    first (adapt_* and mcfg as memory.adapt takes them) and decode with it.
-    memory_prompts: with adapt, write the memory from these prompts instead (one per row; the
-    write-then-hide test decodes from a prompt with its needle cut out).
-    prefix_cache: Fast-dLLM's approximate prefix KV cache (block_logits_cached).
-    on_step: called with the generated part [B, gen_len] after every step (--show prints it).
-    """
-    if remasking not in REMASKING:
-        raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+def generate(model, prompts, *, gen_len=64, steps=64, block_len=None, temperature=0.0,
+             remasking="low_confidence", threshold=None, generator=None, adapt=False, mcfg=None,
+             adapt_ratio=ADAPT_RATIO, memory_prompts=None, prefix_cache=False, progress=False, on_step=None):
+    """prompts: lists of token ids (of any lengths; empty: unconditional). Returns (the generated
+    tokens [B, gen_len], adapt's inner losses or None). block_len: blocks decoded left to right,
+    steps / n_blocks steps each (None: one block). remasking: a step reveals the most confident
+    ("low_confidence") or random masked positions; threshold: also every one above it (the
+    steps are then a budget). generator: one shared by the batch, or one per row, which then
+    decodes exactly as it would alone. adapt: first write each prompt into its own fresh memory
+    (write_memory: mcfg's K and inner lr, anchor ratio adapt_ratio), or with memory_prompts the
+    memory of those prompts instead, one per row (write-then-hide decodes a prompt with its needle
+    cut out with the memory of the whole one). prefix_cache: see
+    block_logits_cached. on_step(generated part) after every step (--show)."""
+    if remasking not in REMASKING or temperature < 0:
+        raise ValueError(f"remasking must be one of {REMASKING} and temperature >= 0, got {remasking!r}, {temperature}")
     block_len, schedule = plan(gen_len, steps, block_len)
-    cfg, B = model.cfg, len(prompts)
-    gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * B
-    if len(gens) != B:
-        raise ValueError(f"{len(gens)} generators for {B} prompts: give one per row, or a single one")
+    cfg, gens = model.cfg, list(generator) if isinstance(generator, (list, tuple)) else [generator] * len(prompts)
+    if len(gens) != len(prompts):
+        raise ValueError(f"{len(gens)} generators for {len(prompts)} prompts: give one per row, or a single one")
     device = next(model.parameters()).device
-    canvas, key_pad = pad_batch([list(p) + [cfg.mask_id] * gen_len for p in prompts], cfg.eot_id)
-    canvas = canvas.to(device)
-    key_pad = key_pad.to(device) if key_pad.any() else None  # no padding: SDPA may use its fastest kernel
+    canvas, key_pad = (t.to(device) for t in pad_batch([p + [cfg.mask_id] * gen_len for p in map(list, prompts)],
+                                                        cfg.eot_id))
+    key_pad = key_pad if key_pad.any() else None  # no padding: SDPA may use its fastest kernel
     # canvas positions of the generated tokens: each row's start at its own prompt length
     gen_pos = torch.tensor([len(p) for p in prompts], device=device)[:, None] + torch.arange(gen_len, device=device)
-    fast = losses = None
-    with sampling_autocast(device):
-        if adapt:
-            fast, losses = write_memory(model, prompts if memory_prompts is None else memory_prompts, mcfg, adapt_ratio,
-                                        adapt_steps, adapt_lr, generator)
+    with autocast(device):
+        written = prompts if memory_prompts is None else memory_prompts
+        fast, losses = write_memory(model, written, mcfg or MemoryConfig(), ratio=adapt_ratio, generator=generator) \
+            if adapt else (None, None)
         bar = tqdm(total=steps, disable=not progress, desc="unmasking", leave=False, dynamic_ncols=True)
         for start in range(0, gen_len, block_len):
             active = gen_pos[:, start:]  # this block and the masked blocks after it
@@ -221,10 +196,8 @@ def generate(model, prompts, gen_len=64, steps=64, block_len=None, temperature=0
                 rows_left = masked.any(1).tolist()
                 if not any(rows_left):  # threshold mode finished the block early
                     break
-                if cache is None:
-                    logits = block_logits(model, canvas, block, fast, key_pad)
-                else:
-                    logits = block_logits_cached(model, canvas, active, block_len, fast, key_pad, cache)
+                logits = block_logits(model, canvas, block, fast, key_pad) if cache is None else \
+                    block_logits_cached(model, canvas, active, block_len, fast, key_pad, cache)
                 proposal, confidence = propose(logits, temperature, remasking, gens, rows_left)
                 reveal = choose(confidence, masked, n_reveal, threshold)
                 canvas.scatter_(1, block, torch.where(reveal, proposal, tokens))
@@ -339,8 +312,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--adapt", action=argparse.BooleanOptionalAction, default=False,
                    help="write the prompt into fast weights first")
-    p.add_argument("--adapt_steps", type=int, default=2)
-    p.add_argument("--adapt_lr", type=float, default=0.1)
+    p.add_argument("--adapt_steps", type=int, default=None, help="K, inner steps (default: the checkpoint's mem_steps)")
+    p.add_argument("--adapt_lr", type=float, default=None, help="inner lr (default: the checkpoint's mem_lr)")
     p.add_argument("--adapt_ratio", type=float, default=ADAPT_RATIO)
     p.add_argument("--prefix_cache", action=argparse.BooleanOptionalAction, default=False,
                    help="reuse the keys/values before the current block within it (approximate, faster)")
@@ -351,8 +324,8 @@ def main(argv=None):
                    help=f"watch the denoising: the first sample's generated part after every step, one line "
                         f"each, {MASK_CHAR} where still masked, {NEWLINE_CHAR} for a newline")
     a = p.parse_args(argv)
-    if (a.num_samples < 1 or not (a.temperature is None or a.temperature >= 0) or a.adapt_steps < 1
-            or not 0 < a.adapt_ratio <= 1 or not 0 <= a.adapt_lr < math.inf):
+    if (a.num_samples < 1 or not (a.temperature is None or a.temperature >= 0) or (a.adapt_steps or 1) < 1
+            or not 0 < a.adapt_ratio <= 1 or not 0 <= (a.adapt_lr or 0) < math.inf):
         raise SystemExit("need --num_samples >= 1, --temperature >= 0, --adapt_steps >= 1, 0 < --adapt_ratio <= 1 "
                          "and a finite --adapt_lr >= 0")
     if a.gen_len is not None and a.block_len is not None:  # a bad layout fails before the checkpoint loads
@@ -398,17 +371,18 @@ def main(argv=None):
         print(show_line(enc, generated[0].tolist(), model.cfg.mask_id))
     if a.show:
         print(f"---------- sample 1, one line per step ({MASK_CHAR} masked) ----------")
-    # a generator per sample: sample i is the same whatever --num_samples
-    gens = [torch.Generator(device).manual_seed(a.seed * 1_000_003 + i) for i in range(a.num_samples)]
-    out, losses = generate(model, [prompt] * a.num_samples, a.gen_len, steps, block_len, temperature,
-                           a.remasking, a.threshold, gens, a.adapt, a.adapt_steps, a.adapt_lr, a.adapt_ratio,
-                           MemoryConfig.from_config(cfg), progress=steps >= 64 and not a.show,
-                           prefix_cache=a.prefix_cache, on_step=show if a.show else None)
+    mcfg = MemoryConfig.from_config(cfg)  # the checkpoint's K and inner lr, unless the flags say otherwise
+    mcfg = replace(mcfg, steps=a.adapt_steps or mcfg.steps, lr=mcfg.lr if a.adapt_lr is None else a.adapt_lr)
+    gens = [seeded_generator(a.seed, index=i, device=device) for i in range(a.num_samples)]  # sample i: its own
+    out, losses = generate(model, [prompt] * a.num_samples, gen_len=a.gen_len, steps=steps, block_len=block_len,
+                           temperature=temperature, remasking=a.remasking, threshold=a.threshold, generator=gens,
+                           adapt=a.adapt, mcfg=mcfg, adapt_ratio=a.adapt_ratio, prefix_cache=a.prefix_cache,
+                           progress=steps >= 64 and not a.show, on_step=show if a.show else None)
     bad = next((k for k, v in enumerate(losses or []) if not v.isfinite().all()), None)
     if bad is not None:  # the memory holds NaN or infinite weights: the samples would be noise
         raise SystemExit(f"--adapt: the inner loss of step {bad + 1} is not finite "
                          f"({' '.join(f'{v:.4g}' for v in losses[bad].tolist())}): the memory is unusable, "
-                         f"no samples printed; lower --adapt_lr (now {a.adapt_lr})")
+                         f"no samples printed; lower --adapt_lr (now {mcfg.lr})")
     for k, l in enumerate(losses or []):
         print(f"adapt step {k + 1}/{len(losses)}: inner loss " + " ".join(f"{v:.4f}" for v in l.tolist()))
     samples = [decode(enc, row) for row in out.tolist()]

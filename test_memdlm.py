@@ -12,8 +12,8 @@ import torch.nn.functional as F
 import model
 import train
 from data.tokenizer import get_encoding
-from memory import (MemoryConfig, adapt, bernoulli_anchor, clip_per_sequence, extend_mask, flat, init_fast,
-                    inner_loop, inner_loss, memdlm_loss, memory_layers, trajectory, unflat)
+from memory import (MemoryConfig, Rows, State, adapt, bernoulli_anchor, clip_per_sequence, extend_mask, flat,
+                    init_fast, inner_loop, inner_loss, memdlm_loss, memory_layers, trajectory, unflat)
 from model import DiffusionLM, FastWeights, ModelConfig, forward_process, load_model, masked_ce, mdlm_loss
 
 MASK = 257
@@ -121,7 +121,7 @@ def test_bottom_then_top_equals_the_full_stack():
     fast = FastWeights({3: {k: (a, b + 0.05) for k, (a, b) in
                             init_fast(m, 2, MemoryConfig(rank=4, layer_frac=0.25)).layers[3].items()}}, 2.0)
     full = m(x, fast=fast)
-    assert torch.allclose(m(m(x, hi=3), fast=fast, lo=3), full, atol=1e-6)
+    assert torch.allclose(m.top(m(x, stop=3), 3, fast=fast), full, atol=1e-6)
 
 
 def test_memory_on_every_layer_splits_below_layer_0():
@@ -129,7 +129,7 @@ def test_memory_on_every_layer_splits_below_layer_0():
     m, x = tiny(n_layer=2), tokens()
     mcfg = MemoryConfig(rank=4, layer_frac=1.0)
     assert memory_layers(2, 1.0) == [0, 1]
-    assert torch.allclose(m(m(x, hi=0), lo=0), m(x), atol=1e-6)
+    assert torch.allclose(m.top(m(x, stop=0), 0), m(x), atol=1e-6)
     loss, inner = memdlm_loss(m, x, torch.ones_like(x, dtype=torch.bool), mcfg,
                               generator=torch.Generator().manual_seed(0))
     loss.backward()
@@ -230,9 +230,10 @@ def test_inner_loss_is_the_authors_ratio_weighted_token_mean_per_sequence():
     h = m(torch.where(mask, MASK, x0))
     logp = m.logits(h).log_softmax(-1)
     nll = lambda b, i: -logp[b, i, x0[b, i]]
-    ratio = inner_loss(m, h, x0, mask, maskable, "ratio")
+    state = State(Rows(x0, maskable), mask, None)  # inner_loss reads the rows and the mask
+    ratio = inner_loss(m, h, state, "ratio")
     assert torch.allclose(ratio, torch.stack([(nll(0, 0) + nll(0, 2)) / 2 / 0.4, nll(1, 3) / 0.2]))
-    uniform = inner_loss(m, h, x0, mask, maskable, "uniform")  # adaptation: the plain mean over M
+    uniform = inner_loss(m, h, state, "uniform")  # adaptation: the plain mean over M
     assert torch.allclose(uniform, torch.stack([(nll(0, 0) + nll(0, 2)) / 2, nll(1, 3)]))
 
 
@@ -241,7 +242,7 @@ def test_inner_step_drives_a_large_gradient_to_the_clip():
     m, x0, maskable, mask_t = _inner_setup(dtype=torch.float64)
     mc = MemoryConfig(rank=4, steps=1, lr=0.1, clip=1e-3)
     fast0 = init_fast(m, 2, mc, torch.Generator().manual_seed(0))
-    fast1, _ = inner_loop(m, x0, [mask_t], maskable, fast0, mc)
+    fast1, _ = inner_loop(m, fast0, [mask_t], Rows(x0, maskable), mc)
     moved = [(q - p.detach()).flatten(1).norm(dim=1) for p, q in zip(flat(fast0), flat(fast1))]
     B_moves = torch.stack(moved[1::2])  # A gets no gradient while B = 0; every B hits the clip
     assert torch.allclose(B_moves, torch.full_like(B_moves, 0.1 * 1e-3))
@@ -252,11 +253,11 @@ def test_the_memory_scale_alpha_over_r_reaches_the_inner_loop():
     assert MemoryConfig.from_config({"mem_rank": 4, "mem_alpha": 12.0}).scale == 3.0
     m, x0, maskable, mask_t = _inner_setup()
     fast0 = init_fast(m, 2, mc, torch.Generator().manual_seed(0))
-    fast1, _ = inner_loop(m, x0, [mask_t], maskable, fast0, mc)
+    fast1, _ = inner_loop(m, fast0, [mask_t], Rows(x0, maskable), mc)
     assert fast0.scale == fast1.scale == 3.0
     assert adapt(m, x0, mc, generator=torch.Generator().manual_seed(0))[0].scale == 3.0
     # B starts at 0, so its gradient, and with no clipping its first step, is proportional to the scale
-    half, _ = inner_loop(m, x0, [mask_t], maskable, FastWeights(fast0.layers, 1.5), mc)
+    half, _ = inner_loop(m, FastWeights(fast0.layers, 1.5), [mask_t], Rows(x0, maskable), mc)
     B1, B_half = flat(fast1)[1::2], flat(half)[1::2]
     assert all(b.abs().max() > 0 and torch.allclose(b, 2 * h, rtol=1e-9, atol=0) for b, h in zip(B1, B_half))
 
@@ -288,7 +289,7 @@ def test_one_inner_step_is_sgd_on_the_clipped_gradient_checked_by_finite_differe
     mc = MemoryConfig(rank=4, steps=1, lr=0.1, clip=1.0)
     fast0 = init_fast(m, 2, mc, torch.Generator().manual_seed(0))
     fast0.layers[1]["up_proj"][1].data.normal_(0, 0.1)  # B != 0, so every tensor gets a gradient
-    fast1, _ = inner_loop(m, x0, [mask_t], maskable, fast0, mc)
+    fast1, _ = inner_loop(m, fast0, [mask_t], Rows(x0, maskable), mc)
     p0 = [p.detach().clone() for p in flat(fast0)]
 
     def loss0(params):  # sequence 0's stage loss as a function of the fast weights
@@ -314,9 +315,9 @@ def test_a_sequence_update_in_a_batch_equals_its_update_alone():
     mc = MemoryConfig(rank=4)
     fast = init_fast(m, 3, mc, torch.Generator().manual_seed(0))
     masks, _ = trajectory(mask_t, maskable, mc, torch.Generator().manual_seed(1))
-    batched, losses = inner_loop(m, x0, masks, maskable, fast, mc)
+    batched, losses = inner_loop(m, fast, masks, Rows(x0, maskable), mc)
     alone_fast = unflat(fast, [p[1:2].detach().clone().requires_grad_() for p in flat(fast)])
-    alone, alone_losses = inner_loop(m, x0[1:2], [mk[1:2] for mk in masks], maskable[1:2], alone_fast, mc)
+    alone, alone_losses = inner_loop(m, alone_fast, [mk[1:2] for mk in masks], Rows(x0[1:2], maskable[1:2]), mc)
     for p, q in zip(flat(batched), flat(alone)):
         assert torch.allclose(p[1:2], q, atol=1e-6)
     assert torch.allclose(losses[1][1:2], alone_losses[1], atol=1e-6)
@@ -377,9 +378,9 @@ def test_each_memory_scope_masks_only_the_tokens_it_names(scope, monkeypatch):
     seen = {}
     real = memory.inner_loop
 
-    def spy(model, x0, masks, maskable, fast, mcfg, key_pad=None, bottoms=None, create_graph=False, step=None):
-        seen.update(masks=masks, key_pad=key_pad, bottoms=bottoms)
-        return real(model, x0, masks, maskable, fast, mcfg, key_pad, bottoms, create_graph, step)
+    def spy(model, fast, masks, rows, mcfg, **kw):
+        seen.update(masks=masks, key_pad=rows.key_pad, bottoms=kw.get("bottoms"))
+        return real(model, fast, masks, rows, mcfg, **kw)
     monkeypatch.setattr(memory, "inner_loop", spy)
     memdlm_loss(m, x0, response, MemoryConfig(rank=4, scope=scope), key_pad=pad,
                 generator=torch.Generator().manual_seed(0))
@@ -516,8 +517,7 @@ def test_a_train_step_clips_the_gradient_norm():
     before = [p.detach().clone() for p in m.parameters()]
     opt = torch.optim.SGD(m.parameters(), lr=1.0)  # a step of exactly the (clipped) gradient
     batch = (tokens(4, 32), torch.ones(4, 32, dtype=torch.bool), None)
-    train.train_step(m, m, m, opt, batch, cfg, MemoryConfig.from_config(cfg), torch.Generator().manual_seed(0),
-                     train.nullcontext())
+    train.train_step(train.Nets(m), opt, batch, cfg, MemoryConfig.from_config(cfg), torch.Generator().manual_seed(0))
     step = torch.cat([(p.detach() - b).flatten() for p, b in zip(m.parameters(), before)])
     assert math.isclose(step.norm().item(), 1e-3, rel_tol=1e-6)
 
@@ -526,8 +526,8 @@ def test_eval_loss_is_the_base_model_alone():
     """eval_loss of a MemDLM run is the plain MDLM loss: that of a run without memory, same batches and masks."""
     cfg = train.parse_config(["--config", "tiny", "--eval_iters=1", "--batch_size=4"])
     m, data, mcfg = tiny(), train.make_data(cfg, "cpu"), MemoryConfig.from_config(cfg)
-    with_mem = train.evaluate(m, data, cfg, mcfg, "cpu", train.nullcontext())
-    alone = train.evaluate(m, data, {**cfg, "mem": False}, mcfg, "cpu", train.nullcontext())
+    with_mem = train.evaluate(train.Nets(m), data, cfg, mcfg, "cpu")
+    alone = train.evaluate(train.Nets(m), data, {**cfg, "mem": False}, mcfg, "cpu")
     assert with_mem["eval_loss"] == alone["eval_loss"] != with_mem["eval_loss_mem"]
 
 
@@ -621,13 +621,13 @@ def _ddp_rank(rank, ports, out):
     torch.manual_seed(0)
     raw = DiffusionLM(train.model_config(cfg, get_encoding("byte")))
     opt = train.make_optimizer(raw, cfg, False)
-    model = torch.nn.parallel.DistributedDataParallel(raw)
+    nets = train.compiled(raw, cfg, "cpu", ddp=True)
     data, mcfg = train.make_data(cfg, "cpu"), MemoryConfig.from_config(cfg)
     for step in range(2):
         g_dev, g_cpu = train.step_generator(cfg["seed"], step, rank, "cpu")
-        train.train_step(model, raw, raw, opt, data.batch("train", g_cpu), cfg, mcfg, g_dev, train.nullcontext())
+        train.train_step(nets, opt, data.batch("train", g_cpu), cfg, mcfg, g_dev)
     torch.save(raw.state_dict(), os.path.join(out, f"rank{rank}.pt"))
-    del model  # before its process group: a DDP wrapper freed after it can hang (gloo)
+    del nets  # before its process group: a DDP wrapper freed after it can hang (gloo)
     torch.distributed.destroy_process_group()
 
     os.environ.update(MASTER_PORT=str(ports[1]), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")

@@ -7,6 +7,8 @@
 Every key of the preset can be overridden as --key=value, and every value is checked before
 any work. Writes out_dir/ckpt.pt (atomically, never a non-finite model) and out_dir/log.jsonl;
 --resume=True continues from the checkpoint, --overwrite=True lets a new run replace it.
+Text data (a memmapped token file of data/<dataset>/) is built in; other sources register in
+SOURCES (niah.py's needle rows: its keys, presets, checks and batches).
 """
 import glob
 import io
@@ -17,17 +19,22 @@ import shlex
 import sys
 import time
 from contextlib import nullcontext, suppress
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+import niah
 from data.tokenizer import check_tokenizer, get_encoding, open_split
 from memory import MemoryConfig, inner_step, memdlm_loss, memory_layers
-from model import DiffusionLM, ModelConfig, forward_process, load_model, mdlm_loss, pick_device, read_checkpoint
-from niah import FORMS, HAYSTACKS, NIAH_DEFAULTS, NiahData, parse_tasks
+from model import (DiffusionLM, ModelConfig, autocast, forward_process, load_model, mdlm_loss, pick_device,
+                   read_checkpoint, seeded_generator)
 
+# data sources other than token files, by dataset name: each has its train config keys (defaults),
+# presets, check(cfg) (stops with one line) and data(cfg, device) (batches as TextData's)
+SOURCES = {"niah": niah.SOURCE}
+MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "attn_chunk")  # ModelConfig's fields train.py sets
 DEFAULTS = dict(
     # I/O: out_dir holds one run (ckpt.pt, log.jsonl)
     out_dir="out",
@@ -35,13 +42,11 @@ DEFAULTS = dict(
     overwrite=False,       # let a new run replace the run in out_dir (refused otherwise)
     init_from="",          # a new run starting from the weights of this out_dir's checkpoint
     # data
-    dataset="pydoc",       # a directory of data/ with a prepare.py, or niah (rows made by niah.py)
+    dataset="pydoc",       # a directory of data/ with a prepare.py, or a name in SOURCES (niah)
     tokenizer="byte",      # byte (built in, 258 tokens) or a tiktoken encoding such as gpt2
-    block_size=256,        # training context, tokens
     batch_size=64,         # sequences per step (per GPU under torchrun)
-    # model
-    n_layer=8, n_head=6, n_embd=384,
-    attn_chunk=0,          # 0: full attention; W: attention only within chunks of W tokens (the memory's test)
+    # model: model.ModelConfig's (block_size: the training context; attn_chunk: 0 full attention)
+    **{k: getattr(ModelConfig(), k) for k in MODEL_KEYS},
     # AdamW: linear warmup, then cosine decay to min_lr at max_iters
     max_iters=1500, lr=1e-3, min_lr=1e-4, warmup_iters=100,
     weight_decay=0.1, beta1=0.9, beta2=0.95,
@@ -56,18 +61,13 @@ DEFAULTS = dict(
     dtype="bfloat16",      # autocast dtype on the GPU (bfloat16, float16 or float32); the CPU runs float32
     compile=True, compile_mode="default",  # torch.compile of the model (GPU only)
     data_workers=0,        # processes drawing training batches ahead of the loop (0: in the loop)
-    # MemDLM: mem_<field> is memory.MemoryConfig's field (see it for each)
+    # MemDLM
     mem=True,              # False: plain MDLM, no inner loop
     mem_start=0,           # MemDLM from this step on, MDLM before it (the paper fine-tunes a pretrained DLM)
-    mem_rank=32, mem_alpha=64.0,  # LoRA fast weights: delta W = (alpha / rank) B A
-    mem_layer_frac=0.1,    # fast weights on the FFNs of the top 10% of layers (at least one)
-    mem_adapter="lora",    # or "full": a full-rank delta per projection
-    mem_steps=2, mem_lr=0.1, mem_clip=1.0,  # K inner SGD steps of step size eta, per-tensor gradient clip
-    mem_pre_scale=1.5,     # pre-anchor masked fraction: s times the anchor's
-    mem_trajectory="anchor", mem_scope="response",
+    **{f"mem_{f.name}": f.default for f in fields(MemoryConfig)},  # mem_<field>: memory.MemoryConfig's
     # sampling: sample.py's defaults for this checkpoint, the block (decoded left to right) and temperature
     sample_block_len=32, sample_temperature=0.0,
-    **NIAH_DEFAULTS,       # read when dataset="niah": the needle tasks of niah.py as training rows
+    **{k: v for src in SOURCES.values() for k, v in src.defaults.items()},  # read when dataset names the source
 )
 PRESETS = {
     # ~14M parameters, the pydoc corpus, a few minutes on one GPU; MDLM for 1000 steps, then MemDLM
@@ -76,25 +76,6 @@ PRESETS = {
     # ~100M parameters at 1K context: for benchmarks and for users with several GPUs
     "base": dict(out_dir="out-base", block_size=1024, batch_size=32, max_iters=5000, n_layer=14, n_head=12,
                  n_embd=768, lr=6e-4, min_lr=6e-5, warmup_iters=200, eval_interval=500),
-    # needle-in-a-haystack rows (niah.py), prompt unmasked, answer scored: one task at 256 tokens, one GPU, minutes
-    # the multi-seed protocol (protocol.py): single and the Table 1 tasks this width learns in a mix
-    # (multivalue, cwe; vartrack and babi: RESULTS.md) in varied surface forms over noise and prose
-    # filler; the 32-token window holds the longest answer (multivalue: 29 + <|endoftext|>); rows grow
-    # to 256 tokens over the first 4000 steps; cwe is the slowest, so it is named four times (two thirds
-    # of the rows: answer accuracy >= 0.9 within 60% of the steps in 7 of 9 seeds, 3 of 5 at half, 3 of 5
-    # at a third); two workers draw the rows ahead of the loop (the CPU-side row generation otherwise
-    # stalls the GPU)
-    "niah_proto": dict(out_dir="out-niah-proto", dataset="niah", block_size=256, batch_size=128, max_iters=16000,
-                       n_layer=8, n_head=8, n_embd=512, lr=6e-4, min_lr=6e-5, warmup_iters=200, eval_interval=500,
-                       eval_iters=10, log_interval=50, niah_tasks="single,multivalue,cwe,cwe,cwe,cwe",
-                       niah_answer_len=32, niah_forms="train", niah_haystack="noise,prose", niah_full_frac=0.1,
-                       niah_curriculum=4000, data_workers=2),
-    "niah": dict(out_dir="out-niah", dataset="niah", block_size=256, batch_size=128, max_iters=4000, n_layer=8,
-                 n_head=8, n_embd=512, lr=6e-4, min_lr=6e-5, warmup_iters=200, eval_interval=500, eval_iters=10,
-                 log_interval=50, niah_tasks="single", niah_answer_len=16),
-    "niah_tiny": dict(out_dir="out-niah-tiny", dataset="niah", block_size=256, batch_size=8, max_iters=20,
-                      n_layer=2, n_head=2, n_embd=64, warmup_iters=5, eval_interval=10, eval_iters=2,
-                      log_interval=10, mem_rank=8, compile=False, niah_tasks="single,babi"),
     # a 2-core laptop in under 10 minutes: ~0.9M parameters, 64-token windows, MDLM for 3000 steps then 400
     # MemDLM steps (longer MemDLM can let the memory take over). Its samples decode in blocks of 4 tokens at
     # temperature 1: in a longer block this weak model is most confident of a space wherever the text is still
@@ -106,8 +87,8 @@ PRESETS = {
     "tiny": dict(out_dir="out-tiny", block_size=64, batch_size=8, max_iters=40, n_layer=2, n_head=2,
                  n_embd=64, warmup_iters=5, eval_interval=20, eval_iters=2, log_interval=10,
                  mem_rank=8, compile=False),
+    **{name: p for src in SOURCES.values() for name, p in src.presets.items()},  # niah, niah_proto, niah_tiny
 }
-MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "attn_chunk", "tokenizer")
 # keys a resumed run may change without changing what its steps compute; a change of any other is noted
 RESUME_FREE = ("out_dir", "resume", "overwrite", "init_from", "device", "compile", "compile_mode",
                "eval_interval", "eval_iters", "log_interval", "sample_block_len", "sample_temperature",
@@ -140,19 +121,21 @@ def parse_config(argv):
 
 
 def datasets():
-    """The names --dataset takes: niah (rows made by niah.py) and each directory of data/ with a prepare.py."""
-    return ["niah"] + sorted(d for d in os.listdir(DATA_DIR) if os.path.exists(os.path.join(DATA_DIR, d, "prepare.py")))
+    """The names --dataset takes: those of SOURCES and each directory of data/ with a prepare.py."""
+    return list(SOURCES) + sorted(d for d in os.listdir(DATA_DIR) if os.path.exists(os.path.join(DATA_DIR, d, "prepare.py")))
+
+
+def need(ok, msg):
+    if not ok:
+        raise SystemExit(msg)
 
 
 def check_config(cfg):
     """Stop with one line at the first setting that cannot train, before any work."""
-    def need(ok, msg):
-        if not ok:
-            raise SystemExit(msg)
     for k in ("block_size", "batch_size", "n_layer", "n_head", "n_embd", "eval_interval", "eval_iters",
-              "log_interval", "niah_answer_len", "sample_block_len"):
+              "log_interval", "sample_block_len"):
         need(cfg[k] >= 1, f"--{k}={cfg[k]}: must be a positive integer")
-    for k in ("max_iters", "warmup_iters", "mem_start", "attn_chunk", "niah_min_len", "niah_curriculum", "data_workers"):
+    for k in ("max_iters", "warmup_iters", "mem_start", "attn_chunk", "data_workers"):
         need(cfg[k] >= 0, f"--{k}={cfg[k]}: must be >= 0")
     head = cfg["n_embd"] / cfg["n_head"]
     need(head == int(head), f"--n_embd={cfg['n_embd']} is not a multiple of --n_head={cfg['n_head']}: "
@@ -182,14 +165,8 @@ def check_config(cfg):
         MemoryConfig.from_config(cfg).validate()
     except ValueError as e:
         raise SystemExit(f"--mem_{e}") from None  # the message starts with the field's name
-    try:
-        parse_tasks(cfg["niah_tasks"])
-    except ValueError as e:
-        raise SystemExit(f"--niah_tasks={cfg['niah_tasks']}: {e}") from None
-    need(0 <= cfg["niah_full_frac"] <= 1, f"--niah_full_frac={cfg['niah_full_frac']}: must be within 0 and 1")
-    need(set(cfg["niah_haystack"].split(",")) <= set(HAYSTACKS),
-         f"--niah_haystack={cfg['niah_haystack']}: use {', '.join(HAYSTACKS)} or a comma list of them")
-    need(cfg["niah_forms"] in FORMS, f"--niah_forms={cfg['niah_forms']}: use one of {', '.join(FORMS)}")
+    for src in SOURCES.values():  # whatever the dataset: a bad key fails now, not when it is used
+        src.check(cfg)
 
 
 def cast(key, val, default):
@@ -232,7 +209,7 @@ class TextData:
 
 
 def make_data(cfg, device):
-    return NiahData(cfg, device) if cfg["dataset"] == "niah" else TextData(cfg, device)
+    return SOURCES[cfg["dataset"]].data(cfg, device) if cfg["dataset"] in SOURCES else TextData(cfg, device)
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -257,12 +234,73 @@ def train_batches(cfg, start, rank, on_gpu):
 
 
 # ---------------------------------------------------------------------------------------
+# the step
 
 def model_config(cfg, enc):
-    mask_id = enc._special_tokens["<|mask|>"]
-    return ModelConfig(vocab_size=64 * math.ceil(enc.n_vocab / 64), n_vocab=enc.n_vocab, mask_id=mask_id,
-                       eot_id=enc.eot_token, block_size=cfg["block_size"], n_layer=cfg["n_layer"],
-                       n_head=cfg["n_head"], n_embd=cfg["n_embd"], attn_chunk=cfg["attn_chunk"])
+    return ModelConfig(vocab_size=64 * math.ceil(enc.n_vocab / 64), n_vocab=enc.n_vocab,
+                       mask_id=enc._special_tokens["<|mask|>"], eot_id=enc.eot_token, **{k: cfg[k] for k in MODEL_KEYS})
+
+
+def step_generator(seed, step, rank, device):
+    """(device, CPU) generators of one step: its randomness (batch windows, t, masks) depends only
+    on (seed, step, rank), so a resumed run sees exactly the batches the uninterrupted run would have seen."""
+    return seeded_generator(seed, step, rank, device), seeded_generator(seed, step, rank)
+
+
+@dataclass
+class Nets:
+    """The model's handles, one object. raw holds the parameters (optimizer, checkpoints, eval);
+    model is raw compiled (GPU, --compile); ddp runs the passes from the token ids: the DDP wrapper
+    of model under torchrun (its gradient sync then covers every parameter, also those of the
+    layers above the memory, which run on model itself), else model. inner_step is
+    memory.inner_step, compiled whole with model. ctx: autocast (bf16 on the GPU)."""
+    raw: DiffusionLM
+    model: torch.nn.Module = None
+    ddp: torch.nn.Module = None
+    inner_step: object = inner_step
+    ctx: object = field(default_factory=nullcontext)
+
+    def __post_init__(self):
+        self.model = self.raw if self.model is None else self.model
+        self.ddp = self.model if self.ddp is None else self.ddp
+
+
+def compiled(raw, cfg, device, ddp=False):
+    """Nets of raw: torch.compile of the model's forward, of its top and of the inner SGD step (its
+    backward, clip and update included) on the GPU only; the DDP wrapper under torchrun."""
+    on_gpu = device.startswith("cuda")
+    model, step = raw, inner_step
+    if cfg["compile"] and on_gpu:
+        mode = None if cfg["compile_mode"] == "default" else cfg["compile_mode"]
+        model, step = torch.compile(raw, mode=mode), torch.compile(inner_step, mode=mode)
+        model.top = torch.compile(raw.top, mode=mode)  # the layers above the memory split: memdlm_loss's outer pass
+    wrapper = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if on_gpu else None) if ddp else None
+    return Nets(raw, model, wrapper, step, autocast(device, cfg["dtype"]))
+
+
+def batch_loss(nets, batch, cfg, mcfg, generator):
+    """Outer loss of one batch (MDLM, or MemDLM with its inner loop) and the inner losses."""
+    x0, maskable, key_pad = batch
+    if cfg["mem"]:
+        return memdlm_loss(nets.model, x0, maskable, mcfg, key_pad=key_pad, generator=generator, bottom=nets.ddp,
+                           inner_step=nets.inner_step)
+    x_t, mask, t = forward_process(x0, maskable, nets.raw.cfg.mask_id, generator=generator)
+    return mdlm_loss(nets.model, nets.ddp(x_t, key_pad=key_pad), x0, mask, t, maskable), []
+
+
+def train_step(nets, opt, batch, cfg, mcfg, generator):
+    """One optimizer step of theta; returns the (device) loss and inner losses, no host sync.
+    compile_mode=reduce-overhead replays CUDA graphs: each step is a new graph generation, and
+    the losses returned are copies, as a replay overwrites the outputs of the one before."""
+    if cfg["compile_mode"] == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()
+    with nets.ctx:
+        loss, inner_losses = batch_loss(nets, batch, cfg, mcfg, generator)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(nets.raw.parameters(), cfg["grad_clip"])
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach().clone(), inner_losses
 
 
 def lr_at(it, cfg):
@@ -306,38 +344,6 @@ def save_checkpoint(path, obj):
             os.close(fd)
 
 
-def step_generator(seed, step, rank, device):
-    """The randomness of one step (batch windows, t, masks) depends only on (seed, step, rank),
-    so a resumed run sees exactly the batches the uninterrupted run would have seen."""
-    g = torch.Generator(device).manual_seed(seed * 1_000_003 + step * 1009 + rank)
-    return g, torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + rank)
-
-
-def batch_loss(ddp_model, model, batch, cfg, mem_cfg, gen, step_fn=inner_step):
-    """Outer loss of one batch (MDLM, or MemDLM with its inner loop) and the inner losses.
-    ddp_model runs the stack from the token ids (the DDP wrapper under torchrun, else model);
-    model (compiled) runs the layers above the memory; step_fn (compiled) is the inner SGD step."""
-    x0, maskable, key_pad = batch
-    if cfg["mem"]:
-        return memdlm_loss(model, x0, maskable, mem_cfg, key_pad, gen, bottom=ddp_model, step=step_fn)
-    x_t, mask, t = forward_process(x0, maskable, model.cfg.mask_id, generator=gen)
-    return mdlm_loss(model, ddp_model(x_t, key_pad=key_pad), x0, mask, t, maskable), []
-
-
-def compiled(raw_model, cfg, on_gpu):
-    """(model, step): torch.compile of the model's forward and of the inner SGD step, its
-    backward, clip and update included (memory.inner_step); on the GPU only."""
-    if not (cfg["compile"] and on_gpu):
-        return raw_model, inner_step
-    mode = None if cfg["compile_mode"] == "default" else cfg["compile_mode"]
-    return torch.compile(raw_model, mode=mode), torch.compile(inner_step, mode=mode)
-
-
-def autocast(cfg, on_gpu):
-    """Mixed precision on the GPU (cfg dtype, bf16 by default); full precision on the CPU."""
-    return torch.autocast("cuda", dtype=getattr(torch, cfg["dtype"])) if on_gpu else nullcontext()
-
-
 def make_optimizer(raw_model, cfg, on_gpu):
     """AdamW, weight decay on matrices only; fused on GPU."""
     decay = [p for p in raw_model.parameters() if p.dim() >= 2]
@@ -345,21 +351,6 @@ def make_optimizer(raw_model, cfg, on_gpu):
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
                               {"params": no_decay, "weight_decay": 0.0}],
                              lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), fused=on_gpu)
-
-
-def train_step(ddp_model, model, raw_model, opt, batch, cfg, mem_cfg, gen, ctx, step_fn=inner_step):
-    """One optimizer step of theta; returns the (device) loss and inner losses, no host sync.
-    compile_mode=reduce-overhead replays CUDA graphs: each step is a new graph generation, and
-    the losses returned are copies, as a replay overwrites the outputs of the one before."""
-    if cfg["compile_mode"] == "reduce-overhead":
-        torch.compiler.cudagraph_mark_step_begin()
-    with ctx:
-        loss, inner_losses = batch_loss(ddp_model, model, batch, cfg, mem_cfg, gen, step_fn)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"])
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss.detach().clone(), inner_losses
 
 
 def answer_accuracy(model, x0, maskable, key_pad):
@@ -376,24 +367,24 @@ def answer_accuracy(model, x0, maskable, key_pad):
 
 
 @torch.no_grad()
-def evaluate(raw_model, data, cfg, mem_cfg, device, ctx):
+def evaluate(nets, data, cfg, mcfg, device):
     """Eval losses on fixed batches and masks (the same in every run with the same seed):
     'eval_loss' is the base model alone (the train-only view); 'eval_loss_mem' first runs
     the inner loop on each eval batch, as in training (the paper's view), at the same x_t;
     'eval_answer_acc' (data with prompts) is answer_accuracy of the base model alone, and with
-    several needle tasks 'eval_answer_acc_<task>' that of each (tasks learn at different steps)."""
-    raw_model.eval()
+    several needle tasks 'eval_answer_acc_<task>' that of each (tasks learn at different steps).
+    It runs on nets.raw, not compiled."""
+    raw, plain = nets.raw, Nets(nets.raw, ctx=nets.ctx)
+    raw.eval()
     modes = (False, True) if cfg["mem"] else (False,)
     losses, hits = {mem: [] for mem in modes}, {}  # hits: task (or None) -> [correct, total]
     for i in range(cfg["eval_iters"]):
-        g_cpu = step_generator(cfg["seed"] + 1, i, 0, device)[1]
-        batch, tasks = data.batch("val", g_cpu, with_tasks=True)
-        with ctx:
+        batch, tasks = data.batch("val", step_generator(cfg["seed"] + 1, i, 0, device)[1], with_tasks=True)
+        with nets.ctx:
             for mem in modes:  # a fresh generator each: both see the same t and masks
                 g_dev = step_generator(cfg["seed"] + 1, i, 0, device)[0]
-                loss = batch_loss(raw_model, raw_model, batch, {**cfg, "mem": mem}, mem_cfg, g_dev)[0]
-                losses[mem].append(loss.item())
-            correct, total = (v.tolist() for v in answer_accuracy(raw_model, *batch))
+                losses[mem].append(batch_loss(plain, batch, {**cfg, "mem": mem}, mcfg, g_dev)[0].item())
+            correct, total = (v.tolist() for v in answer_accuracy(raw, *batch))
         for b, task in enumerate(tasks or [None] * len(correct)):
             for key in {None, task}:
                 hits.setdefault(key, [0, 0])
@@ -403,7 +394,7 @@ def evaluate(raw_model, data, cfg, mem_cfg, device, ctx):
     for task, (c, n) in hits.items():
         if n and (task is None or len(data.tasks) > 1):
             out["eval_answer_acc" + (f"_{task}" if task else "")] = c / n
-    raw_model.train()
+    raw.train()
     return out
 
 
@@ -471,123 +462,184 @@ def resume_command(argv, world):
     return f"{launcher} train.py {shlex.join(args)} --resume=True"
 
 
-def main(argv):
-    cfg = parse_config(argv)
-    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    if os.path.exists(ckpt_path) and not cfg["resume"] and not cfg["overwrite"]:
-        raise SystemExit(f"{ckpt_path} exists, the checkpoint of an earlier run: continue that run with "
-                         f"--resume=True, train in another --out_dir, or replace it with --overwrite=True")
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
-        if device != "cpu":
-            torch.cuda.set_device(device)
-    else:
-        rank, world, device = 0, 1, pick_device(cfg["device"])
-    master = rank == 0
-    on_gpu = device.startswith("cuda")
-    torch.manual_seed(cfg["seed"])
-    if on_gpu:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+# ---------------------------------------------------------------------------------------
+# the run: devices, resume, checkpoints, the log, stops
 
-    enc = get_encoding(cfg["tokenizer"])
-    mem_cfg = MemoryConfig.from_config(cfg)
-    # rank 0 evaluates on the global batch: equal eval data for equal global batches on any number of GPUs
-    eval_data = make_data({**cfg, "batch_size": cfg["batch_size"] * world}, device) if master else None
-    os.makedirs(cfg["out_dir"], exist_ok=True)
+@dataclass
+class Run:
+    """One training process: where it runs, its out_dir, its log, the step of its checkpoint."""
+    cfg: dict
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+    ddp: bool = False
+    log: object = None     # log.jsonl, open on rank 0 only
+    saved: int = None      # the step of the checkpoint in out_dir (None: none of this run)
 
-    start, ckpt = 0, None
-    if cfg["resume"]:
-        if not os.path.exists(ckpt_path):
-            raise SystemExit(f"--resume=True but {ckpt_path} does not exist: train without --resume first")
-        ckpt = read_checkpoint(ckpt_path, device)
-        old = ckpt["config"]
-        for k in MODEL_KEYS + ("mem",):
-            if old.get(k, DEFAULTS[k]) != cfg[k]:  # a key older checkpoints lack has its default
-                raise SystemExit(f"{ckpt_path} was trained with {k}={old.get(k, DEFAULTS[k])!r}, not {cfg[k]!r}: "
-                                 f"use the same setting or another --out_dir")
-        changed = [f"{k} {old[k]!r} -> {cfg[k]!r}" for k in DEFAULTS
-                   if k not in RESUME_FREE and old.get(k, cfg[k]) != cfg[k]]
-        if changed and master:
-            print(f"note: resuming with settings other than the checkpoint's ({', '.join(changed)}): "
-                  f"the run goes on with them, not as the uninterrupted run would have")
-        start = ckpt["step"]
-    model_cfg = model_config(cfg, enc)
-    raw_model = DiffusionLM(model_cfg).to(device)
-    if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
-    elif cfg["init_from"]:
-        src, _ = load_model(cfg["init_from"], device)
-        if asdict(src.cfg) != asdict(model_cfg):
-            raise SystemExit(f"--init_from={cfg['init_from']}: its model ({src.cfg}) differs from this "
-                             f"config's ({model_cfg}): set the same n_layer/n_head/n_embd/tokenizer")
-        raw_model.load_state_dict(src.state_dict())
+    @property
+    def master(self):
+        return self.rank == 0
 
-    opt = make_optimizer(raw_model, cfg, on_gpu)
-    if ckpt is not None:
-        opt.load_state_dict(ckpt["optimizer"])
+    @property
+    def ckpt_path(self):
+        return os.path.join(self.cfg["out_dir"], "ckpt.pt")
 
-    if ddp and cfg["compile_mode"] == "reduce-overhead":  # CUDA graphs are kept to one process
-        cfg = {**cfg, "compile_mode": "default"}
-        if master:
-            print("note: --compile_mode=reduce-overhead (CUDA graphs) runs in one process; torchrun uses default")
-    model, step_fn = compiled(raw_model, cfg, on_gpu)
-    # DDP wraps the module that runs the stack from the token ids (all of it for MDLM, the
-    # layers below the memory for MemDLM); the inner loop and the top run on model itself
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if on_gpu else None) \
-        if ddp else model
-    ctx = autocast(cfg, on_gpu)
+    def write(self, rec):
+        self.log.write(json_line(rec))
+        self.log.flush()
 
-    tokens_per_step = cfg["batch_size"] * cfg["block_size"] * world
-    if master:
-        print(f"{cfg['config']}: {raw_model.num_params() / 1e6:.2f}M parameters, {'MemDLM' if cfg['mem'] else 'MDLM'}, "
-              f"fast weights on layers {memory_layers(model_cfg.n_layer, mem_cfg.layer_frac) if cfg['mem'] else '-'}, "
-              f"device {device} x{world}, {tokens_per_step} tokens/step")
-        if cfg["compile"] and not on_gpu:
-            print("note: --compile applies on the GPU only; the CPU runs the model as it is")
-        if not on_gpu and cfg["max_iters"] > start:
-            print(f"note: no GPU, training on the CPU; roughly "
-                  f"{cpu_minutes(cfg, raw_model.num_params(), tokens_per_step, start):.1f} minutes for "
-                  f"{cfg['max_iters'] - start} steps")
-    # a resumed run appends to its log; a new one starts it afresh, and --overwrite=True removes
-    # the earlier run's checkpoint now, so out_dir never mixes two runs
-    if master and cfg["overwrite"] and os.path.exists(ckpt_path):
-        os.remove(ckpt_path)
-    log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a" if cfg["resume"] else "w") if master else None
-    saved = start if cfg["resume"] else None  # the step of the checkpoint in out_dir
-
-    def write(rec):
-        log.write(json_line(rec))
-        log.flush()
-
-    def stop_unless_finite(step, values):
+    def stop_unless_finite(self, step, values):
         """Stop at a loss (or weight) that is NaN or infinite: nothing more is trained or saved."""
         for name, v in values.items():
             if not math.isfinite(v):
-                kept, then = (f"the checkpoint of step {saved} is unchanged", "continue with --resume=True") \
-                    if saved is not None else ("no checkpoint was written", "run again")
+                kept, then = (f"the checkpoint of step {self.saved} is unchanged", "continue with --resume=True") \
+                    if self.saved is not None else ("no checkpoint was written", "run again")
                 raise SystemExit(f"step {step}: {name} is {v}: training stopped, {kept}; lower --lr or --mem_lr, "
                                  f"then {then}")
 
-    def checkpoint(step, last_loss):
-        nonlocal saved
-        # a non-finite model is never saved: the last train loss and the weights, one host sync
-        stop_unless_finite(step, {"the largest |weight|": max_abs_weight(raw_model),
-                                  **({"the train loss": last_loss.item()} if last_loss is not None else {})})
-        save_checkpoint(ckpt_path, {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "config": cfg,
-                                    "model_args": asdict(model_cfg), "step": step})
-        saved = step
+    def checkpoint(self, step, raw, opt, last_loss):
+        """Save, atomically, unless the last train loss or a weight is not finite (one host sync)."""
+        self.stop_unless_finite(step, {"the largest |weight|": max_abs_weight(raw),
+                                       **({"the train loss": last_loss.item()} if last_loss is not None else {})})
+        save_checkpoint(self.ckpt_path, {"model": raw.state_dict(), "optimizer": opt.state_dict(), "config": self.cfg,
+                                         "model_args": asdict(raw.cfg), "step": step})
+        self.saved = step
 
-    def evaluate_and_log(step):
-        ev = evaluate(raw_model, eval_data, cfg, mem_cfg, device, ctx)
-        write({"step": step, **ev})
-        stop_unless_finite(step, ev)
+    def evaluate(self, step, nets, data):
+        """Evaluate, log and print; stop at a non-finite eval loss."""
+        ev = evaluate(nets, data, self.cfg, MemoryConfig.from_config(self.cfg), self.device)
+        self.write({"step": step, **ev})
+        tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+        self.stop_unless_finite(step, ev)
         return ev
 
-    batches = train_batches(cfg, start, rank, on_gpu)
+    def interrupted(self, step, argv):
+        """The one line of Ctrl-C. No checkpoint then (as nanoGPT): the interrupt may land inside
+        opt.step() and leave half-updated weights; the last periodic checkpoint is consistent, and
+        resuming from it replays exactly the steps after it."""
+        if self.saved is None:
+            return f"interrupted at step {step}, before the first checkpoint: nothing to resume, run the command again"
+        return (f"interrupted at step {step}; the last checkpoint is step {self.saved} ({self.ckpt_path}): continue "
+                f"with {resume_command(argv, self.world)}")
+
+
+def start_run(cfg):
+    """The process's devices (the process group under torchrun), out_dir checked and the log
+    opened: a resumed run appends to it, a new one starts it afresh and --overwrite=True removes
+    the earlier run's checkpoint, so out_dir never mixes two runs."""
+    path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    if os.path.exists(path) and not cfg["resume"] and not cfg["overwrite"]:
+        raise SystemExit(f"{path} exists, the checkpoint of an earlier run: continue that run with "
+                         f"--resume=True, train in another --out_dir, or replace it with --overwrite=True")
+    if cfg["resume"] and not os.path.exists(path):
+        raise SystemExit(f"--resume=True but {path} does not exist: train without --resume first")
+    run = Run(cfg, device=pick_device(cfg["device"]))
+    if int(os.environ.get("RANK", -1)) != -1:
+        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        run.rank, run.world, run.ddp = torch.distributed.get_rank(), torch.distributed.get_world_size(), True
+        run.device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
+        if run.device != "cpu":
+            torch.cuda.set_device(run.device)
+        if cfg["compile_mode"] == "reduce-overhead":  # CUDA graphs are kept to one process
+            run.cfg = cfg = {**cfg, "compile_mode": "default"}
+            if run.master:
+                print("note: --compile_mode=reduce-overhead (CUDA graphs) runs in one process; torchrun uses default")
+    torch.manual_seed(cfg["seed"])
+    if run.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    if run.master:
+        if cfg["overwrite"] and os.path.exists(path):
+            os.remove(path)
+        run.log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a" if cfg["resume"] else "w")
+    return run
+
+
+def resumed_checkpoint(run):
+    """The checkpoint a --resume=True run continues (None for a new run): refused if it was trained
+    with another model or mode; other changed settings are noted."""
+    if not run.cfg["resume"]:
+        return None
+    ckpt, cfg = read_checkpoint(run.ckpt_path, run.device), run.cfg
+    old = ckpt["config"]
+    for k in MODEL_KEYS + ("tokenizer", "mem"):
+        if old.get(k, DEFAULTS[k]) != cfg[k]:  # a key older checkpoints lack has its default
+            raise SystemExit(f"{run.ckpt_path} was trained with {k}={old.get(k, DEFAULTS[k])!r}, not {cfg[k]!r}: "
+                             f"use the same setting or another --out_dir")
+    changed = [f"{k} {old[k]!r} -> {cfg[k]!r}" for k in DEFAULTS if k not in RESUME_FREE and old.get(k, cfg[k]) != cfg[k]]
+    if changed and run.master:
+        print(f"note: resuming with settings other than the checkpoint's ({', '.join(changed)}): "
+              f"the run goes on with them, not as the uninterrupted run would have")
+    run.saved = ckpt["step"]
+    return ckpt
+
+
+def build(run, ckpt):
+    """The model and its optimizer: from the checkpoint resumed, from --init_from's weights, or new."""
+    cfg = run.cfg
+    raw = DiffusionLM(model_config(cfg, get_encoding(cfg["tokenizer"]))).to(run.device)
+    if ckpt is not None:
+        raw.load_state_dict(ckpt["model"])
+    elif cfg["init_from"]:
+        src, _ = load_model(cfg["init_from"], run.device)
+        if asdict(src.cfg) != asdict(raw.cfg):
+            raise SystemExit(f"--init_from={cfg['init_from']}: its model ({src.cfg}) differs from this "
+                             f"config's ({raw.cfg}): set the same n_layer/n_head/n_embd/tokenizer")
+        raw.load_state_dict(src.state_dict())
+    opt = make_optimizer(raw, cfg, run.device.startswith("cuda"))
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+    return raw, opt
+
+
+def announce(run, raw, start, tokens_per_step):
+    cfg, on_gpu = run.cfg, run.device.startswith("cuda")
+    if not run.master:
+        return
+    layers = memory_layers(raw.cfg.n_layer, cfg["mem_layer_frac"]) if cfg["mem"] else "-"
+    print(f"{cfg['config']}: {raw.num_params() / 1e6:.2f}M parameters, {'MemDLM' if cfg['mem'] else 'MDLM'}, "
+          f"fast weights on layers {layers}, device {run.device} x{run.world}, {tokens_per_step} tokens/step")
+    if cfg["compile"] and not on_gpu:
+        print("note: --compile applies on the GPU only; the CPU runs the model as it is")
+    if not on_gpu and cfg["max_iters"] > start:
+        print(f"note: no GPU, training on the CPU; roughly {cpu_minutes(cfg, raw.num_params(), tokens_per_step, start):.1f} "
+              f"minutes for {cfg['max_iters'] - start} steps")
+
+
+def finish(run, nets):
+    """Close the log; leave the process group (DDP's wrapper first: freed after it, it can hang under gloo)."""
+    if run.log is not None:
+        run.log.close()
+    if run.ddp:
+        nets.ddp = None
+        torch.distributed.destroy_process_group()
+
+
+def log_train(run, bar, step, loss, inner_losses, tokens_per_s):
+    """A log line of the train and inner losses (a host sync); stop at a non-finite one."""
+    lossf = loss.item()
+    inner = {f"inner_loss_{k + 1}": v.mean().item() for k, v in enumerate(inner_losses)}
+    rec = {"step": step, "loss": lossf, "lr": lr_at(step - 1, run.cfg), "tokens_per_s": tokens_per_s}
+    run.write({**rec, **inner})
+    run.stop_unless_finite(step, {"the train loss": lossf, **inner})
+    bar.set_postfix(loss=f"{lossf:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+
+
+def main(argv):
+    cfg = parse_config(argv)
+    run = start_run(cfg)
+    cfg, device, master = run.cfg, run.device, run.master
+    ckpt = resumed_checkpoint(run)
+    start = 0 if ckpt is None else ckpt["step"]
+    raw, opt = build(run, ckpt)
+    nets = compiled(raw, cfg, device, ddp=run.ddp)
+    mcfg = MemoryConfig.from_config(cfg)
+    # rank 0 evaluates on the global batch: equal eval data for equal global batches on any number of GPUs
+    eval_data = make_data({**cfg, "batch_size": cfg["batch_size"] * run.world}, device) if master else None
+    batches = train_batches(cfg, start, run.rank, device.startswith("cuda"))
+    tokens_per_step = cfg["batch_size"] * cfg["block_size"] * run.world
+    announce(run, raw, start, tokens_per_step)
     bar = tqdm(range(start, cfg["max_iters"]), initial=start, total=cfg["max_iters"], disable=not master,
                dynamic_ncols=True)
     t_start = t_log = time.time()
@@ -595,57 +647,36 @@ def main(argv):
     try:
         for step in bar:
             if step % cfg["eval_interval"] == 0 and master:
-                ev = evaluate_and_log(step)
-                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+                run.evaluate(step, nets, eval_data)
                 if step > start:
-                    checkpoint(step, loss)
+                    run.checkpoint(step, raw, opt, loss)
                 t_log = time.time()  # keep eval time out of tokens/s
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             if cfg["mem"] and step == cfg["mem_start"] and step > 0 and master:
-                write({"step": step, "switch": "MemDLM from here on"})
+                run.write({"step": step, "switch": "MemDLM from here on"})
                 bar.write(f"step {step}: MDLM -> MemDLM")
             step_cfg = cfg if step >= cfg["mem_start"] else {**cfg, "mem": False}
-            g_dev = step_generator(cfg["seed"], step, rank, device)[0]
             batch = tuple(a if a is None else a.to(device, non_blocking=True) for a in next(batches))
-            loss, inner_losses = train_step(ddp_model, model, raw_model, opt, batch, step_cfg, mem_cfg, g_dev, ctx,
-                                            step_fn)
-            # the loss is read (a host sync) at log steps only; a NaN between them is caught here or
+            loss, inner_losses = train_step(nets, opt, batch, step_cfg, mcfg,
+                                            step_generator(cfg["seed"], step, run.rank, device)[0])
+            # the loss is read (a host sync) at log steps only; a NaN between them is caught there or
             # by the check before the next evaluation and checkpoint
             if (step + 1) % cfg["log_interval"] == 0 and master:
-                lossf = loss.item()
-                dt = (time.time() - t_log) / cfg["log_interval"]
-                t_log = time.time()
-                inner = {f"inner_loss_{k + 1}": v.mean().item() for k, v in enumerate(inner_losses)}
-                rec = {"step": step + 1, "loss": lossf, "lr": lr_at(step, cfg), "tokens_per_s": tokens_per_step / dt}
-                write({**rec, **inner})
-                stop_unless_finite(step + 1, {"the train loss": lossf, **inner})
-                bar.set_postfix(loss=f"{lossf:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                dt, t_log = (time.time() - t_log) / cfg["log_interval"], time.time()
+                log_train(run, bar, step + 1, loss, inner_losses, tokens_per_step / dt)
         step = max(start, cfg["max_iters"])
         if master:
             if cfg["max_iters"] > start:
-                wall = time.time() - t_start
-                ev = evaluate_and_log(step)
-                print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-            checkpoint(step, loss)  # before the summary: nothing after the last step can cost it
+                wall, ev = time.time() - t_start, run.evaluate(step, nets, eval_data)
+            run.checkpoint(step, raw, opt, loss)  # before the summary: nothing after the last step can cost it
             if cfg["max_iters"] > start:
-                write({"summary": summarize(log.name, start, ev, wall, device)})
+                run.write({"summary": summarize(run.log.name, start, ev, wall, device)})
     except KeyboardInterrupt:
-        # No checkpoint on Ctrl-C (as nanoGPT): the interrupt may land inside opt.step() and leave
-        # half-updated weights; the last periodic checkpoint is consistent, and resuming from it
-        # replays exactly the steps after it
-        if saved is None:
-            raise SystemExit(f"interrupted at step {step}, before the first checkpoint: nothing to resume, "
-                             f"run the command again") from None
-        raise SystemExit(f"interrupted at step {step}; the last checkpoint is step {saved} ({ckpt_path}): continue "
-                         f"with {resume_command(argv, world)}") from None
+        raise SystemExit(run.interrupted(step, argv)) from None
     finally:
         bar.close()
-        if log is not None:
-            log.close()
-    if ddp:
-        del ddp_model  # before its process group: a DDP wrapper freed after it can hang (gloo)
-        torch.distributed.destroy_process_group()
+        finish(run, nets)
 
 
 if __name__ == "__main__":

@@ -91,10 +91,9 @@ def bench_training(cfg, mem, bench, device):
     torch.manual_seed(cfg["seed"])
     raw_model = train.DiffusionLM(train.model_config(cfg, get_encoding(cfg["tokenizer"]))).to(device)
     opt = train.make_optimizer(raw_model, cfg, on_gpu)
-    model, step_fn = train.compiled(raw_model, cfg, on_gpu)
+    nets = train.compiled(raw_model, cfg, device)
     mcfg = train.MemoryConfig.from_config(cfg)
     data = train.make_data(cfg, device)
-    ctx = train.autocast(cfg, on_gpu)
     batches = [data.batch("train", train.step_generator(cfg["seed"], i, 0, device)[1]) for i in range(4)]
     if on_gpu:
         torch.cuda.synchronize()
@@ -106,7 +105,7 @@ def bench_training(cfg, mem, bench, device):
         if on_gpu:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-        train.train_step(model, model, raw_model, opt, batches[i % 4], cfg, mcfg, g_dev, ctx, step_fn)
+        train.train_step(nets, opt, batches[i % 4], cfg, mcfg, g_dev)
         if on_gpu:
             end.record()
             end.synchronize()
@@ -120,8 +119,7 @@ def bench_training(cfg, mem, bench, device):
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
         with profile(activities=acts) as prof:
             for i in range(5):
-                train.train_step(model, model, raw_model, opt, batches[i % 4], cfg, mcfg,
-                                 train.step_generator(cfg["seed"], i, 0, device)[0], ctx, step_fn)
+                train.train_step(nets, opt, batches[i % 4], cfg, mcfg, train.step_generator(cfg["seed"], i, 0, device)[0])
             if on_gpu:
                 torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total" if on_gpu else "cpu_time_total", row_limit=25))
@@ -147,9 +145,8 @@ def bench_sampling(bench, device):
     the prefix cache (and the share of tokens equal to plain's)."""
     import numpy as np
 
-    from model import load_model
-    from memory import ADAPT_RATIO
-    from sample import generate, sampling_autocast, write_memory
+    from model import autocast, load_model
+    from sample import generate, write_memory
     model, cfg = load_model(bench["sample_from"], device)
     on_gpu = device.startswith("cuda")
     mcfg = train.MemoryConfig.from_config(cfg)
@@ -168,9 +165,9 @@ def bench_sampling(bench, device):
         base, (ref, _) = timed(run, on_gpu)
         print(f"| {L} | plain | {base:.3f} | {B * G / base:,.0f} | |")
         dt, _ = timed(lambda: run(adapt=True), on_gpu)
-        with sampling_autocast(device):  # as inside generate
-            mem, _ = timed(lambda: write_memory(model, prompts, mcfg, ADAPT_RATIO, 2, 0.1,
-                                                torch.Generator(device).manual_seed(0)), on_gpu)
+        with autocast(device):  # as inside generate
+            mem, _ = timed(lambda: write_memory(model, prompts, mcfg, generator=torch.Generator(device).manual_seed(0)),
+                           on_gpu)
         print(f"| {L} | --adapt | {dt:.3f} | {B * G / dt:,.0f} | adaptation {100 * mem / dt:.0f}% of the time |")
         for name, kw in ((f"threshold {bench['threshold']}", dict(threshold=bench["threshold"])),
                          ("prefix cache", dict(prefix_cache=True))):

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from data.tokenizer import decode, get_encoding
 from experiments.common import int_list, mean_stderr, row_label
 from memory import MemoryConfig
-from model import ROPE_SCALINGS, load_model, pick_device
+from model import ROPE_SCALINGS, load_model, pick_device, seeded_generator
 from niah import FORMS, HAYSTACKS, NIAH_DEFAULTS, TASKS, hide_answers, make_example, parse_tasks, score
 from sample import generate, plan
 
@@ -174,13 +174,12 @@ def decode_row(model, examples, view, a, *, mcfg, enc, answer_len, steps, device
     for k in range(0, len(examples), a.batch_size):
         batch = examples[k:k + a.batch_size]
         prompts = {"full": [e["prompt"] for e in batch], "cut": [e["cut"] for e in batch]}
-        g = torch.Generator(device).manual_seed(a.seed * 1_000_003 + k)  # adapt's masks and phi_0
+        g = seeded_generator(a.seed, index=k, device=device)  # adapt's masks and phi_0
         sync()
         t0 = time.perf_counter()
         tokens, _ = generate(model, prompts[source], gen_len=answer_len, steps=steps, block_len=None, temperature=0.0,
                              remasking="low_confidence", generator=g, threshold=a.threshold, adapt=memory is not None,
                              memory_prompts=prompts[memory] if memory else None, mcfg=mcfg,
-                             adapt_steps=mcfg.steps, adapt_lr=mcfg.lr,
                              **({"adapt_ratio": a.adapt_ratio} if a.adapt_ratio else {}), prefix_cache=a.prefix_cache)
         sync()
         decode_s += time.perf_counter() - t0

@@ -55,8 +55,8 @@ def outer_gradient(model, batch, mcfg, seed, exact):
     x0, maskable, key_pad = batch
     params = list(model.parameters())
     with sdpa_kernel(SDPBackend.MATH):  # the only attention with a double backward
-        loss, _ = memdlm_loss(model, x0, maskable, mcfg, key_pad, torch.Generator(x0.device).manual_seed(seed),
-                              create_graph=exact)
+        loss, _ = memdlm_loss(model, x0, maskable, mcfg, key_pad=key_pad,
+                              generator=torch.Generator(x0.device).manual_seed(seed), create_graph=exact)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
     return loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 

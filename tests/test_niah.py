@@ -276,7 +276,7 @@ def test_a_row_decoded_with_another_prompts_memory_gets_what_it_gets_alone():
     model = DiffusionLM(ModelConfig(n_layer=2, n_head=2, n_embd=32)).eval()
     prompts = [list(range(40, 60)), list(range(70, 85))]
     memories = [list(range(100, 130)), list(range(5, 12))]
-    kw = dict(gen_len=8, steps=8, adapt=True, mcfg=MemoryConfig(rank=4), adapt_lr=5.0)
+    kw = dict(gen_len=8, steps=8, adapt=True, mcfg=MemoryConfig(rank=4, lr=5.0))
     gens = lambda i: [torch.Generator().manual_seed(10 + i)]
     both, _ = sample.generate(model, prompts, generator=[g for i in (0, 1) for g in gens(i)],
                               memory_prompts=memories, **kw)

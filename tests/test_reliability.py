@@ -116,14 +116,14 @@ def _poisoned_step(monkeypatch, at, what):
     """train_step as it is, but at step `at` an inner loss turns NaN, or a weight does."""
     real, calls = train.train_step, []
 
-    def step(ddp_model, model, raw_model, *a):
-        loss, inner = real(ddp_model, model, raw_model, *a)
+    def step(nets, *a):
+        loss, inner = real(nets, *a)
         calls.append(1)
         if len(calls) == at and what == "inner":
             inner = [inner[0], torch.full_like(inner[1], float("nan"))]
         if len(calls) == at and what == "weight":
             with torch.no_grad():
-                raw_model.lm_head.weight[0, 0] = float("inf")
+                nets.raw.lm_head.weight[0, 0] = float("inf")
         return loss, inner
     monkeypatch.setattr(train, "train_step", step)
 

@@ -202,16 +202,16 @@ def test_threshold(model):
 def test_adapt_writes_a_fresh_memory(model):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     ids = torch.tensor([PROMPTS[1]])
-    fast, losses = write_memory(model, [PROMPTS[1]], MCFG, 0.2, 2, 0.1, gens(0))
+    fast, losses = write_memory(model, [PROMPTS[1]], MCFG, ratio=0.2, generator=gens(0))
     assert len(losses) == 2 and losses[0].shape == (1,)
     # phi_0 adds exactly 0 (B = 0), so any change is the memory's
     assert (model.logits(model(ids, fast=fast)) - model.logits(model(ids))).abs().max() > 1e-5
     # the base model is untouched and every call starts from phi_0: B after A equals B alone,
     # and B in a batch with A (a generator per row) equals B alone
-    write_memory(model, [PROMPTS[0]], MCFG, 0.2, 2, 0.1, gens(5))
+    write_memory(model, [PROMPTS[0]], MCFG, ratio=0.2, generator=gens(5))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
-    again, _ = write_memory(model, [PROMPTS[1]], MCFG, 0.2, 2, 0.1, gens(0))
-    both, _ = write_memory(model, PROMPTS[:2], MCFG, 0.2, 2, 0.1, gens(5, 0))
+    again, _ = write_memory(model, [PROMPTS[1]], MCFG, ratio=0.2, generator=gens(0))
+    both, _ = write_memory(model, PROMPTS[:2], MCFG, ratio=0.2, generator=gens(5, 0))
     for f, g, h in zip(flat(fast), flat(again), flat(both)):
         assert torch.equal(f, g) and torch.allclose(f[0], h[1], atol=1e-6)
 
@@ -221,9 +221,9 @@ def test_adapt_padded_batch_equals_alone(model):
     Its random draws depend on the batch, so take a setting whose outcome draws cannot change:
     every prompt token masked (ratio 1) and a full-rank delta starting at 0."""
     mcfg = MemoryConfig(adapter="full", layer_frac=0.5)
-    batch, losses = write_memory(model, PROMPTS, mcfg, 1.0, 2, 0.1, torch.Generator().manual_seed(0))
+    batch, losses = write_memory(model, PROMPTS, mcfg, ratio=1.0, generator=torch.Generator().manual_seed(0))
     for b, p in enumerate(PROMPTS):
-        alone, alone_losses = write_memory(model, [p], mcfg, 1.0, 2, 0.1, torch.Generator().manual_seed(1))
+        alone, alone_losses = write_memory(model, [p], mcfg, ratio=1.0, generator=torch.Generator().manual_seed(1))
         assert all(torch.allclose(f[b], g[0], atol=1e-6) for f, g in zip(flat(batch), flat(alone)))
         assert all(torch.allclose(l[b], la[0], atol=1e-6) for l, la in zip(losses, alone_losses))
 
@@ -252,7 +252,7 @@ def test_exact_prefix_reproduces_full_forward(model, adapt):
     keys/values gives the full forward's hidden states and logits there, for a padded batch of
     different prompt lengths, with and without fast weights."""
     gen_len, start, cfg = 16, 4, model.cfg
-    fast = write_memory(model, PROMPTS, MCFG, 0.2, 2, 0.1, gens(1, 2, 3))[0] if adapt else None
+    fast = write_memory(model, PROMPTS, MCFG, ratio=0.2, generator=gens(1, 2, 3))[0] if adapt else None
     torch.manual_seed(0)
     rows = [p + torch.randint(cfg.n_vocab, (gen_len,)).tolist() for p in PROMPTS]  # a partly decoded canvas
     canvas, key_pad = pad_batch(rows, cfg.eot_id)
@@ -347,9 +347,9 @@ def test_cli_samples_with_the_checkpoints_defaults(ckpt, tmp_path, monkeypatch):
                 "--sample_temperature=0.5"])
     layouts, real = [], sample.generate
 
-    def spy(model, prompts, gen_len, steps, block_len, temperature, *args, **kw):
-        layouts.append((gen_len, steps, block_len, temperature))
-        return real(model, prompts, gen_len, steps, block_len, temperature, *args, **kw)
+    def spy(model, prompts, **kw):
+        layouts.append(tuple(kw[k] for k in ("gen_len", "steps", "block_len", "temperature")))
+        return real(model, prompts, **kw)
     monkeypatch.setattr(sample, "generate", spy)
     for argv in ([f"--out_dir={tmp_path}"], [f"--out_dir={tmp_path}", "--gen_len=10"],
                  [f"--out_dir={tmp_path}", "--block_len=8", "--temperature=0"], [f"--out_dir={ckpt}"]):

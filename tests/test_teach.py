@@ -109,7 +109,7 @@ def test_exact_hypergradient_matches_finite_differences(workdir):
         with torch.no_grad():
             for p, d in zip(params, u.split([p.numel() for p in params])):
                 p += eps * d.view_as(p)
-            loss = memdlm_loss(model, *batch[:2], mcfg, batch[2], torch.Generator().manual_seed(0))[0].item()
+            loss = memdlm_loss(model, *batch[:2], mcfg, key_pad=batch[2], generator=torch.Generator().manual_seed(0))[0].item()
             for p, d in zip(params, u.split([p.numel() for p in params])):
                 p -= eps * d.view_as(p)
         return loss
