@@ -17,6 +17,7 @@ import functools
 import random
 import re
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -167,11 +168,7 @@ def max_answer_len(task, forms="fixed"):
     """The longest answer (target) of a task in bytes: byte tokens, and a bound for any
     tokenizer (a token covers at least one byte). The answer window needs one more token,
     for <|endoftext|>."""
-    s = surface(forms)
-    value, word = s.digits[1], max(len(w) for w in s.words)
-    return 1 + dict(single=value, multikey=value, multivalue=N_VALUES * value + 2 * (N_VALUES - 1),
-                    vartrack=VT_VARS * s.var_len[1] + VT_VARS - 1, cwe=CWE_TOP * word + CWE_TOP - 1,
-                    babi=max(len(r) for r in s.rooms))[check_task(task)]
+    return 1 + REGISTRY[check_task(task)].longest(surface(forms))
 
 
 # ---------------------------------------------------------------------------------------
@@ -265,8 +262,22 @@ def _cwe(rng, d, s):
     return common, _question(_pick(rng, s.cwe), n=CWE_TOP), " " + " ".join(common), common
 
 
-BUILDERS = dict(single=_single, multikey=_multikey, multivalue=_multivalue, vartrack=_vartrack, cwe=_cwe, babi=_babi)
-TASKS = tuple(BUILDERS)  # the task names, each registered once (in BUILDERS)
+class Task(NamedTuple):
+    build: callable    # (rng, depth share, surface forms) -> facts, question, target, answers
+    longest: callable  # surface forms -> the longest target in bytes
+
+
+_word = lambda s: max(len(w) for w in s.words)
+# every task, registered here once: a new task is a builder and its longest answer
+REGISTRY = dict(
+    single=Task(_single, lambda s: s.digits[1]),
+    multikey=Task(_multikey, lambda s: s.digits[1]),
+    multivalue=Task(_multivalue, lambda s: N_VALUES * s.digits[1] + 2 * (N_VALUES - 1)),
+    vartrack=Task(_vartrack, lambda s: VT_VARS * s.var_len[1] + VT_VARS - 1),
+    cwe=Task(_cwe, lambda s: CWE_TOP * _word(s) + CWE_TOP - 1),
+    babi=Task(_babi, lambda s: max(len(r) for r in s.rooms)),
+)
+TASKS = tuple(REGISTRY)
 
 
 def _cwe_list(common, budget, rng, enc, words):
@@ -336,7 +347,7 @@ def make_example(task, length, depth, rng, enc=None, haystack="noise", answer_le
         raise ValueError(f"unknown haystack '{haystack}': choose from {', '.join(HAYSTACKS)}")
     lo, hi = length if isinstance(length, tuple) else (length, length)
     for _ in range(100):  # draw again until one fits
-        facts, question, target, answers = BUILDERS[task](rng, depth / 100, s)
+        facts, question, target, answers = REGISTRY[task].build(rng, depth / 100, s)
         question = _tok(enc, question)
         if task == "cwe":  # its facts are the common words; room for the shortest list of the longest words
             fixed = CWE_MIN_ITEMS * (len(_tok(enc, f" {CWE_MIN_ITEMS}.")) + max(len(_tok(enc, " " + w)) for w in s.words))
