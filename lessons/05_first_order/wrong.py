@@ -1,0 +1,21 @@
+"""Planted wrong solution of lesson 5 (the grader must fail it): the inner steps run with the
+graph on, so the outer backward flows through phi_K into the inner updates (not Eq. 10's
+first-order rule)."""
+import torch
+
+from memory import init_fast, inner_step, trajectory
+from model import forward_process, mdlm_loss as mdlm_loss_eq2
+
+
+def memdlm_loss(model, x0, maskable, mcfg, key_pad=None, generator=None):
+    x_t, mask_t, t = forward_process(x0, maskable, model.cfg.mask_id, generator=generator)
+    fast = init_fast(model, x0.shape[0], mcfg, generator)
+    first = min(fast.layers)
+    masks, _ = trajectory(mask_t, maskable, mcfg, generator)
+    inner = []
+    for m in masks:  # BUG: no torch.no_grad(): phi_K keeps the graph to theta
+        h = model(torch.where(m, model.cfg.mask_id, x0), key_pad=key_pad, hi=first)
+        fast, loss = inner_step(model, h, x0, m, maskable, fast, mcfg, key_pad)
+        inner.append(loss.detach())
+    h = model(model(x_t, key_pad=key_pad, hi=first), fast=fast, key_pad=key_pad, lo=first)
+    return mdlm_loss_eq2(model, h, x0, mask_t, t, maskable), inner
