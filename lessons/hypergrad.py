@@ -19,6 +19,7 @@ math attention (the flash and memory-efficient kernels have no double backward) 
 torch.compile, so their costs compare with each other, not with train.py's steps.
 """
 import argparse
+import math
 import time
 from dataclasses import replace
 from functools import partial
@@ -126,7 +127,8 @@ def table(rows):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="First-order vs exact hypergradient (Eq. 10) on a checkpoint of train.py.")
+    p = argparse.ArgumentParser(description="First-order vs exact hypergradient (Eq. 10) on a checkpoint of train.py.",
+                                allow_abbrev=False)  # --batch is not --batches
     p.add_argument("--out_dir", default="out", help="directory holding ckpt.pt (default out: train.py --config small)")
     p.add_argument("--ks", default="1,2,3", help="inner steps K to compare, a comma list")
     p.add_argument("--batches", type=int, default=4, help="batches averaged over")
@@ -140,12 +142,16 @@ def main(argv=None):
     except ValueError:
         raise SystemExit(f"--ks={a.ks}: write a comma list of inner step counts, e.g. 1,2,3") from None
     if a.batches < 1 or min(ks) < 1 or (a.batch_size is not None and a.batch_size < 1) or \
-            (a.clip is not None and a.clip <= 0):
-        raise SystemExit("need --batches >= 1, every K >= 1, --batch_size >= 1 and --clip > 0")
+            (a.clip is not None and not (math.isfinite(a.clip) and a.clip > 0)):  # nan <= 0 is False: ask for finite
+        raise SystemExit("need --batches >= 1, every K >= 1, --batch_size >= 1 and a finite --clip > 0")
     device = pick_device(a.device)
     model, cfg = load_model(a.out_dir, device)
     mcfg = MemoryConfig.from_config(cfg)
     mcfg = replace(mcfg, clip=mcfg.clip if a.clip is None else a.clip)
+    try:  # an unknown trajectory (or any bad mem_* value) would otherwise run as the anchor one
+        mcfg.validate()
+    except ValueError as e:
+        raise SystemExit(f"{a.out_dir}/ckpt.pt: its memory config is not one this code runs ({e})") from None
     batch_size = a.batch_size or cfg["batch_size"]
     batches = training_batches(cfg, a.batches, batch_size, a.seed, device)
     print(f"{a.out_dir}: {model.num_params() / 1e6:.2f}M parameters, fast weights on layers "
