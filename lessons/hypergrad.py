@@ -3,6 +3,8 @@
     python -m lessons.hypergrad                                 # the checkpoint in out (train.py --config small)
     python -m lessons.hypergrad --out_dir=out-tiny --batches=2   # CPU, seconds
 
+The measurement that goes with lesson 6 (lessons/06_hypergradient: implement the exact path).
+
 MemDLM updates theta with the gradient of the outer loss (Eq. 9) taken at phi_K, the fast
 weights after K inner SGD steps (Eq. 6-8). phi_K depends on theta through every inner
 gradient. The paper's first-order update (Eq. 10) treats phi_K as a constant: no gradient
