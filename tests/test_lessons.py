@@ -33,7 +33,7 @@ def grade(target, tmp_path):
     failures = {d.name: [] for d in LESSON_DIRS}
     for case in ET.parse(xml).iter("testcase"):
         for bad in list(case.iter("failure")) + list(case.iter("error")):
-            failures[case.get("file", case.get("classname")).replace(".", "/").split("/")[0]].append(
+            failures.setdefault(case.get("file", case.get("classname")).replace(".", "/").split("/")[0], []).append(
                 (bad.tag, bad.get("message", "")))
     return run, failures
 
