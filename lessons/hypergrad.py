@@ -3,6 +3,8 @@
     python -m lessons.hypergrad                                 # the checkpoint in out (train.py --config small)
     python -m lessons.hypergrad --out_dir=out-tiny --batches=2   # CPU, seconds
 
+The measurement that goes with lesson 6 (lessons/06_hypergradient: implement the exact path).
+
 MemDLM updates theta with the gradient of the outer loss (Eq. 9) taken at phi_K, the fast
 weights after K inner SGD steps (Eq. 6-8). phi_K depends on theta through every inner
 gradient. The paper's first-order update (Eq. 10) treats phi_K as a constant: no gradient
@@ -19,6 +21,7 @@ math attention (the flash and memory-efficient kernels have no double backward) 
 torch.compile, so their costs compare with each other, not with train.py's steps.
 """
 import argparse
+import math
 import time
 from dataclasses import replace
 from functools import partial
@@ -126,7 +129,8 @@ def table(rows):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="First-order vs exact hypergradient (Eq. 10) on a checkpoint of train.py.")
+    p = argparse.ArgumentParser(description="First-order vs exact hypergradient (Eq. 10) on a checkpoint of train.py.",
+                                allow_abbrev=False)  # --batch is not --batches
     p.add_argument("--out_dir", default="out", help="directory holding ckpt.pt (default out: train.py --config small)")
     p.add_argument("--ks", default="1,2,3", help="inner steps K to compare, a comma list")
     p.add_argument("--batches", type=int, default=4, help="batches averaged over")
@@ -140,12 +144,16 @@ def main(argv=None):
     except ValueError:
         raise SystemExit(f"--ks={a.ks}: write a comma list of inner step counts, e.g. 1,2,3") from None
     if a.batches < 1 or min(ks) < 1 or (a.batch_size is not None and a.batch_size < 1) or \
-            (a.clip is not None and a.clip <= 0):
-        raise SystemExit("need --batches >= 1, every K >= 1, --batch_size >= 1 and --clip > 0")
+            (a.clip is not None and not (math.isfinite(a.clip) and a.clip > 0)):  # nan <= 0 is False: ask for finite
+        raise SystemExit("need --batches >= 1, every K >= 1, --batch_size >= 1 and a finite --clip > 0")
     device = pick_device(a.device)
     model, cfg = load_model(a.out_dir, device)
     mcfg = MemoryConfig.from_config(cfg)
     mcfg = replace(mcfg, clip=mcfg.clip if a.clip is None else a.clip)
+    try:  # an unknown trajectory (or any bad mem_* value) would otherwise run as the anchor one
+        mcfg.validate()
+    except ValueError as e:
+        raise SystemExit(f"{a.out_dir}/ckpt.pt: its memory config is not one this code runs ({e})") from None
     batch_size = a.batch_size or cfg["batch_size"]
     batches = training_batches(cfg, a.batches, batch_size, a.seed, device)
     print(f"{a.out_dir}: {model.num_params() / 1e6:.2f}M parameters, fast weights on layers "
