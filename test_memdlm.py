@@ -13,7 +13,8 @@ import model
 import train
 from data.tokenizer import get_encoding
 from memory import (MemoryConfig, Rows, State, adapt, bernoulli_anchor, clip_per_sequence, extend_mask, flat,
-                    init_fast, inner_loop, inner_loss, memdlm_loss, memory_layers, trajectory, unflat)
+                    init_fast, inner_loop, inner_loss, memdlm_loss, memory_layers, pre_anchor_count, trajectory,
+                    unflat)
 from model import DiffusionLM, FastWeights, ModelConfig, forward_process, load_model, masked_ce, mdlm_loss
 
 MASK = 257
@@ -179,9 +180,12 @@ def test_pre_anchor_is_a_superset_with_the_specified_ratio():
     _, mask_t, _ = forward_process(torch.zeros(64, 100, dtype=torch.long), maskable, MASK, generator=g)
     (pre, anchor), at_anchor = trajectory(mask_t, maskable, MemoryConfig(), g)
     assert anchor is mask_t and at_anchor == [False, True] and (pre >= mask_t).all() and not pre[:, :20].any()
-    r_t = mask_t.sum(1) / 80
-    want = torch.floor(torch.clamp(1.5 * r_t, max=1.0) * 80)  # the authors' int(): rounded down
-    assert torch.equal(pre.sum(1).float(), want)
+    # int(min(1, 1.5 r_t) N) with r_t = n_t / N, rounded down (the authors' int()) exactly: 3 n_t // 2
+    assert pre.sum(1).tolist() == [min(80, 3 * n // 2) for n in mask_t.sum(1).tolist()]
+    # a float32 ratio times N would give 14 here, one below the exact floor(1.25 * 12) = 15
+    mask_t, maskable = torch.arange(26)[None] < 12, torch.ones(1, 26, dtype=torch.bool)
+    assert pre_anchor_count(mask_t, maskable, MemoryConfig(pre_scale=1.25)).item() == 15
+    assert int(26 * torch.tensor(1.25 * torch.tensor(12 / 26).item(), dtype=torch.float32).item()) == 14
 
 
 def test_longer_trajectories_are_nested_and_end_at_the_anchor():
