@@ -134,6 +134,129 @@ def test_bad_arguments(tmp_path):
         protocol.main([f"--root={tmp_path}", "--table_only"])
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds=-1"], r"^--seeds: seed -1 is out of range: seeds are integers from 0 to 4294967295$"),
+    (["--seeds=4294967296"], r"seed 4294967296 is out of range"),
+    (["--seeds=1,2", "--repeat=-3"], r"^--repeat: seed -3 is out of range"),
+    (["--seeds=1,2", "--repeat=3"], r"^--repeat: seed 3 is not in --seeds"),
+    (["--seeds="], r"^--seeds: give at least one seed"),
+    (["--seed=3"], r"^--seed is set by the protocol for each run: use --seeds"),  # not read as --seeds=3
+    (["--stage=base"], r"^--stage is not a protocol option \(abbreviations are not read\): write --stages$"),  # not read as --stages=base
+    (["--deadline=nan"], r"^--deadline=nan: seconds, a finite number > 0$"),
+    (["--deadline=-5"], r"--deadline=-5.0: seconds"),
+    (["--forms=train,odd"], r"^--forms: unknown surface forms 'odd'"),
+    (["--tasks=single,foo"], r"^--tasks=single,foo: unknown task 'foo'"),
+    (["--lengths=256,0"], r"^--lengths=256,0: a comma list of positive integers"),
+    (["--exposure_n=0"], r"--exposure_n must be >= 1"),
+])
+def test_bad_seeds_and_settings_stop_before_any_job(tmp_path, monkeypatch, argv, message):
+    monkeypatch.setattr(protocol, "run_jobs", lambda *a, **k: pytest.fail("jobs ran"))
+    monkeypatch.setattr(protocol, "check_train_args", lambda *a: None)
+    with pytest.raises(SystemExit, match=message):
+        protocol.main([f"--root={tmp_path / 'r'}", *argv])
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_seed_named_twice_runs_once_with_a_note(tmp_path, monkeypatch, capsys):
+    ran = {}
+    monkeypatch.setattr(protocol, "check_train_args", lambda *a: None)
+    monkeypatch.setattr(protocol, "run_jobs", lambda jobs, *a, **k: ran.update({j.name: j.argv() for j in jobs
+                                                                                 if j.wanted}) or {n: "done" for n in ran})
+    monkeypatch.setattr(protocol, "gather", lambda root: {})
+    protocol.main([f"--root={tmp_path}", "--seeds=3,1,3,1,2", "--repeat=2,2", "--stages=base,repeat", "--gpus="])
+    out = capsys.readouterr().out
+    assert "note: --seeds names seeds 1, 3 more than once: each runs once (--seeds=3,1,2)" in out
+    assert "note: --repeat names seed 2 more than once: each runs once (--repeat=2)" in out
+    assert list(ran) == ["s3/base", "s1/base", "s2/base", "s2/base_repeat"]  # once each
+    assert "--seed=3" in ran["s3/base"] and "--seed=2" in ran["s2/base_repeat"]
+
+
+def test_train_settings_are_checked_before_any_job(tmp_path, monkeypatch):
+    """A typo in a train.py key fails now, in one line, not in every job hours later."""
+    monkeypatch.setattr(protocol, "run_jobs", lambda *a, **k: pytest.fail("jobs ran"))
+    with pytest.raises(SystemExit, match=r"^train.py refuses these settings: unknown config key 'n_layers': valid keys"):
+        protocol.main([f"--root={tmp_path}", "--config=tiny", "--n_layers=3", "--dry_run"])
+
+
+def test_a_root_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "f").write_text("")
+    for root in (tmp_path / "f", tmp_path / "f" / "sub"):
+        with pytest.raises(SystemExit, match=rf"^--root={root}: {tmp_path / 'f'} is a file, not a directory"):
+            protocol.main([f"--root={root}", "--dry_run"])
+
+
+def test_non_files_in_the_root_are_refused_not_opened(tmp_path):
+    """A FIFO (opening it blocks until a writer comes) or a directory where a log, a checkpoint or
+    a results file belongs is one line."""
+    import signal
+    old = signal.signal(signal.SIGALRM, lambda *a: pytest.fail("blocked on a FIFO"))
+    signal.alarm(20)
+    try:
+        for name in ("log.jsonl", "ckpt.pt"):
+            run = tmp_path / name.split(".")[0] / "s1" / "base"
+            run.mkdir(parents=True)
+            os.mkfifo(run / name)
+            with pytest.raises(SystemExit, match=rf"{name} is not a regular file \(a directory, FIFO or device\): "
+                                                 r"move it out of the protocol's root"):
+                protocol.gather(str(run.parent.parent)) if name == "log.jsonl" else protocol.ckpt_info(str(run))
+        job = protocol.Job("s1/x", "base", [], lambda: [sys.executable, "-c", ""], lambda: False)
+        (tmp_path / "logs").mkdir()
+        os.mkfifo(tmp_path / "logs" / "s1_x.log")
+        with pytest.raises(SystemExit, match=r"s1_x.log is not a regular file"):
+            protocol.run_jobs([job], [None], str(tmp_path / "logs"), poll=0.02)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_damaged_logs_and_results_are_skipped_with_a_note(tmp_path, capsys):
+    fake_results(tmp_path, 1, {"base": 90.0, "ft_mdlm": 50.0}, [0.5, 0.95])
+    with open(tmp_path / "s1" / "base" / "log.jsonl", "a") as f:
+        f.write('{"step": 200, "eval_loss": 0.\n[1]\n{"step": "x", "loss": 1.0}\n')
+    (tmp_path / "s1" / "niah_ft_heldout.json").write_text('{"forms": "heldout", "rows": [{"out_dir": 1}]}')
+    (tmp_path / "s1" / "niah_scratch_train.json").write_text("not json")
+    seeds = protocol.gather(str(tmp_path))
+    out = capsys.readouterr().out
+    assert re.search(r"note: .*s1/base/log.jsonl: skipped 3 unreadable line\(s\): 5, 6, 7\n", out)
+    assert re.search(r"note: .*niah_ft_heldout.json is not a niah_eval results file \(.*\): left out of the tables; "
+                     r"delete it and rerun", out) and "niah_scratch_train.json is not a niah_eval results file" in out
+    assert seeds["1"]["runs"]["base"]["final_step"] == 50 and set(seeds["1"]["niah"]) == {"train"}
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_and_sigterm_stop_the_protocol_and_its_jobs_in_one_line(tmp_path, sig):
+    import signal
+    import subprocess
+    pid_file = tmp_path / "job.pid"
+    job = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "from experiments import protocol\n"
+            "protocol.check_train_args = lambda a, e: None\n"
+            f"protocol.plan = lambda a, e: [protocol.Job('s1/base', 'base', [], lambda: [sys.executable, '-c', {job!r}],"
+            " lambda: False)]\n"
+            "protocol.main(sys.argv[1:])")
+    p = subprocess.Popen([sys.executable, "-c", code, f"--root={tmp_path}", "--gpus="], cwd=protocol.ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 1 and "Traceback" not in err, err
+    assert err.strip() == ("interrupted; stopped s1/base: what finished is kept, and a stopped training run resumes "
+                           "from its last checkpoint: run the same command again to go on")
+    with pytest.raises(ProcessLookupError):  # the job was stopped with the protocol
+        os.kill(int(pid_file.read_text()), 0)
+
+
+def test_ctrl_c_while_the_tables_are_written_is_one_line(tmp_path, monkeypatch):
+    def interrupted(root):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(protocol, "gather", interrupted)
+    with pytest.raises(SystemExit, match=r"^interrupted: nothing was running; the results on disk are kept"):
+        protocol.main([f"--root={tmp_path}", "--table_only"])
+
+
 # ---- gathering and tables ---------------------------------------------------------------
 
 def fake_results(root, seed, scores, accs):
