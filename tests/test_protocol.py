@@ -471,7 +471,7 @@ def test_exposure_summary_and_table(tmp_path):
         exposure.main(["--summary", str(bad)])
 
 
-def test_tiny_checkpoints_end_to_end(tmp_path):
+def test_tiny_checkpoints_end_to_end(tmp_path, monkeypatch):
     """niah.py --forms and exposure.py on real (tiny, one-step) checkpoints."""
     import train
     mdlm, mem = str(tmp_path / "mdlm"), str(tmp_path / "mem")
@@ -489,3 +489,45 @@ def test_tiny_checkpoints_end_to_end(tmp_path):
         assert r["ratio"][0] == 1.0 and all(math.isfinite(v) for v in r["ratio"]) and 0 <= r["token_acc"] <= 1
     assert res["rows"][1]["seq"] != res["rows"][2]["seq"]  # the memory changes the decoding's losses
     assert "| MemDLM (Train & Inference) (n=1) | 1.00 ± 0.00 |" in (tmp_path / "e.md").read_text()
+    for r in res["rows"]:  # Eq. 3-4: R_EB = L_seq / L_static, step by step
+        assert r["ratio"] == pytest.approx([q / s for q, s in zip(r["seq"], r["static"])], rel=1e-12)
+    # the ratio's direction, on losses set by hand: decoding from its own tokens (L_seq = 3) worse than
+    # from the ground truth (L_static = 2) is a ratio above 1
+    A = res["answer_len"]
+    monkeypatch.setattr(exposure, "curves", lambda model, x, *a: (torch.full((A,), 2.0), torch.full((A,), 3.0),
+                                                                  x[:, :A]))
+    exposure.main(["--out_dir", mdlm, "--n=2", "--device=cpu", f"--json={tmp_path / 'h.json'}"])
+    assert json.loads((tmp_path / "h.json").read_text())["rows"][0]["ratio"] == [1.5] * A
+
+
+def test_exposure_checks_its_outputs_before_measuring(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(exposure, "measure", lambda *a, **k: pytest.fail("measured"))
+    (tmp_path / "ckpt.pt").write_bytes(b"")  # never loaded: every case stops before
+    (tmp_path / "adir").mkdir()
+    base = ["--out_dir", str(tmp_path), "--device=cpu"]
+    for extra, message in ((f"--json={tmp_path / 'adir'}", r"^--json=.*adir is not a regular file: choose another path"),
+                           (f"--md={tmp_path / 'no' / 't.md'}", r"^--md=.*the directory .*no does not exist"),
+                           ("--png=/proc/x.png", r"^--png=/proc/x.png cannot be written")):
+        with pytest.raises(SystemExit, match=message):
+            exposure.main(base + [extra])
+    with pytest.raises(SystemExit, match=r"^no checkpoint at .*missing/ckpt.pt: train one first"):
+        exposure.main(["--out_dir", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit):  # allow_abbrev=False: --se is not --seed
+        exposure.main(base + ["--se=1"])
+    assert "unrecognized arguments: --se=1" in capsys.readouterr().err
+    os.mkfifo(tmp_path / "fifo.json")
+    with pytest.raises(SystemExit, match=r"fifo.json is not a file: give the files --out_dir wrote"):
+        exposure.main(["--summary", str(tmp_path / "fifo.json")])
+    (tmp_path / "part.json").write_text(json.dumps({"t": [1.0], "rows": [{"kind": "x"}]}))
+    with pytest.raises(SystemExit, match=r"part.json is not a measurement"):
+        exposure.main(["--summary", str(tmp_path / "part.json")])
+
+
+def test_exposure_ctrl_c_is_one_line(tmp_path, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(exposure, "measure", interrupted)
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"^interrupted; a file already written is whole .*: run the command again$"):
+        exposure.main(["--out_dir", str(tmp_path), "--device=cpu"])
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp, no partial results
