@@ -44,8 +44,10 @@ def check(bench):
     if bench["warmup"] < 0:
         raise SystemExit(f"--warmup={bench['warmup']}: must be >= 0")
     modes = bench["modes"].split(",")
-    if not modes or not set(modes) <= {"mdlm", "memdlm"}:
-        raise SystemExit(f"--modes={bench['modes']}: a comma list of mdlm and memdlm")
+    if not modes or not set(modes) <= {"mdlm", "memdlm"} or len(set(modes)) < len(modes):
+        raise SystemExit(f"--modes={bench['modes']}: a comma list of mdlm and memdlm, each once")
+    if not 0 <= bench["threshold"] <= 1:
+        raise SystemExit(f"--threshold={bench['threshold']}: a confidence within 0 and 1")
     lens = bench["prompt_lens"].split(",")
     if not all(v.strip().isdigit() and int(v) >= 1 for v in lens):
         raise SystemExit(f"--prompt_lens={bench['prompt_lens']}: a comma list of positive integers, e.g. 1024,4096")
@@ -162,6 +164,9 @@ def bench_sampling(bench, device):
     B, G, blk = bench["sample_batch"], bench["gen_len"], bench["block"]
     print(f"sampling: {bench['sample_from']}, batch {B}, gen_len {G}, blocks of {blk}, steps = gen_len")
     print("| prompt | setting | s/batch | tok/s | note |\n|---|---|---|---|---|")
+    if too_long := [L for L in map(int, bench["prompt_lens"].split(",")) if L >= len(val)]:
+        raise SystemExit(f"--prompt_lens: {too_long[0]} tokens is not shorter than the held-out split "
+                         f"({len(val)} tokens): choose shorter prompts")
     for L in map(int, bench["prompt_lens"].split(",")):
         prompts = [val[i * 997 % (len(val) - L):][:L].astype(int).tolist() for i in range(B)]
         run = lambda **kw: generate(model, prompts, gen_len=G, steps=G, block_len=blk,

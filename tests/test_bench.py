@@ -28,6 +28,8 @@ def test_sampling_bench_and_its_errors(tmp_path, capsys):
     for setting in ("plain", "--adapt", "threshold 0.9", "prefix cache"):
         assert f"| 32 | {setting} |" in out
     assert re.search(r"prefix cache \| [\d.]+ \| [\d,]+ \| [\d.]+x plain, \d+% tokens as plain", out)
+    with pytest.raises(SystemExit, match=r"^--prompt_lens: 99999 tokens is not shorter than the held-out split"):
+        bench.main([f"--sample_from={tmp_path / 'text'}", "--prompt_lens=32,99999", "--device=cpu"])
     train.main(["--config", "niah_tiny", f"--out_dir={tmp_path / 'niah'}", "--max_iters=1"])
     with pytest.raises(SystemExit, match="trained on text.*niah_eval"):
         bench.main([f"--sample_from={tmp_path / 'niah'}", "--device=cpu"])

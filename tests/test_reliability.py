@@ -441,6 +441,9 @@ def test_niah_results_file_is_checked_before_the_evaluation(base, tmp_path, monk
     ("--prompt_lens=1024,abc", "--prompt_lens=1024,abc: a comma list of positive integers"),
     ("--prompt_lens=0", "a comma list of positive integers"),
     ("--modes=foo", "--modes=foo: a comma list of mdlm and memdlm"),
+    ("--modes=mdlm,mdlm", "--modes=mdlm,mdlm: a comma list of mdlm and memdlm, each once"),
+    ("--threshold=nan", "--threshold=nan: a confidence within 0 and 1"),
+    ("--threshold=1.5", "--threshold=1.5: a confidence within 0 and 1"),
     ("--gen_len=10", "--gen_len=10 must be a multiple of --block=32"),
     ("--steps", "bad argument '--steps': write --key=value"),
 ])
