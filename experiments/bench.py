@@ -4,7 +4,8 @@
     python -m experiments.bench --config small --block_size=8192 --batch_size=2
     python -m experiments.bench --config small --profile=True        # top kernels of each mode's step
 
-Prints tokens/s, model FLOPs utilisation, peak memory and the step-time ratio MemDLM/MDLM.
+Prints tokens/s, model FLOPs utilisation, peak memory and the step-time ratio MemDLM/MDLM
+(on the CPU: no MFU and no peak memory, "-" in the table).
 Steps are timed with CUDA events after a warm-up (compilation included there); the median
 of --steps steps is reported. MFU counts the model's useful work per token,
 6 N + 12 n_layer n_embd T (the second term: full bidirectional attention, forward and
@@ -43,8 +44,10 @@ def check(bench):
     if bench["warmup"] < 0:
         raise SystemExit(f"--warmup={bench['warmup']}: must be >= 0")
     modes = bench["modes"].split(",")
-    if not modes or not set(modes) <= {"mdlm", "memdlm"}:
-        raise SystemExit(f"--modes={bench['modes']}: a comma list of mdlm and memdlm")
+    if not modes or not set(modes) <= {"mdlm", "memdlm"} or len(set(modes)) < len(modes):
+        raise SystemExit(f"--modes={bench['modes']}: a comma list of mdlm and memdlm, each once")
+    if not 0 <= bench["threshold"] <= 1:
+        raise SystemExit(f"--threshold={bench['threshold']}: a confidence within 0 and 1")
     lens = bench["prompt_lens"].split(",")
     if not all(v.strip().isdigit() and int(v) >= 1 for v in lens):
         raise SystemExit(f"--prompt_lens={bench['prompt_lens']}: a comma list of positive integers, e.g. 1024,4096")
@@ -158,6 +161,9 @@ def bench_sampling(bench, device):
     B, G, blk = bench["sample_batch"], bench["gen_len"], bench["block"]
     print(f"sampling: {bench['sample_from']}, batch {B}, gen_len {G}, blocks of {blk}, steps = gen_len")
     print("| prompt | setting | s/batch | tok/s | note |\n|---|---|---|---|---|")
+    if too_long := [L for L in map(int, bench["prompt_lens"].split(",")) if L >= len(val)]:
+        raise SystemExit(f"--prompt_lens: {too_long[0]} tokens is not shorter than the held-out split "
+                         f"({len(val)} tokens): choose shorter prompts")
     for L in map(int, bench["prompt_lens"].split(",")):
         prompts = [val[i * 997 % (len(val) - L):][:L].astype(int).tolist() for i in range(B)]
         run = lambda **kw: generate(model, prompts, gen_len=G, steps=G, block_len=blk,
@@ -177,28 +183,46 @@ def bench_sampling(bench, device):
                   f"{100 * same:.0f}% tokens as plain |")
 
 
+def model_flops_per_token(n_params, model_cfg, T):
+    """The model's useful work per token of a training step (PaLM, Appendix B): 6 N for the
+    matmuls' forward and backward, and 12 L d T for full bidirectional attention (QK^T and AV,
+    2 L d T each forward, x3 with the backward)."""
+    return 6 * n_params + 12 * model_cfg.n_layer * model_cfg.n_embd * T
+
+
 def main(argv):
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: a benchmark writes nothing; run the command again") from None
+
+
+def _main(argv):
     bench, cfg = parse(argv)
     if bench["sample_from"]:
         return bench_sampling(bench, train.pick_device(cfg["device"]))
     device = train.pick_device(cfg["device"])
-    if device.startswith("cuda"):
+    on_gpu = device.startswith("cuda")
+    if on_gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
     peak, peak_note = peak_flops(device)
     tokens = cfg["batch_size"] * cfg["block_size"]
     print(f"bench: config {cfg['config']}, block_size {cfg['block_size']}, batch {cfg['batch_size']}, "
           f"compile {cfg['compile']}, {peak_note}")
+    if not (peak and on_gpu):
+        print("note: " + ("on the CPU, MFU and peak memory are not measured (no peak FLOP/s, no CUDA memory "
+                          "statistics): -" if not on_gpu else "MFU is not measured (this GPU's peak is unknown): -"))
+    print("| mode | parameters | step (median) | tokens/s | MFU | peak memory |\n|---|---|---|---|---|---|")
     rows = {}
     for mode in bench["modes"].split(","):
         dt, mem_gib, raw_model = bench_training(cfg, mode == "memdlm", bench, device)
         n = raw_model.num_params()
-        flops_per_token = 6 * n + 12 * raw_model.cfg.n_layer * raw_model.cfg.n_embd * cfg["block_size"]
-        mfu = flops_per_token * tokens / dt / peak if peak else float("nan")
+        mfu = model_flops_per_token(n, raw_model.cfg, cfg["block_size"]) * tokens / dt / peak if peak else None
         rows[mode], model_cfg = dt, raw_model.cfg
-        print(f"| {mode} | {n / 1e6:.1f}M | {dt * 1e3:.2f} ms | {tokens / dt:,.0f} tok/s | MFU {100 * mfu:.1f}% | "
-              f"peak {mem_gib:.2f} GiB |")
+        print(f"| {mode} | {n / 1e6:.1f}M | {dt * 1e3:.2f} ms | {tokens / dt:,.0f} tok/s | "
+              f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | {f'{mem_gib:.2f} GiB' if on_gpu else '-'} |")
         del raw_model
-        if device.startswith("cuda"):
+        if on_gpu:
             torch.cuda.empty_cache()
     if "mdlm" in rows and "memdlm" in rows:
         ratio = rows["memdlm"] / rows["mdlm"]
@@ -209,7 +233,6 @@ def main(argv):
                   f"(measured {100 * (ratio / floor - 1):+.1f}% over it)")
         else:
             print(f"step-time ratio MemDLM/MDLM: {ratio:.2f}")
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from memory import MemoryConfig, adapt
 from model import load_model, pick_device, proposal_logits
 from experiments.common import mean_stderr, row_label
-from niah import NIAH_DEFAULTS, NiahData
+from niah import FORMS, NIAH_DEFAULTS, NiahData
 
 
 def val_rows(cfg, n, device, forms=None, seed=0):
@@ -75,6 +75,14 @@ def curves(model, x0, maskable, key_pad=None, fast=None, generator=None):
 def measure(dirs, n, batch_size, device, forms=None, seed=0):
     """The curves of every row of the checkpoints in dirs on the same n rows and static masks."""
     runs = [(d, *load_model(d, device)) for d in dirs]
+    for d, _, cfg in runs:  # one set of rows for every checkpoint: needle rows of one shape
+        if cfg.get("dataset") != "niah":
+            raise SystemExit(f"{d} was trained on dataset={cfg.get('dataset')}: the ratio is measured on needle rows, "
+                             f"give checkpoints trained with --dataset=niah")
+        for k in ("block_size", "niah_answer_len", "tokenizer"):
+            if cfg.get(k) != runs[0][2].get(k):
+                raise SystemExit(f"{d} has {k}={cfg.get(k)!r}, {dirs[0]} {runs[0][2].get(k)!r}: measure checkpoints "
+                                 f"of one setting together")
     x0, maskable, key_pad = val_rows(runs[0][2], n, device, forms, seed)
     A = int(maskable[0].sum())
     rows = []
@@ -156,14 +164,71 @@ def plot(t, kinds, path):
     plt.close(fig)
 
 
+def writable(path, what):
+    """Stop now, before the measurement, when path cannot be written: its directory missing, or
+    itself a directory or other non-file."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise SystemExit(f"{what}={path}: the directory {folder} does not exist: create it or choose another path")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise SystemExit(f"{what}={path} is not a regular file: choose another path")
+    probe = f"{path}.tmp{os.getpid()}"
+    try:  # a real write: permissions alone do not tell (a read-only mount, /proc, a full quota)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"{what}={path} cannot be written ({e.strerror or e}): choose another path") from None
+
+
+def write_atomic(path, text):
+    """text to path through a temporary file renamed over it: a failure leaves the old file whole."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SystemExit(f"cannot write {path} ({e.strerror or e})") from None
+
+
+def read_measurement(path):
+    """One --json file of --out_dir, checked: one line for a file that is not one."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path} is not a file: give the files --out_dir wrote")
+    try:
+        with open(path) as f:
+            res = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"cannot read {path}: {e}") from None
+    keys = ("kind", "token_acc", "static", "seq", "ratio")
+    if not (isinstance(res, dict) and isinstance(res.get("t"), list) and isinstance(res.get("rows"), list)
+            and all(isinstance(r, dict) and all(k in r for k in keys) for r in res["rows"])):
+        raise SystemExit(f"{path} is not a measurement: give the files --out_dir wrote")
+    return res
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="The exposure-bias ratio (paper Fig. 3) of train.py needle checkpoints.")
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted; a file already written is whole (each is written at once, then renamed): "
+                         "run the command again") from None
+
+
+def _main(argv):
+    p = argparse.ArgumentParser(description="The exposure-bias ratio (paper Fig. 3) of train.py needle checkpoints.",
+                                allow_abbrev=False)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--out_dir", nargs="+", help="checkpoint directories: measure them on the same rows")
     src.add_argument("--summary", nargs="+", help="JSON files of earlier measurements: their mean")
     p.add_argument("--n", type=int, default=256, help="val rows")
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--forms", default=None, help="the rows' surface forms (default: the first checkpoint's)")
+    p.add_argument("--forms", default=None, choices=FORMS,
+                   help="the rows' surface forms (default: the first checkpoint's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="results (default: exposure.json in the first out_dir)")
@@ -172,41 +237,34 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.n < 1 or a.batch_size < 1:
         raise SystemExit("--n and --batch_size must be >= 1")
+    for d in a.out_dir or []:
+        if not os.path.isfile(os.path.join(d, "ckpt.pt")):
+            raise SystemExit(f"no checkpoint at {os.path.join(d, 'ckpt.pt')}: train one first "
+                             f"(python train.py --config niah --out_dir={d})")
+    path = a.json or (os.path.join(a.out_dir[0], "exposure.json") if a.out_dir else None)
+    for what, f in (("--json", path), ("--md", a.md), ("--png", a.png)):
+        writable(f, what)
     if a.out_dir:
         results = [measure(a.out_dir, a.n, a.batch_size, pick_device(a.device), a.forms, a.seed)]
-        path = a.json or os.path.join(a.out_dir[0], "exposure.json")
         out = results[0]
     else:
-        results = []
-        for path in a.summary:
-            try:
-                with open(path) as f:
-                    res = json.load(f)
-            except (OSError, ValueError) as e:
-                raise SystemExit(f"cannot read {path}: {e}") from None
-            if not isinstance(res, dict) or not isinstance(res.get("rows"), list):
-                raise SystemExit(f"{path} is not a measurement: give the files --out_dir wrote")
-            results.append(res)
-        path = a.json
+        results = [read_measurement(f) for f in a.summary]
     t, kinds = summary(results)
     if a.summary:
         out = dict(files=a.summary, t=t, kinds=kinds)
-    if path:
-        with open(path, "w") as f:
-            json.dump(out, f, indent=1)
-        print(f"wrote {path}")
     text = table(t, kinds)
-    print(text)
+    print(text)  # first: should a write fail, the numbers are on the screen
+    if path:
+        write_atomic(path, json.dumps(out, indent=1))
+        print(f"wrote {path}")
     if a.md:
-        with open(a.md, "w") as f:
-            f.write(text)
+        write_atomic(a.md, text)
     if a.png:
         try:
             plot(t, kinds, a.png)
             print(f"wrote {a.png}")
         except ImportError:
             print("note: --png needs matplotlib (pip install matplotlib); no figure written")
-
 
 if __name__ == "__main__":
     main()

@@ -27,9 +27,13 @@ root/protocol.md (the tables), root/loss_curves.png, and
 with experiments.exposure root/exposure.{json,md,png}; each job's output is in root/logs/.
 """
 import argparse
+import contextlib
 import glob
 import json
+import math
 import os
+import signal
+import stat
 import subprocess
 import sys
 import time
@@ -38,7 +42,8 @@ from dataclasses import dataclass, field
 import torch
 
 from model import read_checkpoint
-from experiments.common import fmt_diff, int_list, mean_stderr, paired
+from niah import FORMS, parse_tasks
+from experiments.common import fmt_diff, mean_stderr, paired
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: train.py's directory
 STAGES = ("base", "repeat", "finetune", "scratch", "eval", "exposure")
@@ -71,11 +76,24 @@ LEARNED, ONSET_SHARE = 95.0, 0.6
 # ---------------------------------------------------------------------------------------
 # What exists on disk
 
+def is_file(path):
+    """True when path is a regular file, False when nothing is there; anything else (a directory,
+    a FIFO that opening would block on, a device) is one line."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(mode):
+        raise SystemExit(f"{path} is not a regular file (a directory, FIFO or device): move it out of the "
+                         f"protocol's root, then run the command again")
+    return True
+
+
 def ckpt_info(out_dir):
     """(step, train config) of out_dir/ckpt.pt, or None when there is none (read as tensors and
     plain values only: a checkpoint in the root runs no code)."""
     path = os.path.join(out_dir, "ckpt.pt")
-    if not os.path.exists(path):
+    if not is_file(path):
         return None
     ckpt = read_checkpoint(path)
     return ckpt["step"], ckpt["config"]
@@ -83,18 +101,28 @@ def ckpt_info(out_dir):
 
 def read_log(out_dir):
     """The train and eval records of out_dir/log.jsonl, one per step (a step logged again after
-    a resume counts once, the last time), and the last summary record."""
-    train, evals, summary = {}, {}, None
+    a resume counts once, the last time), and the last summary record. A line that is not a JSON
+    record (a crash mid-write, an edit) is skipped, and reported in one line."""
+    train, evals, summary, bad = {}, {}, None, []
     path = os.path.join(out_dir, "log.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            for rec in map(json.loads, f):
-                if "summary" in rec:
-                    summary = rec["summary"]
-                elif "loss" in rec:
+    if is_file(path):
+        with open(path, errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    rec = None
+                if not isinstance(rec, dict) or not isinstance(rec.get("step", 0), int):
+                    bad += [n] if line.strip() else []
+                elif "summary" in rec:
+                    summary = rec["summary"] if isinstance(rec["summary"], dict) else summary
+                elif isinstance(rec.get("loss"), (int, float)):
                     train[rec["step"]] = rec
-                elif "eval_loss" in rec:
+                elif isinstance(rec.get("eval_loss"), (int, float)):
                     evals[rec["step"]] = rec
+    if bad:
+        print(f"note: {path}: skipped {len(bad)} unreadable line(s): {', '.join(map(str, bad[:10]))}"
+              f"{' ...' if len(bad) > 10 else ''}")
     return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)], summary
 
 
@@ -207,7 +235,7 @@ def exposure_job(a, seed):
 
 def newer(path, dirs):
     """path exists and is newer than every checkpoint in dirs."""
-    return os.path.exists(path) and all(os.path.getmtime(path) >= os.path.getmtime(os.path.join(d, "ckpt.pt"))
+    return is_file(path) and all(os.path.getmtime(path) >= os.path.getmtime(os.path.join(d, "ckpt.pt"))
                                         for d in dirs if os.path.exists(os.path.join(d, "ckpt.pt")))
 
 
@@ -248,59 +276,79 @@ def run_jobs(jobs, slots, log_dir, deadline=None, poll=0.5):
     for name, s in state.items():
         if s == "skipped":
             say(f"skip {name}: done")
-    while pending or running:
-        for i, (job, proc, t0, log) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            log.close()
-            del running[i]
-            state[job.name] = "done" if proc.returncode == 0 else "failed"
-            say(f"{state[job.name]} {job.name} in {time.time() - t0:.0f} s" +
-                (f" (exit {proc.returncode}, see {log.name}):" if proc.returncode else ""))
-            if proc.returncode:  # the error, the log's last lines (progress bars cut at their last update)
-                with open(log.name, errors="replace") as f:
-                    tail = [ln.split("\r")[-1] for ln in f.read().splitlines() if ln.strip()][-3:]
-                print("\n".join("    " + ln for ln in tail), flush=True)
-        if deadline is not None and time.time() >= deadline:
-            for job, proc, t0, log in running.values():
-                proc.terminate()
-            for job, proc, t0, log in running.values():
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+    try:
+        while pending or running:
+            for i, (job, proc, t0, log) in list(running.items()):
+                if proc.poll() is None:
+                    continue
                 log.close()
-                state[job.name] = "stopped"
-                say(f"stopped {job.name} at the deadline (rerun to continue)")
-            for job in pending:
-                state[job.name] = "stopped"
-            break
-        for job in list(pending):  # a job that can never run
-            if any(state[d] in ("failed", "blocked", "excluded") for d in job.deps):
-                pending.remove(job)
-                state[job.name] = "blocked"
-                say(f"blocked {job.name}: needs {', '.join(job.deps)}")
-        for i, slot in enumerate(slots):
-            if i in running:
-                continue
-            job = next((j for j in pending if all(state.get(d) in ("done", "skipped") for d in j.deps)), None)
-            if job is None:
+                del running[i]
+                state[job.name] = "done" if proc.returncode == 0 else "failed"
+                say(f"{state[job.name]} {job.name} in {time.time() - t0:.0f} s" +
+                    (f" (exit {proc.returncode}, see {log.name}):" if proc.returncode else ""))
+                if proc.returncode:  # the error, the log's last lines (progress bars cut at their last update)
+                    with open(log.name, errors="replace") as f:
+                        tail = [ln.split("\r")[-1] for ln in f.read().splitlines() if ln.strip()][-3:]
+                    print("\n".join("    " + ln for ln in tail), flush=True)
+            if deadline is not None and time.time() >= deadline:
+                for name in stop(running, state, "stopped"):
+                    say(f"stopped {name} at the deadline (rerun to continue)")
+                for job in pending:
+                    state[job.name] = "stopped"
                 break
-            pending.remove(job)
-            note, argv = job.note(), job.argv()
-            log = open(os.path.join(log_dir, job.name.replace("/", "_") + ".log"), "a")
-            log.write(" ".join(argv) + "\n")
-            log.flush()
-            env = {**os.environ, "TQDM_MININTERVAL": "30"}  # a progress line every 30 s in the log, not 10 a second
-            if slot is not None:
-                env["CUDA_VISIBLE_DEVICES"] = str(slot)
-            running[i] = (job, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
-                          time.time(), log)
-            say(f"start {job.name}" + ("" if slot is None else f" on GPU {slot}") + (f" ({note})" if note else ""))
-        if running:
-            time.sleep(poll)
+            for job in list(pending):  # a job that can never run
+                if any(state[d] in ("failed", "blocked", "excluded") for d in job.deps):
+                    pending.remove(job)
+                    state[job.name] = "blocked"
+                    say(f"blocked {job.name}: needs {', '.join(job.deps)}")
+            for i, slot in enumerate(slots):
+                if i in running:
+                    continue
+                job = next((j for j in pending if all(state.get(d) in ("done", "skipped") for d in j.deps)), None)
+                if job is None:
+                    break
+                pending.remove(job)
+                note, argv = job.note(), job.argv()
+                log_path = os.path.join(log_dir, job.name.replace("/", "_") + ".log")
+                is_file(log_path)  # not a FIFO (opening it would block) or a directory
+                log = open(log_path, "a")
+                log.write(" ".join(argv) + "\n")
+                log.flush()
+                env = {**os.environ, "TQDM_MININTERVAL": "30"}  # a progress line every 30 s in the log, not 10 a second
+                if slot is not None:
+                    env["CUDA_VISIBLE_DEVICES"] = str(slot)
+                running[i] = (job, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
+                              time.time(), log)
+                say(f"start {job.name}" + ("" if slot is None else f" on GPU {slot}") + (f" ({note})" if note else ""))
+            if running:
+                time.sleep(poll)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (main turns it into this): the running jobs stop too
+        names = stop(running, state, "interrupted")
+        raise SystemExit("interrupted" + (f"; stopped {', '.join(names)}" if names else "") +
+                         ": what finished is kept, and a stopped training run resumes from its last checkpoint: "
+                         "run the same command again to go on") from None
+    except BaseException:  # an error of the protocol itself leaves no job running unwatched
+        stop(running, state, "stopped")
+        raise
     return state
+
+
+def stop(running, state, why):
+    """SIGTERM to each running job, SIGKILL after 30 s; their logs closed; their names."""
+    for job, proc, t0, log in running.values():
+        with contextlib.suppress(OSError):
+            proc.terminate()
+    for job, proc, t0, log in running.values():
+        try:
+            proc.wait(timeout=30)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):  # a second Ctrl-C does not wait
+            proc.kill()
+            proc.wait()
+        log.close()
+        state[job.name] = why
+    names = [job.name for job, *_ in running.values()]
+    running.clear()
+    return names
 
 
 def visible_gpus():
@@ -331,15 +379,22 @@ def gather(root):
                          **{k: (summary or {}).get(k) for k in ("train_loss", "wall_s", "device")}}
         niah = {}
         for path in sorted(glob.glob(os.path.join(sdir, "niah_*.json"))):
-            with open(path) as f:
-                res = json.load(f)
-            rows = niah.setdefault(res.get("forms", "fixed"), {})
-            for r in res["rows"]:
-                key = os.path.basename(os.path.normpath(r["out_dir"])) + ("+adapt" if r["adapt"] else "")
-                rows[key] = {t: {L: 100 * c["mean"] for L, c in by_len.items()} for t, by_len in r["cells"].items()}
+            if not is_file(path):
+                continue
+            try:
+                with open(path) as f:
+                    res = json.load(f)
+                scores = {os.path.basename(os.path.normpath(r["out_dir"])) + ("+adapt" if r["adapt"] else ""):
+                          {t: {L: 100 * c["mean"] for L, c in by_len.items()} for t, by_len in r["cells"].items()}
+                          for r in res["rows"]}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                print(f"note: {path} is not a niah_eval results file ({type(e).__name__}: {e}): left out of the "
+                      f"tables; delete it and rerun the command to evaluate again")
+                continue
+            niah.setdefault(res.get("forms", "fixed"), {}).update(scores)
         exposure = os.path.join(sdir, "exposure.json")
         seed = {"onset": runs.get("base", {}).get("onset"), "runs": runs, "niah": niah,
-                "exposure": exposure if os.path.exists(exposure) else None}
+                "exposure": exposure if is_file(exposure) else None}
         seeds[name[1:]] = {**seed, "learned": learned(seed)}
     return seeds
 
@@ -556,13 +611,92 @@ def write_results(root, seeds):
     print(f"wrote {os.path.join(root, 'protocol.json')} and protocol.md")
 
 
+SEED_MAX = 2**32 - 1  # train.py's generators take seed * 1_000_003 + ...: within torch's 64-bit seeds
+
+
+def check_seeds(a):
+    """Seeds in range, each once (a seed named twice would run its jobs twice, at once with
+    --per_gpu > 1, into one log); --repeat seeds among --seeds."""
+    for key in ("seeds", "repeat"):
+        seeds = getattr(a, key)
+        if bad := [s for s in seeds if not 0 <= s <= SEED_MAX]:
+            raise SystemExit(f"--{key}: seed {bad[0]} is out of range: seeds are integers from 0 to {SEED_MAX}")
+        if len(set(seeds)) < len(seeds):
+            twice = sorted({s for s in seeds if seeds.count(s) > 1})
+            setattr(a, key, list(dict.fromkeys(seeds)))
+            print(f"note: --{key} names seed{'s' * (len(twice) > 1)} {', '.join(map(str, twice))} more than once: "
+                  f"each runs once (--{key}={','.join(map(str, getattr(a, key)))})")
+    if not a.seeds:
+        raise SystemExit("--seeds: give at least one seed, e.g. --seeds=1,2,3")
+    if bad := [s for s in a.repeat if s not in a.seeds]:
+        raise SystemExit(f"--repeat: seed {bad[0]} is not in --seeds: the repeat is compared with that seed's base")
+
+
+def seed_list(s):
+    """'1,2,3' -> [1, 2, 3] (argparse type); '' -> []."""
+    try:
+        return [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{s}' is not a comma list of integers, e.g. 1,2,3") from None
+
+
+def check_root(root):
+    """root is a directory this process can write, or can be made one."""
+    probe = root
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise SystemExit(f"--root={root}: {probe} is a file, not a directory: choose another --root")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise SystemExit(f"--root={root}: {probe} is not writable: choose another --root")
+
+
+def check_train_args(a, extras):
+    """--config and the other --key=value settings as train.py reads them, checked now (in a
+    child process: a script never imports a script) rather than by the first job."""
+    code = "import sys, train; train.parse_config(sys.argv[1:])"
+    done = subprocess.run([sys.executable, "-c", code, "--config", a.config, *extras], cwd=ROOT,
+                          capture_output=True, text=True)
+    if done.returncode:
+        lines = (done.stderr or done.stdout).strip().splitlines() or [f"exit {done.returncode}"]
+        raise SystemExit(f"train.py refuses these settings: {lines[-1]}")
+
+
+def check_eval_args(a):
+    """The niah_eval settings, checked now rather than when the evaluations start, hours later."""
+    if bad := [f for f in a.forms.split(",") if f not in FORMS]:
+        raise SystemExit(f"--forms: unknown surface forms '{bad[0]}': a comma list of {', '.join(FORMS)}")
+    if a.tasks:
+        try:
+            parse_tasks(a.tasks)
+        except ValueError as e:
+            raise SystemExit(f"--tasks={a.tasks}: {e}") from None
+    if a.lengths and not all(v.isdigit() and int(v) >= 1 for v in a.lengths.split(",")):
+        raise SystemExit(f"--lengths={a.lengths}: a comma list of positive integers (tokens), e.g. 256,512")
+
+
 def main(argv=None):
+    """The command line; Ctrl-C and SIGTERM stop it (and the jobs it runs) in one line."""
+    def terminated(signum, frame):
+        raise KeyboardInterrupt
+    old = signal.signal(signal.SIGTERM, terminated)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # outside the job loop: reading the results or writing the tables
+        raise SystemExit("interrupted: nothing was running; the results on disk are kept: run the same command "
+                         "again (or with --table_only) to write the tables") from None
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _main(argv):
     p = argparse.ArgumentParser(description="The needle protocol over seeds: train, fine-tune, evaluate, tabulate.",
-                                epilog="Other --key=value arguments are passed to every train.py run.")
+                                epilog="Other --key=value arguments are passed to every train.py run.",
+                                allow_abbrev=False)  # --seed=3 is not --seeds=3
     p.add_argument("--root", required=True, help="directory of all runs and results")
-    p.add_argument("--seeds", type=int_list, default=[1, 2, 3, 4, 5])
-    p.add_argument("--repeat", type=int_list, default=[], help="seeds whose base runs twice, the same command: "
-                                                             "the spread of one seed from run to run")
+    p.add_argument("--seeds", type=seed_list, default=[1, 2, 3, 4, 5])
+    p.add_argument("--repeat", type=seed_list, default=[], help="seeds whose base runs twice, the same command: "
+                                                              "the spread of one seed from run to run")
     p.add_argument("--config", default="niah_proto", help="train.py preset")
     p.add_argument("--base_iters", type=int, default=None, help="steps of the base and of scratch (default: the preset's)")
     p.add_argument("--ft_iters", type=int, default=1000, help="steps of each fine-tune")
@@ -585,18 +719,29 @@ def main(argv=None):
         key = e[2:].split("=", 1)[0]
         if not e.startswith("--") or "=" not in e:
             raise SystemExit(f"unknown argument '{e}': train.py settings are written --key=value")
+        near = [o for act in p._actions for o in act.option_strings if o.startswith(f"--{key}")]
+        if near and key not in OWN_KEYS:
+            raise SystemExit(f"--{key} is not a protocol option (abbreviations are not read): write {near[0]}")
         if key in OWN_KEYS:
-            raise SystemExit(f"--{key} is set by the protocol for each run: use --config, --base_iters or "
+            raise SystemExit(f"--{key} is set by the protocol for each run: use --seeds, --config, --base_iters or "
                              f"--ft_iters instead")
     if bad := [s for s in a.stages if s not in STAGES]:
         raise SystemExit(f"unknown stage '{bad[0]}': choose from {', '.join(STAGES)}")
     if a.per_gpu < 1 or a.n < 1 or a.ft_iters < 1 or (a.base_iters is not None and a.base_iters < 1):
         raise SystemExit("--per_gpu, --n, --ft_iters and --base_iters must be >= 1")
+    if a.eval_batch < 1 or a.exposure_n < 1:
+        raise SystemExit("--eval_batch and --exposure_n must be >= 1")
+    if a.deadline is not None and not 0 < a.deadline < math.inf:
+        raise SystemExit(f"--deadline={a.deadline}: seconds, a finite number > 0")
+    check_seeds(a)
+    check_root(a.root)
+    check_eval_args(a)
     if a.table_only:
         seeds = gather(a.root)
         if not seeds:
             raise SystemExit(f"no results under {a.root}: run the protocol first (without --table_only)")
         return write_results(a.root, seeds)
+    check_train_args(a, extras)
     jobs = plan(a, extras)
     if a.dry_run:
         state = initial_state(jobs)
@@ -605,6 +750,11 @@ def main(argv=None):
             what = f"waits for {', '.join(waits)}" if waits else (j.note() + ": " if j.note() else "") + " ".join(j.argv())
             print(f"{j.name}: {state[j.name]}" + ("" if state[j.name] == "skipped" else f", {what}"))
         return
+    try:
+        os.makedirs(os.path.join(a.root, "logs"), exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--root={a.root}: cannot make its logs directory ({e.strerror or e}): "
+                         f"choose another --root") from None
     gpus = visible_gpus() if a.gpus is None else [g for g in a.gpus.split(",") if g]
     slots = [g for _ in range(a.per_gpu) for g in gpus] or [None] * a.per_gpu
     print(f"{sum(j.wanted for j in jobs)} jobs on {len(slots)} slots ({', '.join(gpus) or 'the CPU'}, {a.per_gpu} each)")

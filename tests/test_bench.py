@@ -3,15 +3,19 @@ import re
 
 import pytest
 
+from data.tokenizer import get_encoding
 from experiments import bench
 import train
 
 
 def test_training_bench_prints_both_modes_and_the_ratio(capsys):
-    bench.main(["--config", "tiny", "--steps=2", "--warmup=1"])
+    bench.main(["--config", "tiny", "--steps=2", "--warmup=1", "--device=cpu"])
     out = capsys.readouterr().out
+    # a table with its header; on the CPU what is not measured is "-", and a note says so (no "nan")
+    assert "| mode | parameters | step (median) | tokens/s | MFU | peak memory |\n|---|---|---|---|---|---|\n" in out
     for mode in ("mdlm", "memdlm"):
-        assert re.search(rf"\| {mode} \| 0\.\dM \| [\d.]+ ms \| [\d,]+ tok/s \|", out)
+        assert re.search(rf"\n\| {mode} \| 0\.\dM \| [\d.]+ ms \| [\d,]+ tok/s \| - \| - \|\n", out)
+    assert "note: on the CPU, MFU and peak memory are not measured" in out and "nan" not in out
     assert re.search(r"step-time ratio MemDLM/MDLM: \d+\.\d\d; FLOP floor \d\.\d\d \(measured [+-]\d+\.\d% over it\)", out)
 
 
@@ -24,6 +28,8 @@ def test_sampling_bench_and_its_errors(tmp_path, capsys):
     for setting in ("plain", "--adapt", "threshold 0.9", "prefix cache"):
         assert f"| 32 | {setting} |" in out
     assert re.search(r"prefix cache \| [\d.]+ \| [\d,]+ \| [\d.]+x plain, \d+% tokens as plain", out)
+    with pytest.raises(SystemExit, match=r"^--prompt_lens: 99999 tokens is not shorter than the held-out split"):
+        bench.main([f"--sample_from={tmp_path / 'text'}", "--prompt_lens=32,99999", "--device=cpu"])
     train.main(["--config", "niah_tiny", f"--out_dir={tmp_path / 'niah'}", "--max_iters=1"])
     with pytest.raises(SystemExit, match="trained on text.*niah_eval"):
         bench.main([f"--sample_from={tmp_path / 'niah'}", "--device=cpu"])
@@ -45,3 +51,28 @@ def test_flop_floor_counts_each_pass_of_the_memdlm_step():
     # more inner steps or more memory layers cost more
     assert bench.flop_floor(cfg, MemoryConfig(rank=4, steps=3), 16) > memdlm / mdlm
     assert bench.flop_floor(cfg, MemoryConfig(rank=4, layer_frac=0.5), 16) > memdlm / mdlm
+
+
+def test_mfu_counts_6n_and_full_attention(monkeypatch, capsys):
+    """MFU = (6 N + 12 L d T) x tokens / step time / peak (the matmuls forward and backward, and
+    QK^T and AV over all T keys): on a fake GPU peak, with the step time fixed, the printed MFU is
+    that count's, by hand."""
+    cfg = train.parse_config(["--config", "tiny", "--device=cpu"])  # 2 layers, width 64, T = 64, batch 8
+    model = train.DiffusionLM(train.model_config(cfg, get_encoding("byte")))
+    N = model.num_params()
+    assert bench.model_flops_per_token(N, model.cfg, 64) == 6 * N + 12 * 2 * 64 * 64
+    dt, tokens = 0.5, 8 * 64
+    peak = (6 * N + 12 * 2 * 64 * 64) * tokens / dt / 0.5  # 50% MFU exactly
+    monkeypatch.setattr(bench, "peak_flops", lambda device: (peak, "a fake peak"))
+    monkeypatch.setattr(bench, "bench_training", lambda cfg, mem, b, device: (dt, float("nan"), model))
+    bench.main(["--config", "tiny", "--device=cpu", "--modes=mdlm"])
+    out = capsys.readouterr().out
+    assert re.search(r"\| mdlm \| 0\.\dM \| 500\.00 ms \| 1,024 tok/s \| 50\.0% \| - \|", out), out
+
+
+def test_bench_ctrl_c_is_one_line(monkeypatch):
+    def interrupted(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench, "bench_training", interrupted)
+    with pytest.raises(SystemExit, match=r"^interrupted: a benchmark writes nothing; run the command again$"):
+        bench.main(["--config", "tiny", "--device=cpu"])

@@ -134,6 +134,129 @@ def test_bad_arguments(tmp_path):
         protocol.main([f"--root={tmp_path}", "--table_only"])
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds=-1"], r"^--seeds: seed -1 is out of range: seeds are integers from 0 to 4294967295$"),
+    (["--seeds=4294967296"], r"seed 4294967296 is out of range"),
+    (["--seeds=1,2", "--repeat=-3"], r"^--repeat: seed -3 is out of range"),
+    (["--seeds=1,2", "--repeat=3"], r"^--repeat: seed 3 is not in --seeds"),
+    (["--seeds="], r"^--seeds: give at least one seed"),
+    (["--seed=3"], r"^--seed is set by the protocol for each run: use --seeds"),  # not read as --seeds=3
+    (["--stage=base"], r"^--stage is not a protocol option \(abbreviations are not read\): write --stages$"),  # not read as --stages=base
+    (["--deadline=nan"], r"^--deadline=nan: seconds, a finite number > 0$"),
+    (["--deadline=-5"], r"--deadline=-5.0: seconds"),
+    (["--forms=train,odd"], r"^--forms: unknown surface forms 'odd'"),
+    (["--tasks=single,foo"], r"^--tasks=single,foo: unknown task 'foo'"),
+    (["--lengths=256,0"], r"^--lengths=256,0: a comma list of positive integers"),
+    (["--exposure_n=0"], r"--exposure_n must be >= 1"),
+])
+def test_bad_seeds_and_settings_stop_before_any_job(tmp_path, monkeypatch, argv, message):
+    monkeypatch.setattr(protocol, "run_jobs", lambda *a, **k: pytest.fail("jobs ran"))
+    monkeypatch.setattr(protocol, "check_train_args", lambda *a: None)
+    with pytest.raises(SystemExit, match=message):
+        protocol.main([f"--root={tmp_path / 'r'}", *argv])
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_seed_named_twice_runs_once_with_a_note(tmp_path, monkeypatch, capsys):
+    ran = {}
+    monkeypatch.setattr(protocol, "check_train_args", lambda *a: None)
+    monkeypatch.setattr(protocol, "run_jobs", lambda jobs, *a, **k: ran.update({j.name: j.argv() for j in jobs
+                                                                                 if j.wanted}) or {n: "done" for n in ran})
+    monkeypatch.setattr(protocol, "gather", lambda root: {})
+    protocol.main([f"--root={tmp_path}", "--seeds=3,1,3,1,2", "--repeat=2,2", "--stages=base,repeat", "--gpus="])
+    out = capsys.readouterr().out
+    assert "note: --seeds names seeds 1, 3 more than once: each runs once (--seeds=3,1,2)" in out
+    assert "note: --repeat names seed 2 more than once: each runs once (--repeat=2)" in out
+    assert list(ran) == ["s3/base", "s1/base", "s2/base", "s2/base_repeat"]  # once each
+    assert "--seed=3" in ran["s3/base"] and "--seed=2" in ran["s2/base_repeat"]
+
+
+def test_train_settings_are_checked_before_any_job(tmp_path, monkeypatch):
+    """A typo in a train.py key fails now, in one line, not in every job hours later."""
+    monkeypatch.setattr(protocol, "run_jobs", lambda *a, **k: pytest.fail("jobs ran"))
+    with pytest.raises(SystemExit, match=r"^train.py refuses these settings: unknown config key 'n_layers': valid keys"):
+        protocol.main([f"--root={tmp_path}", "--config=tiny", "--n_layers=3", "--dry_run"])
+
+
+def test_a_root_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "f").write_text("")
+    for root in (tmp_path / "f", tmp_path / "f" / "sub"):
+        with pytest.raises(SystemExit, match=rf"^--root={root}: {tmp_path / 'f'} is a file, not a directory"):
+            protocol.main([f"--root={root}", "--dry_run"])
+
+
+def test_non_files_in_the_root_are_refused_not_opened(tmp_path):
+    """A FIFO (opening it blocks until a writer comes) or a directory where a log, a checkpoint or
+    a results file belongs is one line."""
+    import signal
+    old = signal.signal(signal.SIGALRM, lambda *a: pytest.fail("blocked on a FIFO"))
+    signal.alarm(20)
+    try:
+        for name in ("log.jsonl", "ckpt.pt"):
+            run = tmp_path / name.split(".")[0] / "s1" / "base"
+            run.mkdir(parents=True)
+            os.mkfifo(run / name)
+            with pytest.raises(SystemExit, match=rf"{name} is not a regular file \(a directory, FIFO or device\): "
+                                                 r"move it out of the protocol's root"):
+                protocol.gather(str(run.parent.parent)) if name == "log.jsonl" else protocol.ckpt_info(str(run))
+        job = protocol.Job("s1/x", "base", [], lambda: [sys.executable, "-c", ""], lambda: False)
+        (tmp_path / "logs").mkdir()
+        os.mkfifo(tmp_path / "logs" / "s1_x.log")
+        with pytest.raises(SystemExit, match=r"s1_x.log is not a regular file"):
+            protocol.run_jobs([job], [None], str(tmp_path / "logs"), poll=0.02)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_damaged_logs_and_results_are_skipped_with_a_note(tmp_path, capsys):
+    fake_results(tmp_path, 1, {"base": 90.0, "ft_mdlm": 50.0}, [0.5, 0.95])
+    with open(tmp_path / "s1" / "base" / "log.jsonl", "a") as f:
+        f.write('{"step": 200, "eval_loss": 0.\n[1]\n{"step": "x", "loss": 1.0}\n')
+    (tmp_path / "s1" / "niah_ft_heldout.json").write_text('{"forms": "heldout", "rows": [{"out_dir": 1}]}')
+    (tmp_path / "s1" / "niah_scratch_train.json").write_text("not json")
+    seeds = protocol.gather(str(tmp_path))
+    out = capsys.readouterr().out
+    assert re.search(r"note: .*s1/base/log.jsonl: skipped 3 unreadable line\(s\): 5, 6, 7\n", out)
+    assert re.search(r"note: .*niah_ft_heldout.json is not a niah_eval results file \(.*\): left out of the tables; "
+                     r"delete it and rerun", out) and "niah_scratch_train.json is not a niah_eval results file" in out
+    assert seeds["1"]["runs"]["base"]["final_step"] == 50 and set(seeds["1"]["niah"]) == {"train"}
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_and_sigterm_stop_the_protocol_and_its_jobs_in_one_line(tmp_path, sig):
+    import signal
+    import subprocess
+    pid_file = tmp_path / "job.pid"
+    job = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "from experiments import protocol\n"
+            "protocol.check_train_args = lambda a, e: None\n"
+            f"protocol.plan = lambda a, e: [protocol.Job('s1/base', 'base', [], lambda: [sys.executable, '-c', {job!r}],"
+            " lambda: False)]\n"
+            "protocol.main(sys.argv[1:])")
+    p = subprocess.Popen([sys.executable, "-c", code, f"--root={tmp_path}", "--gpus="], cwd=protocol.ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 1 and "Traceback" not in err, err
+    assert err.strip() == ("interrupted; stopped s1/base: what finished is kept, and a stopped training run resumes "
+                           "from its last checkpoint: run the same command again to go on")
+    with pytest.raises(ProcessLookupError):  # the job was stopped with the protocol
+        os.kill(int(pid_file.read_text()), 0)
+
+
+def test_ctrl_c_while_the_tables_are_written_is_one_line(tmp_path, monkeypatch):
+    def interrupted(root):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(protocol, "gather", interrupted)
+    with pytest.raises(SystemExit, match=r"^interrupted: nothing was running; the results on disk are kept"):
+        protocol.main([f"--root={tmp_path}", "--table_only"])
+
+
 # ---- gathering and tables ---------------------------------------------------------------
 
 def fake_results(root, seed, scores, accs):
@@ -348,7 +471,7 @@ def test_exposure_summary_and_table(tmp_path):
         exposure.main(["--summary", str(bad)])
 
 
-def test_tiny_checkpoints_end_to_end(tmp_path):
+def test_tiny_checkpoints_end_to_end(tmp_path, monkeypatch):
     """niah.py --forms and exposure.py on real (tiny, one-step) checkpoints."""
     import train
     mdlm, mem = str(tmp_path / "mdlm"), str(tmp_path / "mem")
@@ -366,3 +489,45 @@ def test_tiny_checkpoints_end_to_end(tmp_path):
         assert r["ratio"][0] == 1.0 and all(math.isfinite(v) for v in r["ratio"]) and 0 <= r["token_acc"] <= 1
     assert res["rows"][1]["seq"] != res["rows"][2]["seq"]  # the memory changes the decoding's losses
     assert "| MemDLM (Train & Inference) (n=1) | 1.00 ± 0.00 |" in (tmp_path / "e.md").read_text()
+    for r in res["rows"]:  # Eq. 3-4: R_EB = L_seq / L_static, step by step
+        assert r["ratio"] == pytest.approx([q / s for q, s in zip(r["seq"], r["static"])], rel=1e-12)
+    # the ratio's direction, on losses set by hand: decoding from its own tokens (L_seq = 3) worse than
+    # from the ground truth (L_static = 2) is a ratio above 1
+    A = res["answer_len"]
+    monkeypatch.setattr(exposure, "curves", lambda model, x, *a: (torch.full((A,), 2.0), torch.full((A,), 3.0),
+                                                                  x[:, :A]))
+    exposure.main(["--out_dir", mdlm, "--n=2", "--device=cpu", f"--json={tmp_path / 'h.json'}"])
+    assert json.loads((tmp_path / "h.json").read_text())["rows"][0]["ratio"] == [1.5] * A
+
+
+def test_exposure_checks_its_outputs_before_measuring(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(exposure, "measure", lambda *a, **k: pytest.fail("measured"))
+    (tmp_path / "ckpt.pt").write_bytes(b"")  # never loaded: every case stops before
+    (tmp_path / "adir").mkdir()
+    base = ["--out_dir", str(tmp_path), "--device=cpu"]
+    for extra, message in ((f"--json={tmp_path / 'adir'}", r"^--json=.*adir is not a regular file: choose another path"),
+                           (f"--md={tmp_path / 'no' / 't.md'}", r"^--md=.*the directory .*no does not exist"),
+                           ("--png=/proc/x.png", r"^--png=/proc/x.png cannot be written")):
+        with pytest.raises(SystemExit, match=message):
+            exposure.main(base + [extra])
+    with pytest.raises(SystemExit, match=r"^no checkpoint at .*missing/ckpt.pt: train one first"):
+        exposure.main(["--out_dir", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit):  # allow_abbrev=False: --se is not --seed
+        exposure.main(base + ["--se=1"])
+    assert "unrecognized arguments: --se=1" in capsys.readouterr().err
+    os.mkfifo(tmp_path / "fifo.json")
+    with pytest.raises(SystemExit, match=r"fifo.json is not a file: give the files --out_dir wrote"):
+        exposure.main(["--summary", str(tmp_path / "fifo.json")])
+    (tmp_path / "part.json").write_text(json.dumps({"t": [1.0], "rows": [{"kind": "x"}]}))
+    with pytest.raises(SystemExit, match=r"part.json is not a measurement"):
+        exposure.main(["--summary", str(tmp_path / "part.json")])
+
+
+def test_exposure_ctrl_c_is_one_line(tmp_path, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(exposure, "measure", interrupted)
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"^interrupted; a file already written is whole .*: run the command again$"):
+        exposure.main(["--out_dir", str(tmp_path), "--device=cpu"])
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp, no partial results

@@ -1,4 +1,5 @@
 """Nothing lost, nothing run: checkpoints, bad input, interrupted and diverging runs. CPU, tiny runs."""
+import contextlib
 import errno
 import hashlib
 import json
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -439,9 +441,134 @@ def test_niah_results_file_is_checked_before_the_evaluation(base, tmp_path, monk
     ("--prompt_lens=1024,abc", "--prompt_lens=1024,abc: a comma list of positive integers"),
     ("--prompt_lens=0", "a comma list of positive integers"),
     ("--modes=foo", "--modes=foo: a comma list of mdlm and memdlm"),
+    ("--modes=mdlm,mdlm", "--modes=mdlm,mdlm: a comma list of mdlm and memdlm, each once"),
+    ("--threshold=nan", "--threshold=nan: a confidence within 0 and 1"),
+    ("--threshold=1.5", "--threshold=1.5: a confidence within 0 and 1"),
     ("--gen_len=10", "--gen_len=10 must be a multiple of --block=32"),
     ("--steps", "bad argument '--steps': write --key=value"),
 ])
 def test_bench_arguments_are_checked(arg, message):
     with pytest.raises(SystemExit, match=message):
         bench.parse(["--config", "tiny", arg])
+
+
+# ---- 10. damaged data files: one line that says to prepare them again ------------------------
+
+@pytest.fixture
+def dataset(tmp_path, monkeypatch):
+    """data/x/ holding a good byte-level corpus (a few thousand tokens), in tmp_path."""
+    from data import tokenizer
+    monkeypatch.setattr(tokenizer, "HERE", str(tmp_path))
+    (tmp_path / "x").mkdir()
+    tokenizer.write_bins(["The quick brown fox jumps over the lazy dog. " * 40] * 3, "byte", str(tmp_path / "x"))
+    return tmp_path / "x"
+
+
+@contextlib.contextmanager
+def no_hang(seconds=10):
+    """Fail, rather than block the suite, when the body blocks (opening a FIFO waits for a writer)."""
+    def hung(*a):
+        raise AssertionError(f"blocked for {seconds} s")
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _meta(d, **change):
+    meta = {**json.loads((d / "meta.json").read_text()), **change}
+    (d / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if v is not ...}))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: open(d / "train.bin", "ab").write(b"\0"), r"train.bin is 9727 bytes, not a whole number of uint16 tokens"),
+    (lambda d: (d / "train.bin").write_bytes(b""), r"train.bin is empty"),
+    (lambda d: open(d / "train.bin", "r+b").truncate(100), r"train.bin holds 50 tokens, meta.json says 4863: the file "
+                                                           r"is cut short"),
+    (lambda d: (d / "meta.json").write_text("{dtype: uint16"), r"meta.json is not JSON \("),
+    (lambda d: (d / "meta.json").write_text(""), r"meta.json is not JSON \("),
+    (lambda d: (d / "meta.json").write_text("[1, 2]"), r"meta.json does not name the tokens' dtype and tokenizer"),
+    (lambda d: _meta(d, dtype=...), r"meta.json does not name the tokens' dtype"),
+    (lambda d: _meta(d, dtype="float32"), r"meta.json gives dtype 'float32': token ids are one of uint8, uint16, uint32"),
+    (lambda d: _meta(d, dtype="int64"), r"gives dtype 'int64'"),
+    (lambda d: (np.array([65, 300, 66], np.uint16).tofile(d / "train.bin"), _meta(d, train_tokens=3)),
+     r"train.bin holds token id 300 at position 1, not a token of 'byte' data \(ids below 258"),
+    (lambda d: (np.array([65, 66, 257], np.uint16).tofile(d / "train.bin"), _meta(d, train_tokens=3)),
+     r"holds token id 257 at position 2, .*the mask 257 never in data"),
+    (lambda d: ((d / "train.bin").unlink(), os.mkfifo(d / "train.bin")), r"train.bin is not a regular file"),
+    (lambda d: ((d / "meta.json").unlink(), (d / "meta.json").mkdir()), r"meta.json is not a regular file"),
+    (lambda d: (d / "meta.json").unlink(), r"no train split at .*train.bin \(meta.json is missing\)"),
+])
+def test_a_damaged_data_file_is_one_line_that_says_to_prepare_it_again(dataset, damage, message):
+    damage(dataset)
+    from data.tokenizer import open_split
+    with no_hang(), pytest.raises(SystemExit, match=message) as e:
+        open_split("x", "train", "byte")
+    assert "\n" not in str(e.value) and str(e.value).endswith(
+        ("run python data/x/prepare.py --tokenizer=byte to write it again", "run python data/x/prepare.py --tokenizer=byte"))
+
+
+def test_training_on_damaged_data_stops_before_any_step(dataset, monkeypatch, tmp_path):
+    monkeypatch.setattr(train, "DATA_DIR", str(dataset.parent))  # --dataset=x: a directory with a prepare.py
+    (dataset / "prepare.py").write_text("")
+    monkeypatch.setattr(train, "train_step", lambda *a: pytest.fail("a step ran"))
+    (np.array([65, 66, 300] * 100, np.uint16)).tofile(dataset / "val.bin")
+    _meta(dataset, val_tokens=300)
+    with pytest.raises(SystemExit, match=r"val.bin holds token id 300 at position 2, .*: run python "
+                                         r"data/x/prepare.py --tokenizer=byte to write it again$"):
+        run(tmp_path / "out", "--dataset=x", "--max_iters=2")
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+    from data.tokenizer import open_split
+    assert len(open_split("x", "train", "byte")) == 4863  # the good split still opens
+
+
+def test_write_bins_leaves_no_meta_describing_other_files(dataset, monkeypatch):
+    """A failure between the token files and meta.json (a full disk) leaves no meta.json: the next
+    open says to prepare again, rather than reading new tokens with the old description."""
+    from data import tokenizer
+    real = os.replace
+
+    def full(a, b):
+        if str(b).endswith("val.bin"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(a, b)
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(SystemExit, match=r"^cannot write the token files in .*x \(No space left on device\): make it "
+                                         r"a writable directory with room"):
+        tokenizer.write_bins(["another text " * 50], "byte", str(dataset))
+    assert sorted(os.listdir(dataset)) == ["train.bin", "val.bin"]  # no meta.json, no temp left
+    with pytest.raises(SystemExit, match=r"\(meta.json is missing\): run python data/x/prepare.py"):
+        tokenizer.open_split("x", "val", "byte")
+    with pytest.raises(SystemExit, match=r"the text is 3 tokens: too few for a train and a val split"):
+        tokenizer.write_bins(["ab"], "byte", str(dataset))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tokenizer"], r"bad argument '--tokenizer': usage: python data/pydoc/prepare.py \[--tokenizer=byte\]"),
+    (["--tokenizer="], r"bad argument '--tokenizer='"),
+    (["--tok=gpt2"], r"bad argument '--tok=gpt2'"),
+    (["--tokenizer=bogus"], r"unknown tokenizer 'bogus'"),
+])
+def test_prepare_takes_only_its_tokenizer(argv, message):
+    from data.tokenizer import prepare_args
+    with pytest.raises(SystemExit, match=message):
+        prepare_args(argv, "python data/pydoc/prepare.py [--tokenizer=byte]")
+    assert prepare_args([], "") == "byte" and prepare_args(["--tokenizer=gpt2"], "") == "gpt2"
+
+
+def test_shakespeare_text_that_is_not_usable_is_one_line(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "data", "shakespeare"))
+    try:
+        import prepare as shakespeare
+    finally:
+        sys.path.pop(0)
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9")
+    (tmp_path / "empty.txt").write_text("  \n")
+    os.mkfifo(tmp_path / "fifo.txt")
+    for name, message in (("bad.txt", r"is not UTF-8 text \(byte 0xe9 at offset 3\)"), ("empty.txt", "is empty"),
+                          ("fifo.txt", "is not a regular file")):
+        with no_hang(), pytest.raises(SystemExit, match=message):
+            shakespeare.read_text(str(tmp_path / name))
