@@ -60,3 +60,11 @@ def prompt_response(B, T, prompt_lens):
 
 def seeded(seed):
     return torch.Generator().manual_seed(seed)
+
+
+def state_at(model, rows, mask, split):
+    """The memory.State of x_k = x0 with mask_id at mask, its h the bottom's output (the layers
+    below split, with the graph where grad is enabled): what the inner loop hands inner_step."""
+    from memory import State
+    x_k = torch.where(mask, model.cfg.mask_id, rows.x0)
+    return State(rows, mask, model(x_k, key_pad=rows.key_pad, stop=split))

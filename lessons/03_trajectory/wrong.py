@@ -5,9 +5,8 @@ import torch
 
 
 def trajectory(mask_t, maskable, mcfg, generator=None):
-    K, n = mcfg.steps, maskable.sum(1).float()
-    r_t = mask_t.sum(1) / n.clamp(min=1)
-    n_pre = torch.floor(torch.clamp(torch.maximum(mcfg.pre_scale * r_t, r_t), max=1.0) * n).long()
+    K, n, n_t = mcfg.steps, maskable.sum(1).double(), mask_t.sum(1).double()
+    n_pre = torch.floor(torch.minimum(n, torch.maximum(mcfg.pre_scale * n_t, n_t))).long()
     n_t, masks = mask_t.sum(1), [mask_t]
     for k in range(1, K):
         score = torch.where(maskable, torch.rand(mask_t.shape, generator=generator), -1.0)

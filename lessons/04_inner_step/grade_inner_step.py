@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from lessons.grading import MASK_ID, prompt_response, seeded, tiny, tokens
+from lessons.grading import prompt_response, seeded, state_at, tiny, tokens
 # The reference: the core's functions and helpers, named in this one place only.
-from memory import (MemoryConfig, clip_per_sequence as ref_clip_per_sequence, flat, init_fast, inner_loss,
-                    inner_step as ref_inner_step, unflat)
+from memory import (MemoryConfig, Rows, State, clip_per_sequence as ref_clip_per_sequence, flat, init_fast,
+                    inner_loss, inner_step as ref_inner_step, unflat)
 
 REFERENCE = {"clip_per_sequence": ref_clip_per_sequence, "inner_step": ref_inner_step}
 
@@ -26,17 +26,19 @@ def test_the_clip_bounds_each_rows_norm_and_keeps_its_direction(impl):
 
 
 def setup(seed=0, B=3, T=16, **mem):
-    """A tiny model, a state x_k and phi_{k-1} with B != 0 (a later step: A's gradient is then
-    not zero), h the hidden states of x_k entering the memory layer."""
+    """A tiny model, a state x_k (the last row padded at its end) and phi_{k-1} with B != 0 (a
+    later step: A's gradient is then not zero); the state's h is the bottom's output at x_k."""
     model, mcfg = tiny(seed=seed), MemoryConfig(rank=4, **mem)
-    x0, maskable = tokens(B, T, seed), prompt_response(B, T, [0, 5, 9, 2][:B])
-    mask = (torch.rand(B, T, generator=seeded(seed)) < 0.6) & maskable
+    key_pad = torch.zeros(B, T, dtype=torch.bool)
+    key_pad[-1, -3:] = True
+    rows = Rows(tokens(B, T, seed), prompt_response(B, T, [0, 5, 9, 2][:B]) & ~key_pad, key_pad)
+    mask = (torch.rand(B, T, generator=seeded(seed)) < 0.6) & rows.maskable
     fast = init_fast(model, B, mcfg, seeded(seed + 1))
     fast = unflat(fast, [p if i % 2 == 0 else 0.05 * torch.randn(p.shape, generator=seeded(i), dtype=p.dtype)
                          for i, p in enumerate(flat(fast))])  # flat's order: A, B, A, B, ...
     with torch.no_grad():
-        h = model(torch.where(mask, MASK_ID, x0), hi=min(fast.layers))
-    return dict(model=model, h=h, x0=x0, mask=mask, maskable=maskable, fast=fast, mcfg=mcfg)
+        state = state_at(model, rows, mask, min(fast.layers))
+    return dict(model=model, fast=fast, state=state, mcfg=mcfg)
 
 
 def step(fn, args):
@@ -47,8 +49,10 @@ def step(fn, args):
 def raw_gradients(args):
     """The inner loss's gradient with respect to each tensor of phi_{k-1}, unclipped."""
     params = [p.clone().requires_grad_() for p in flat(args["fast"])]
-    top = args["model"](args["h"], fast=unflat(args["fast"], params), lo=min(args["fast"].layers))
-    loss = inner_loss(args["model"], top, args["x0"], args["mask"], args["maskable"], args["mcfg"].weighting)
+    state = args["state"]
+    top = args["model"].top(state.h, min(args["fast"].layers), fast=unflat(args["fast"], params),
+                            key_pad=state.rows.key_pad)
+    loss = inner_loss(args["model"], top, state, args["mcfg"].weighting)
     return torch.autograd.grad(loss.sum(), params)
 
 
@@ -75,11 +79,13 @@ def test_phi_k_and_the_losses_equal_the_references(impl, mem):
 def test_a_sequences_update_equals_its_update_alone(impl):
     args = setup(seed=3)
     phi_k, _ = step(impl.inner_step, args)
-    alone = {**args, **{k: args[k][1:2] for k in ("h", "x0", "mask", "maskable")},
-             "fast": unflat(args["fast"], [p[1:2] for p in flat(args["fast"])])}
+    st, one = args["state"], slice(2, 3)  # the padded row
+    rows = Rows(st.rows.x0[one], st.rows.maskable[one], st.rows.key_pad[one])
+    alone = {**args, "state": State(rows, st.mask[one], st.h[one]),
+             "fast": unflat(args["fast"], [p[one] for p in flat(args["fast"])])}
     phi_alone, _ = step(impl.inner_step, alone)
     for a, b in zip(flat(phi_k), flat(phi_alone)):
-        assert torch.allclose(a[1:2], b, rtol=1e-9, atol=1e-12)
+        assert torch.allclose(a[one], b, rtol=1e-9, atol=1e-12)
 
 
 def test_theta_is_left_alone_and_phi_k_is_a_constant(impl):

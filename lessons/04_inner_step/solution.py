@@ -11,10 +11,12 @@ def clip_per_sequence(g, max_norm):
     raise NotImplementedError("lesson 4: clip_per_sequence")
 
 
-def inner_step(model, h, x0, mask, maskable, fast, mcfg, key_pad=None):
+def inner_step(model, fast, state, mcfg):
     """phi_k = phi_{k-1} - mcfg.lr * clip(grad) (Eq. 6), each tensor of phi clipped on its own,
     the gradient from torch.autograd.grad of the summed per-sequence inner losses (Eq. 7-8).
 
-    h [B, T, C]: hidden states of x_k entering layer min(fast.layers); fast: phi_{k-1}.
+    fast: phi_{k-1} (FastWeights); state: memory.State of x_k (state.h [B, T, C] the hidden
+    states entering layer min(fast.layers), state.mask M_k, state.rows x0 / maskable / key_pad).
+    model.top(state.h, min(fast.layers), fast=..., key_pad=...) runs the layers above.
     Called under torch.no_grad(). Returns (phi_k: FastWeights of plain tensors, loss [B])."""
     raise NotImplementedError("lesson 4: inner_step")

@@ -10,11 +10,11 @@ def clip_per_sequence(g, max_norm):
     return g * (max_norm / g.norm().clamp(min=1e-12)).clamp(max=1.0)  # BUG: one norm for the batch
 
 
-def inner_step(model, h, x0, mask, maskable, fast, mcfg, key_pad=None):
+def inner_step(model, fast, state, mcfg):
     params = [p.detach().requires_grad_() for p in flat(fast)]
     with torch.enable_grad():
-        top = model(h, fast=unflat(fast, params), key_pad=key_pad, lo=min(fast.layers))
-        loss = inner_loss(model=model, h=top, x0=x0, mask=mask, maskable=maskable, weighting=mcfg.weighting)
+        top = model.top(state.h, min(fast.layers), fast=unflat(fast, params), key_pad=state.rows.key_pad)
+        loss = inner_loss(model=model, h=top, state=state, weighting=mcfg.weighting)
         grads = torch.autograd.grad(loss.sum(), params)
     norm = torch.stack([g.flatten(1).norm(dim=1) ** 2 for g in grads]).sum(0).sqrt()  # BUG: global per sequence
     factor = (mcfg.clip / norm.clamp(min=1e-12)).clamp(max=1.0)

@@ -4,7 +4,7 @@ import torch
 
 from lessons.grading import prompt_response, seeded, tiny, tokens
 # The reference: the core's functions, named in this one place only.
-from memory import MemoryConfig, memdlm_loss as ref_memdlm_loss
+from memory import MemoryConfig, inner_step as core_inner_step, memdlm_loss as ref_memdlm_loss
 from model import forward_process, mdlm_loss as mdlm_loss_eq2
 
 REFERENCE = {"memdlm_loss": ref_memdlm_loss}
@@ -18,9 +18,9 @@ def batch(B=3, T=16, seed=0):
     return x0, prompt_response(B, T, [0, 4, 6]) & ~key_pad, key_pad
 
 
-def outer(fn, model, mcfg, seed=0, exact=False):
+def outer(fn, model, mcfg, seed=0, exact=False, **kw):
     x0, maskable, key_pad = batch(seed=seed)
-    kw = {"create_graph": True} if exact else {}
+    kw = {**kw, "create_graph": True} if exact else kw
     return fn(model=model, x0=x0, maskable=maskable, mcfg=mcfg, key_pad=key_pad, generator=seeded(seed), **kw)
 
 
@@ -60,3 +60,23 @@ def test_only_theta_learns_and_by_the_first_order_gradient(impl):
         assert g is not None, f"{name} got no gradient"
         assert torch.allclose(g, w, rtol=1e-6, atol=1e-10), \
             f"{name}: not the first-order gradient (Eq. 10: phi_K is a constant in the outer backward)"
+
+
+def test_the_bottom_and_the_inner_step_given_are_the_ones_used(impl):
+    model, mcfg = tiny(seed=4), MemoryConfig(rank=4, steps=3)
+    calls = {"bottom": [], "inner_step": 0}
+
+    def bottom(x, **kw):  # as train.py's DDP wrapper: the model itself, called with x_t
+        calls["bottom"].append(kw.get("stop"))
+        return model(x, **kw)
+
+    def step(*args, **kw):  # as train.py's compiled step: memory.inner_step
+        calls["inner_step"] += 1
+        return core_inner_step(*args, **kw)
+
+    loss, inner = outer(impl.memdlm_loss, model, mcfg, seed=4, bottom=bottom, inner_step=step)
+    ref_loss, ref_inner = outer(ref_memdlm_loss, model, mcfg, seed=4)
+    assert calls["bottom"] == [1], f"bottom runs x_t's layers below the memory once (stop=1); got {calls['bottom']}"
+    assert calls["inner_step"] == 3, "the inner_step given takes every one of the K steps"
+    assert torch.allclose(loss, ref_loss, rtol=1e-9)
+    assert all(torch.allclose(a, b, rtol=1e-9) for a, b in zip(inner, ref_inner))

@@ -3,23 +3,23 @@ from functools import partial
 
 import torch
 
-from lessons.grading import MASK_ID, prompt_response, seeded, tiny, tokens
+from lessons.grading import prompt_response, seeded, state_at, tiny, tokens
 # The reference: the core's functions and helpers, named in this one place only.
-from memory import MemoryConfig, flat, init_fast, inner_step as ref_inner_step, memdlm_loss as ref_memdlm_loss, unflat
+from memory import MemoryConfig, Rows, flat, init_fast, inner_step as ref_inner_step, memdlm_loss as ref_memdlm_loss, unflat
 
-REFERENCE = {"exact_inner_step": ref_inner_step,  # with grad enabled, the core's step keeps the graph
+REFERENCE = {"exact_inner_step": ref_inner_step,  # with grad enabled, the core's step keeps the graph (torch.func.grad)
              "exact_memdlm_loss": partial(ref_memdlm_loss, create_graph=True)}
 
 
 def step_inputs(seed=0, B=2, T=12):
     model, mcfg = tiny(seed=seed), MemoryConfig(rank=4, lr=0.5)
-    x0, maskable = tokens(B, T, seed), prompt_response(B, T, [0, 3])
-    mask = (torch.rand(B, T, generator=seeded(seed)) < 0.6) & maskable
+    rows = Rows(tokens(B, T, seed), prompt_response(B, T, [0, 3]))
+    mask = (torch.rand(B, T, generator=seeded(seed)) < 0.6) & rows.maskable
     fast = init_fast(model, B, mcfg, seeded(seed + 1))
     prev = [(p if i % 2 == 0 else 0.05 * torch.randn(p.shape, generator=seeded(i), dtype=p.dtype)).requires_grad_()
             for i, p in enumerate(flat(fast))]  # phi_{k-1}: B != 0, leaves we differentiate with respect to
-    h = model(torch.where(mask, MASK_ID, x0), hi=min(fast.layers))  # with grad: h depends on theta
-    return model, prev, dict(model=model, h=h, x0=x0, mask=mask, maskable=maskable, fast=unflat(fast, prev), mcfg=mcfg)
+    state = state_at(model, rows, mask, min(fast.layers))  # with grad: state.h depends on theta
+    return model, prev, dict(model=model, fast=unflat(fast, prev), state=state, mcfg=mcfg)
 
 
 def test_the_step_and_its_derivative_equal_the_references(impl):

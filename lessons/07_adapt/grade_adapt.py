@@ -23,12 +23,13 @@ def run(fn, model, mcfg, steps=2, lr=0.1, seed=0, padded=True):
 
 
 @pytest.mark.parametrize("mem,steps,lr,padded", [({}, 2, 0.1, True), ({"clip": 1e9}, 2, 0.1, False),
-                                                 ({"clip": 1e9, "pre_scale": 2.0}, 3, 0.3, True)])
+                                                 ({"clip": 1e9, "pre_scale": 2.0}, 3, 0.3, True),
+                                                 ({"steps": 3, "lr": 0.3}, None, None, True)])  # mcfg's K, eta
 def test_the_memory_and_the_losses_equal_the_references(impl, mem, steps, lr, padded):
     model, mcfg = tiny(), MemoryConfig(rank=4, **mem)
     phi, losses = run(impl.adapt, model, mcfg, steps, lr, padded=padded)
     ref_phi, ref_losses = run(ref_adapt, model, mcfg, steps, lr, padded=padded)
-    assert len(losses) == steps and all(a.shape == (3,) for a in losses)
+    assert len(losses) == (mcfg.steps if steps is None else steps), "steps=None: mcfg.steps" and all(a.shape == (3,) for a in losses)
     for k, (a, b) in enumerate(zip(losses, ref_losses)):
         assert torch.allclose(a, b, rtol=1e-9), f"step {k + 1}'s loss (uniform weights: the mean NLL over the masked prompt)"
     assert sorted(phi.layers) == sorted(ref_phi.layers) and phi.scale == ref_phi.scale
