@@ -10,6 +10,7 @@ import math
 import os
 import pickle
 import re
+import stat
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
@@ -338,6 +339,12 @@ def read_checkpoint(path, device="cpu"):
     if not os.path.exists(path):
         raise SystemExit(f"no checkpoint at {path}: train one first "
                          f"(python train.py --out_dir={os.path.dirname(path)})")
+    kind = stat.S_IFMT(os.stat(path).st_mode)
+    if kind != stat.S_IFREG:  # a FIFO would block torch.load for ever, a directory fails obscurely
+        what = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
+                stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}.get(kind, "not a regular file")
+        raise SystemExit(f"{path} cannot be read as a checkpoint: it is {what}, not a regular file; give the "
+                         f"out_dir whose ckpt.pt train.py wrote")
     try:
         with warnings.catch_warnings():  # a foreign pickle's protocol warning: the error below says it all
             warnings.simplefilter("ignore")
@@ -355,13 +362,30 @@ def read_checkpoint(path, device="cpu"):
         keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise SystemExit(f"{path} is not a checkpoint of this model (it holds {keys}, not model, model_args, "
                          f"config and step): use a checkpoint written by train.py")
+    step = ckpt["step"]
+    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+        raise SystemExit(f"{path} holds step={step!r}, not a non-negative integer: it is damaged; restore it or "
+                         f"train again")
+    for k in ("config", "model_args", "model"):
+        if not isinstance(ckpt[k], dict):
+            raise SystemExit(f"{path} holds a {type(ckpt[k]).__name__} as {k}, not a dict: it is damaged; "
+                             f"restore it or train again")
     return ckpt
 
 
-def load_model(out_dir, device="cpu"):
-    """The model of out_dir/ckpt.pt (as train.py writes it) in eval mode, and its train config."""
+def load_model(out_dir, device="cpu", usable_for=None):
+    """The model of out_dir/ckpt.pt (as train.py writes it) in eval mode, and its train config.
+    usable_for (a verb, "sample"): also refuse, in one line, weights that are not floating point
+    or not finite (such a model decodes NUL bytes or mask tokens without a word)."""
     path = os.path.join(out_dir, "ckpt.pt")
     ckpt = read_checkpoint(path, device)
+    if usable_for is not None and isinstance(ckpt["model"], dict):
+        for name, w in ckpt["model"].items():
+            bad = ("not floating point" if not (torch.is_tensor(w) and w.is_floating_point())
+                   else "not finite" if not torch.isfinite(w).all() else None)
+            if bad:
+                raise SystemExit(f"{path}: weight {name} is {bad} ({w.dtype if torch.is_tensor(w) else type(w).__name__}): "
+                                 f"cannot {usable_for}: train again")
     try:
         names = {f.name for f in fields(ModelConfig)}  # older checkpoints also hold the LoRA scale
         model = DiffusionLM(ModelConfig(**{k: v for k, v in ckpt["model_args"].items() if k in names}))

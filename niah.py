@@ -428,6 +428,8 @@ def check_config(cfg):
     need(cfg["niah_answer_len"] >= 1, f"--niah_answer_len={cfg['niah_answer_len']}: must be a positive integer")
     for k in ("niah_min_len", "niah_curriculum"):
         need(cfg[k] >= 0, f"--{k}={cfg[k]}: must be >= 0")
+    need(cfg["niah_min_len"] <= cfg["block_size"], f"--niah_min_len={cfg['niah_min_len']}: must be at most "
+                                                   f"--block_size={cfg['block_size']} (rows are block_size tokens)")
     try:
         parse_tasks(cfg["niah_tasks"])
     except ValueError as e:

@@ -169,8 +169,9 @@ def generate(model, prompts, *, gen_len=64, steps=64, block_len=None, temperatur
     memory of those prompts instead, one per row (write-then-hide decodes a prompt with its needle
     cut out with the memory of the whole one). prefix_cache: see
     block_logits_cached. on_step(generated part) after every step (--show)."""
-    if remasking not in REMASKING or temperature < 0:
-        raise ValueError(f"remasking must be one of {REMASKING} and temperature >= 0, got {remasking!r}, {temperature}")
+    if remasking not in REMASKING or not 0 <= temperature < math.inf:
+        raise ValueError(f"remasking must be one of {REMASKING} and temperature a finite number >= 0, got "
+                         f"{remasking!r}, {temperature}")
     block_len, schedule = plan(gen_len, steps, block_len)
     cfg, gens = model.cfg, list(generator) if isinstance(generator, (list, tuple)) else [generator] * len(prompts)
     if len(gens) != len(prompts):
@@ -324,10 +325,16 @@ def main(argv=None):
                    help=f"watch the denoising: the first sample's generated part after every step, one line "
                         f"each, {MASK_CHAR} where still masked, {NEWLINE_CHAR} for a newline")
     a = p.parse_args(argv)
-    if (a.num_samples < 1 or not (a.temperature is None or a.temperature >= 0) or (a.adapt_steps or 1) < 1
-            or not 0 < a.adapt_ratio <= 1 or not 0 <= (a.adapt_lr or 0) < math.inf):
-        raise SystemExit("need --num_samples >= 1, --temperature >= 0, --adapt_steps >= 1, 0 < --adapt_ratio <= 1 "
-                         "and a finite --adapt_lr >= 0")
+    if (a.num_samples < 1 or not (a.temperature is None or 0 <= a.temperature < math.inf)
+            or not (a.adapt_steps is None or a.adapt_steps >= 1)
+            or not 0 < a.adapt_ratio <= 1 or not (a.adapt_lr is None or 0 <= a.adapt_lr < math.inf)):
+        raise SystemExit("need --num_samples >= 1, a finite --temperature >= 0, --adapt_steps >= 1, "
+                         "0 < --adapt_ratio <= 1 and a finite --adapt_lr >= 0")
+    for name in ("gen_len", "steps"):  # 0 is refused, not read as "the default"
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            raise SystemExit(f"--{name}={getattr(a, name)}: must be a positive integer (leave it out for the default)")
+    if a.threshold is not None and not 0 <= a.threshold <= 1:
+        raise SystemExit(f"--threshold={a.threshold}: must be within 0 and 1 (a confidence)")
     if a.gen_len is not None and a.block_len is not None:  # a bad layout fails before the checkpoint loads
         layout(a, a.gen_len)
     text = "" if a.unconditional else a.prompt
@@ -347,11 +354,11 @@ def main(argv=None):
         raise SystemExit("--adapt writes the prompt into the memory: give a prompt, or none for a held-out passage")
 
     device = pick_device(a.device)
-    model, cfg = load_model(a.out_dir, device)
+    model, cfg = load_model(a.out_dir, device, usable_for="sample")
     enc = get_encoding(cfg["tokenizer"])
     if a.stats and cfg["dataset"] == "niah":  # before any sampling
         raise SystemExit("--stats compares samples with a text corpus; this checkpoint trained on needle rows")
-    a.gen_len = a.gen_len or min(GEN_LEN, model.cfg.block_size // 2)
+    a.gen_len = min(GEN_LEN, model.cfg.block_size // 2) if a.gen_len is None else a.gen_len
     steps, block_len = layout(a, a.gen_len, cfg.get("sample_block_len", BLOCK_LEN))
     temperature = cfg.get("sample_temperature", 0.0) if a.temperature is None else a.temperature
     if a.num_samples > 1 and temperature == 0 and a.remasking == "low_confidence" and not a.adapt:
@@ -372,7 +379,7 @@ def main(argv=None):
     if a.show:
         print(f"---------- sample 1, one line per step ({MASK_CHAR} masked) ----------")
     mcfg = MemoryConfig.from_config(cfg)  # the checkpoint's K and inner lr, unless the flags say otherwise
-    mcfg = replace(mcfg, steps=a.adapt_steps or mcfg.steps, lr=mcfg.lr if a.adapt_lr is None else a.adapt_lr)
+    mcfg = replace(mcfg, steps=mcfg.steps if a.adapt_steps is None else a.adapt_steps, lr=mcfg.lr if a.adapt_lr is None else a.adapt_lr)
     gens = [seeded_generator(a.seed, index=i, device=device) for i in range(a.num_samples)]  # sample i: its own
     out, losses = generate(model, [prompt] * a.num_samples, gen_len=a.gen_len, steps=steps, block_len=block_len,
                            temperature=temperature, remasking=a.remasking, threshold=a.threshold, generator=gens,

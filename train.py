@@ -16,7 +16,9 @@ import json
 import math
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext, suppress
 from dataclasses import asdict, dataclass, field, fields
@@ -93,6 +95,8 @@ PRESETS = {
 RESUME_FREE = ("out_dir", "resume", "overwrite", "init_from", "device", "compile", "compile_mode",
                "eval_interval", "eval_iters", "log_interval", "sample_block_len", "sample_temperature",
                "data_workers")
+LOCK_NAME = "train.lock"  # out_dir is held by one train.py at a time
+KEPT_SUFFIX = ".before-overwrite"  # --overwrite=True: the earlier run's files until the new run's first checkpoint
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
@@ -149,6 +153,7 @@ def check_config(cfg):
          f"--sample_temperature={cfg['sample_temperature']}: must be a finite number >= 0")
     for k in ("beta1", "beta2"):
         need(0 < cfg[k] < 1, f"--{k}={cfg[k]}: must be within 0 and 1 (exclusive)")
+    need(0 <= cfg["seed"] <= 2**32 - 1, f"--seed={cfg['seed']}: must be within 0 and 2**32-1")
     need(cfg["grad_clip"] > 0, f"--grad_clip={cfg['grad_clip']}: must be > 0")
     need(cfg["dtype"] in ("bfloat16", "float16", "float32"),
          f"--dtype={cfg['dtype']}: use bfloat16, float16 or float32")
@@ -475,6 +480,8 @@ class Run:
     ddp: bool = False
     log: object = None     # log.jsonl, open on rank 0 only
     saved: int = None      # the step of the checkpoint in out_dir (None: none of this run)
+    lock: str = None       # out_dir's train.lock while this process holds it (rank 0)
+    kept: list = field(default_factory=list)  # --overwrite=True: the earlier run's files, until the first checkpoint
 
     @property
     def master(self):
@@ -493,9 +500,12 @@ class Run:
         for name, v in values.items():
             if not math.isfinite(v):
                 kept, then = (f"the checkpoint of step {self.saved} is unchanged", "continue with --resume=True") \
-                    if self.saved is not None else ("no checkpoint was written", "run again")
+                    if self.saved is not None else ("no checkpoint was written", "run again with --overwrite=True")
                 raise SystemExit(f"step {step}: {name} is {v}: training stopped, {kept}; lower --lr or --mem_lr, "
-                                 f"then {then}")
+                                 f"then {then}{self.kept_note()}")
+
+    def kept_note(self):
+        return f" (the earlier run is kept as {', '.join(self.kept)})" if self.kept else ""
 
     def checkpoint(self, step, raw, opt, last_loss):
         """Save, atomically, unless the last train loss or a weight is not finite (one host sync)."""
@@ -504,6 +514,10 @@ class Run:
         save_checkpoint(self.ckpt_path, {"model": raw.state_dict(), "optimizer": opt.state_dict(), "config": self.cfg,
                                          "model_args": asdict(raw.cfg), "step": step})
         self.saved = step
+        for p in self.kept:  # the new run has its checkpoint: the earlier run's files go
+            with suppress(FileNotFoundError):
+                os.remove(p)
+        self.kept = []
 
     def evaluate(self, step, nets, data):
         """Evaluate, log and print; stop at a non-finite eval loss."""
@@ -518,21 +532,27 @@ class Run:
         opt.step() and leave half-updated weights; the last periodic checkpoint is consistent, and
         resuming from it replays exactly the steps after it."""
         if self.saved is None:
-            return f"interrupted at step {step}, before the first checkpoint: nothing to resume, run the command again"
+            return (f"interrupted at step {step}, before the first checkpoint: nothing to resume, run the command "
+                    f"again with --overwrite=True{self.kept_note()}")
         return (f"interrupted at step {step}; the last checkpoint is step {self.saved} ({self.ckpt_path}): continue "
                 f"with {resume_command(argv, self.world)}")
 
 
 def start_run(cfg):
     """The process's devices (the process group under torchrun), out_dir checked and the log
-    opened: a resumed run appends to it, a new one starts it afresh and --overwrite=True removes
-    the earlier run's checkpoint, so out_dir never mixes two runs."""
+    opened: a resumed run appends to it, a new one starts it afresh and --overwrite=True moves
+    the earlier run's checkpoint and log aside (keep_aside), so out_dir never mixes two runs.
+    A log without a checkpoint (a run stopped before its first) is replaced only with --overwrite=True."""
     path = os.path.join(cfg["out_dir"], "ckpt.pt")
     if os.path.exists(path) and not cfg["resume"] and not cfg["overwrite"]:
         raise SystemExit(f"{path} exists, the checkpoint of an earlier run: continue that run with "
                          f"--resume=True, train in another --out_dir, or replace it with --overwrite=True")
     if cfg["resume"] and not os.path.exists(path):
         raise SystemExit(f"--resume=True but {path} does not exist: train without --resume first")
+    log_path = os.path.join(cfg["out_dir"], "log.jsonl")
+    if os.path.exists(log_path) and not os.path.exists(path) and not cfg["resume"] and not cfg["overwrite"]:
+        raise SystemExit(f"{log_path} exists (an earlier run's log, no checkpoint): pass --overwrite=True "
+                         f"to replace it, or another --out_dir")
     run = Run(cfg, device=pick_device(cfg["device"]))
     if int(os.environ.get("RANK", -1)) != -1:
         torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -550,10 +570,77 @@ def start_run(cfg):
         torch.backends.cudnn.allow_tf32 = True
     os.makedirs(cfg["out_dir"], exist_ok=True)
     if run.master:
-        if cfg["overwrite"] and os.path.exists(path):
-            os.remove(path)
-        run.log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a" if cfg["resume"] else "w")
+        take_lock(run)
+        try:
+            if cfg["overwrite"]:
+                run.kept = keep_aside(path, log_path)
+            run.log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a" if cfg["resume"] else "w")
+        except BaseException:
+            release_lock(run)
+            raise
     return run
+
+
+def take_lock(run):
+    """out_dir/train.lock (created exclusively, holding the pid) for the run's life: a second
+    train.py into the same out_dir is refused in one line; the lock of a process that is gone
+    (killed, crashed) is taken over with a note."""
+    path = os.path.join(run.cfg["out_dir"], LOCK_NAME)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    pid = int(f.read().strip() or -1)
+            except (OSError, ValueError):
+                pid = -1
+            if pid > 0 and pid_alive(pid):
+                raise SystemExit(f"{run.cfg['out_dir']} is in use by train.py process {pid} ({path}): wait for it "
+                                 f"to end, or train in another --out_dir") from None
+            print(f"note: {path} was left by process {pid if pid > 0 else '?'}, which is gone: taking it over")
+            with suppress(FileNotFoundError):
+                os.remove(path)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        run.lock = path
+        return
+    raise SystemExit(f"cannot take {path}: another process keeps creating it; train in another --out_dir")
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def release_lock(run):
+    if run.lock is not None:
+        with suppress(FileNotFoundError):
+            os.remove(run.lock)
+        run.lock = None
+
+
+def keep_aside(*paths):
+    """--overwrite=True: the earlier run's files, renamed to <name>.before-overwrite (a note names
+    them) until the new run's first checkpoint is saved, so a stop before it loses nothing. A kept
+    file already there (an earlier overwrite that never reached a checkpoint) is the older run's: it stays."""
+    kept = []
+    for p in paths:
+        aside = p + KEPT_SUFFIX
+        if not os.path.exists(aside) and os.path.exists(p):
+            os.replace(p, aside)
+        if os.path.exists(aside):
+            kept.append(aside)
+    if kept:
+        print(f"note: --overwrite=True: the earlier run is kept as {', '.join(kept)} until this run's first "
+              f"checkpoint is saved")
+    return kept
 
 
 def resumed_checkpoint(run):
@@ -562,6 +649,9 @@ def resumed_checkpoint(run):
     if not run.cfg["resume"]:
         return None
     ckpt, cfg = read_checkpoint(run.ckpt_path, run.device), run.cfg
+    if not isinstance(ckpt.get("optimizer"), dict):
+        raise SystemExit(f"{run.ckpt_path} holds no optimizer state, so it cannot be resumed: start a new run from "
+                         f"its weights with --init_from={cfg['out_dir']} and another --out_dir")
     old = ckpt["config"]
     for k in MODEL_KEYS + ("tokenizer", "mem"):
         if old.get(k, DEFAULTS[k]) != cfg[k]:  # a key older checkpoints lack has its default
@@ -580,7 +670,12 @@ def build(run, ckpt):
     cfg = run.cfg
     raw = DiffusionLM(model_config(cfg, get_encoding(cfg["tokenizer"]))).to(run.device)
     if ckpt is not None:
-        raw.load_state_dict(ckpt["model"])
+        try:
+            raw.load_state_dict(ckpt["model"])
+        except (RuntimeError, TypeError, KeyError, ValueError) as e:
+            raise SystemExit(f"{run.ckpt_path}: its weights do not fit this model ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]}): resume with its settings or use another "
+                             f"--out_dir") from None
     elif cfg["init_from"]:
         src, _ = load_model(cfg["init_from"], run.device)
         if asdict(src.cfg) != asdict(raw.cfg):
@@ -589,7 +684,12 @@ def build(run, ckpt):
         raw.load_state_dict(src.state_dict())
     opt = make_optimizer(raw, cfg, run.device.startswith("cuda"))
     if ckpt is not None:
-        opt.load_state_dict(ckpt["optimizer"])
+        try:
+            opt.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, TypeError, KeyError, ValueError, IndexError) as e:
+            raise SystemExit(f"{run.ckpt_path}: its optimizer state does not fit this model ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]}): it is damaged or of another model; start anew "
+                             f"with --init_from={cfg['out_dir']} and another --out_dir") from None
     return raw, opt
 
 
@@ -629,6 +729,14 @@ def log_train(run, bar, step, loss, inner_losses, tokens_per_s):
 def main(argv):
     cfg = parse_config(argv)
     run = start_run(cfg)
+    try:
+        train_run(run, argv)
+    finally:
+        release_lock(run)
+
+
+def train_run(run, argv):
+    """The run start_run began: resume or build, train, evaluate, checkpoint."""
     cfg, device, master = run.cfg, run.device, run.master
     ckpt = resumed_checkpoint(run)
     start = 0 if ckpt is None else ckpt["step"]
@@ -644,6 +752,7 @@ def main(argv):
                dynamic_ncols=True)
     t_start = t_log = time.time()
     step, loss = start, None
+    on_term = sigterm_as_ctrl_c()
     try:
         for step in bar:
             if step % cfg["eval_interval"] == 0 and master:
@@ -675,8 +784,18 @@ def main(argv):
     except KeyboardInterrupt:
         raise SystemExit(run.interrupted(step, argv)) from None
     finally:
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
         bar.close()
         finish(run, nets)
+
+
+def sigterm_as_ctrl_c():
+    """A SIGTERM (kill, a scheduler, torchrun stopping its workers) ends the run as Ctrl-C does:
+    one line with the command that resumes. Returns the handler it replaced (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 if __name__ == "__main__":

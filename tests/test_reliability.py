@@ -302,6 +302,23 @@ def test_ctrl_c_in_a_real_process_gives_one_line_and_no_traceback(tmp_path):
     assert re.fullmatch(r"interrupted at step \d+; the last checkpoint is step \d+ .* --resume=True", last), err[-500:]
 
 
+def test_sigterm_in_a_real_process_gives_the_ctrl_c_line(tmp_path):
+    p = subprocess.Popen([sys.executable, "train.py", "--config", "tiny", f"--out_dir={tmp_path}", "--eval_iters=1",
+                          "--max_iters=100000", "--eval_interval=2", "--log_interval=1000"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log, deadline = tmp_path / "log.jsonl", time.time() + 60
+    while time.time() < deadline and p.poll() is None:  # past the evaluation of step 4: the checkpoint of 2 is in
+        if log.exists() and '"step": 4' in log.read_text():
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 1 and "Traceback" not in err, err[-500:]
+    assert re.fullmatch(r"interrupted at step \d+; the last checkpoint is step \d+ .* --resume=True",
+                        err.strip().splitlines()[-1]), err[-500:]
+
+
 # ---- 7. every config value is checked before any work --------------------------------------
 
 @pytest.mark.parametrize("arg, message", [
@@ -339,6 +356,9 @@ def test_ctrl_c_in_a_real_process_gives_one_line_and_no_traceback(tmp_path):
     ("--niah_haystack=hay", "--niah_haystack=hay: use noise, prose or a comma list of them"),
     ("--niah_forms=odd", "--niah_forms=odd: use one of fixed"),
     ("--niah_answer_len=0", "must be a positive integer"),
+    ("--seed=-1", "--seed=-1: must be within 0 and 2\\*\\*32-1"),
+    ("--seed=4294967296", "--seed=4294967296: must be within 0 and 2"),
+    ("--niah_min_len=65", "--niah_min_len=65: must be at most --block_size=64"),
     ("--sample_block_len=0", "--sample_block_len=0: must be a positive integer"),
     ("--sample_temperature=-1", "--sample_temperature=-1.0: must be a finite number >= 0"),
     ("--dataset=nowhere", r"unknown dataset 'nowhere': choose one of niah, .*pydoc.*, or write "
@@ -572,3 +592,146 @@ def test_shakespeare_text_that_is_not_usable_is_one_line(tmp_path):
                           ("fifo.txt", "is not a regular file")):
         with no_hang(), pytest.raises(SystemExit, match=message):
             shakespeare.read_text(str(tmp_path / name))
+
+
+# ---- --overwrite keeps the earlier run until the new one has a checkpoint ------------------
+
+def test_overwrite_keeps_the_earlier_run_until_the_new_runs_first_checkpoint(copy, monkeypatch, capsys):
+    before, log_before = digest(copy / "ckpt.pt"), (copy / "log.jsonl").read_text()
+    _poisoned_step(monkeypatch, 2, "weight")  # a NaN stop before the new run's first checkpoint
+    monkeypatch.setattr(train, "evaluate", lambda *a: {"eval_loss": 1.0})
+    with pytest.raises(SystemExit, match=r"no checkpoint was written.*--overwrite=True \(the earlier run is kept "
+                                         r"as .*ckpt.pt.before-overwrite, .*log.jsonl.before-overwrite\)$"):
+        run(copy, "--max_iters=10", "--eval_interval=5", "--log_interval=100", "--overwrite=True")
+    assert "kept as" in capsys.readouterr().out and not (copy / "ckpt.pt").exists()
+    assert digest(copy / "ckpt.pt.before-overwrite") == before
+    assert (copy / "log.jsonl.before-overwrite").read_text() == log_before
+    monkeypatch.undo()
+    run(copy, "--max_iters=10", "--eval_interval=5", "--log_interval=100", "--overwrite=True")
+    assert sorted(os.listdir(copy)) == ["ckpt.pt", "log.jsonl"]  # the kept files went at the first checkpoint
+
+
+def test_a_log_without_a_checkpoint_is_refused_unless_overwrite(copy):
+    os.remove(copy / "ckpt.pt")
+    log = (copy / "log.jsonl").read_text()
+    with pytest.raises(SystemExit, match=r"^\S*log.jsonl exists \(an earlier run's log, no checkpoint\): pass "
+                                         r"--overwrite=True to replace it, or another --out_dir$"):
+        run(copy, "--max_iters=2")
+    assert (copy / "log.jsonl").read_text() == log
+
+
+# ---- sample.py: no silent fallback, no sampling from a broken model -------------------------
+
+@pytest.mark.parametrize("arg, message", [
+    ("--gen_len=0", r"^--gen_len=0: must be a positive integer"),
+    ("--steps=0", r"^--steps=0: must be a positive integer"),
+    ("--adapt_steps=0", r"--adapt_steps >= 1"),
+    ("--temperature=inf", r"a finite --temperature >= 0"),
+    ("--temperature=nan", r"a finite --temperature >= 0"),
+    ("--threshold=1.5", r"^--threshold=1.5: must be within 0 and 1"),
+    ("--threshold=-0.1", r"^--threshold=-0.1: must be within 0 and 1"),
+])
+def test_sample_refuses_settings_it_would_replace_or_misuse(base, arg, message):
+    with pytest.raises(SystemExit, match=message) as e:
+        sample.main([f"--out_dir={base}", "--prompt=Hi", "--device=cpu", arg])
+    assert "\n" not in str(e.value)
+
+
+def test_generate_refuses_a_non_finite_temperature(base):
+    model, _ = load_model(str(base))
+    for t in (math.inf, math.nan):
+        with pytest.raises(ValueError, match="temperature a finite number >= 0"):
+            sample.generate(model, [[1, 2]], gen_len=4, steps=4, temperature=t)
+
+
+@pytest.mark.parametrize("damage", ["nan", "int"])
+def test_sample_refuses_a_checkpoint_with_non_finite_or_integer_weights(base, tmp_path, damage):
+    ckpt = torch.load(base / "ckpt.pt", weights_only=True)
+    w = ckpt["model"]["lm_head.weight"]
+    ckpt["model"]["lm_head.weight"] = w.long() if damage == "int" else w.index_fill(0, torch.tensor([0]), math.nan)
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    with pytest.raises(SystemExit, match=r"weight lm_head.weight is not (finite|floating point).*: cannot sample: "
+                                         r"train again$"):
+        sample.main([f"--out_dir={tmp_path}", "--prompt=Hi", "--gen_len=4", "--device=cpu"])
+
+
+# ---- what a checkpoint holds is checked, and a non-file is never opened ----------------------
+
+@pytest.mark.parametrize("kind", ["fifo", "dir"])
+def test_a_checkpoint_that_is_not_a_regular_file_is_refused_without_opening_it(tmp_path, kind):
+    path = tmp_path / "ckpt.pt"
+    os.mkfifo(path) if kind == "fifo" else path.mkdir()
+    with no_hang(10), pytest.raises(SystemExit, match=r"ckpt.pt cannot be read as a checkpoint: it is a (FIFO|directory), "
+                                                          r"not a regular file; give"):
+        read_checkpoint(str(path))
+
+
+def _edited(base, tmp_path, **change):
+    ckpt = torch.load(base / "ckpt.pt", weights_only=True)
+    for k, v in change.items():
+        if v is None:
+            del ckpt[k]
+        else:
+            ckpt[k] = v
+    d = tmp_path / "run"
+    d.mkdir()
+    torch.save(ckpt, d / "ckpt.pt")
+    shutil.copy(base / "log.jsonl", d / "log.jsonl")
+    return d
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(step=-1), r"holds step=-1, not a non-negative integer"),
+    (dict(step=2.5), r"holds step=2.5, not a non-negative integer"),
+    (dict(step="10"), r"holds step='10', not a non-negative integer"),
+    (dict(optimizer=None), r"holds no optimizer state, so it cannot be resumed: start a new run .*--init_from="),
+    (dict(optimizer={"state": {}, "param_groups": [{"params": [0]}]}),
+     r"its optimizer state does not fit this model \(ValueError: .*\): it is damaged or of another model"),
+])
+def test_a_checkpoint_with_wrong_contents_stops_resume_in_one_line(base, tmp_path, change, message):
+    d = _edited(base, tmp_path, **change)
+    with pytest.raises(SystemExit, match=message) as e:
+        run(d, "--resume=True", "--max_iters=12")
+    assert "\n" not in str(e.value)
+
+
+def test_weights_that_do_not_fit_stop_resume_in_one_line(base, tmp_path):
+    ckpt = torch.load(base / "ckpt.pt", weights_only=True)
+    d = _edited(base, tmp_path, model={**ckpt["model"], "lm_head.weight": torch.zeros(3, 3)})
+    with pytest.raises(SystemExit, match=r"its weights do not fit this model \(RuntimeError: .*\): resume") as e:
+        run(d, "--resume=True", "--max_iters=12")
+    assert "\n" not in str(e.value)
+
+
+# ---- one train.py per out_dir ------------------------------------------------------------
+
+def test_an_out_dir_in_use_is_refused_and_a_stale_lock_is_taken_over(copy, capsys):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (copy / "train.lock").write_text(f"{sleeper.pid}\n")
+        log = (copy / "log.jsonl").read_text()
+        with pytest.raises(SystemExit, match=rf"^\S+ is in use by train.py process {sleeper.pid} \(.*train.lock\): "
+                                             r"wait for it to end, or train in another --out_dir$"):
+            run(copy, "--resume=True", "--max_iters=12")
+        assert (copy / "log.jsonl").read_text() == log
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    run(copy, "--resume=True", "--max_iters=12", "--eval_interval=100")  # its process is gone: stale
+    assert re.search(rf"note: .*train.lock was left by process {sleeper.pid}, which is gone: taking it over",
+                     capsys.readouterr().out)
+    assert not (copy / "train.lock").exists()  # released at the end
+
+
+def test_the_lock_is_held_during_the_run_and_released_on_a_stop(tmp_path, monkeypatch):
+    seen = []
+    real = train.train_step
+
+    def step(*a):
+        seen.append((tmp_path / "train.lock").read_text().strip())
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "train_step", step)
+    with pytest.raises(SystemExit, match="interrupted at step 0"):
+        run(tmp_path, "--max_iters=4")
+    assert seen == [str(os.getpid())] and not (tmp_path / "train.lock").exists()
+    monkeypatch.setattr(train, "train_step", real)
