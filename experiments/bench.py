@@ -3,9 +3,12 @@
     python -m experiments.bench --config small                       # any train.py key can be overridden
     python -m experiments.bench --config small --block_size=8192 --batch_size=2
     python -m experiments.bench --config small --profile=True        # top kernels of each mode's step
+    python -m experiments.bench --config base --block_size=4096 --batch_size=8 --sdpa=default,cudnn,flash
 
-Prints tokens/s, model FLOPs utilisation, peak memory and the step-time ratio MemDLM/MDLM
-(on the CPU: no MFU and no peak memory, "-" in the table).
+Prints tokens/s, model FLOPs utilisation, peak memory, the attention kernel that ran and the
+step-time ratio MemDLM/MDLM (on the CPU: no MFU and no peak memory, "-" in the table).
+--sdpa times each named SDPA backend in turn (default: torch's own choice), each compiled afresh
+under torch.nn.attention.sdpa_kernel: a graph compiled once keeps the kernel it was traced with.
 Steps are timed with CUDA events after a warm-up (compilation included there); the median
 of --steps steps is reported. MFU counts the model's useful work per token,
 6 N + 12 n_layer n_embd T (the second term: full bidirectional attention, forward and
@@ -20,8 +23,12 @@ import torch
 import train
 
 BENCH = dict(steps=30, warmup=8, profile=False, modes="mdlm,memdlm",
-             sample_from="", prompt_lens="1024,4096", gen_len=128, block=32, sample_batch=8, threshold=0.9)
+             sample_from="", prompt_lens="1024,4096", gen_len=128, block=32, sample_batch=8, threshold=0.9,
+             sdpa="default")
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
+# the aten op of each SDPA backend, as the profiler names it (its _backward too)
+SDPA_OPS = {"cudnn": "_scaled_dot_product_cudnn_attention", "flash": "_scaled_dot_product_flash_attention",
+            "efficient": "_scaled_dot_product_efficient_attention", "math": "_scaled_dot_product_attention_math"}
 
 
 def parse(argv):
@@ -51,6 +58,8 @@ def check(bench):
     lens = bench["prompt_lens"].split(",")
     if not all(v.strip().isdigit() and int(v) >= 1 for v in lens):
         raise SystemExit(f"--prompt_lens={bench['prompt_lens']}: a comma list of positive integers, e.g. 1024,4096")
+    if not set(bench["sdpa"].split(",")) <= {"default", *SDPA_OPS}:
+        raise SystemExit(f"--sdpa={bench['sdpa']}: a comma list of default, {', '.join(SDPA_OPS)}")
     if bench["gen_len"] % bench["block"]:
         raise SystemExit(f"--gen_len={bench['gen_len']} must be a multiple of --block={bench['block']}")
 
@@ -117,17 +126,20 @@ def bench_training(cfg, mem, bench, device):
             dt = time.perf_counter() - t0
         if i >= bench["warmup"]:
             times.append(dt)
-    if bench["profile"]:
-        from torch.profiler import ProfilerActivity, profile
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-        with profile(activities=acts) as prof:
-            for i in range(5):
-                train.train_step(nets, opt, batches[i % 4], cfg, mcfg, train.step_generator(cfg["seed"], i, 0, device)[0])
-            if on_gpu:
-                torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total" if on_gpu else "cpu_time_total", row_limit=25))
     peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else float("nan")
-    return statistics.median(times), peak, raw_model
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu and bench["profile"] else [])
+    with profile(activities=acts) as prof:  # after the timing: which attention kernel the compiled step calls
+        for i in range(5 if bench["profile"] else 1):
+            train.train_step(nets, opt, batches[i % 4], cfg, mcfg, train.step_generator(cfg["seed"], i, 0, device)[0])
+        if on_gpu:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    if bench["profile"]:
+        print(events.table(sort_by="cuda_time_total" if on_gpu else "cpu_time_total", row_limit=25))
+    names = {e.key for e in events}
+    kernel = "+".join(k for k, op in SDPA_OPS.items() if any(op in n for n in names)) or "unfused"
+    return statistics.median(times), peak, raw_model, kernel
 
 
 def timed(fn, on_gpu):
@@ -212,27 +224,50 @@ def _main(argv):
     if not (peak and on_gpu):
         print("note: " + ("on the CPU, MFU and peak memory are not measured (no peak FLOP/s, no CUDA memory "
                           "statistics): -" if not on_gpu else "MFU is not measured (this GPU's peak is unknown): -"))
-    print("| mode | parameters | step (median) | tokens/s | MFU | peak memory |\n|---|---|---|---|---|---|")
-    rows = {}
-    for mode in bench["modes"].split(","):
-        dt, mem_gib, raw_model = bench_training(cfg, mode == "memdlm", bench, device)
-        n = raw_model.num_params()
-        mfu = model_flops_per_token(n, raw_model.cfg, cfg["block_size"]) * tokens / dt / peak if peak else None
-        rows[mode], model_cfg = dt, raw_model.cfg
-        print(f"| {mode} | {n / 1e6:.1f}M | {dt * 1e3:.2f} ms | {tokens / dt:,.0f} tok/s | "
-              f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | {f'{mem_gib:.2f} GiB' if on_gpu else '-'} |")
-        del raw_model
-        if on_gpu:
-            torch.cuda.empty_cache()
-    if "mdlm" in rows and "memdlm" in rows:
-        ratio = rows["memdlm"] / rows["mdlm"]
-        mem_cfg = train.MemoryConfig.from_config(cfg)
-        if mem_cfg.trajectory == "anchor" and mem_cfg.scope == "response":
-            floor = flop_floor(model_cfg, mem_cfg, cfg["block_size"])
-            print(f"step-time ratio MemDLM/MDLM: {ratio:.2f}; FLOP floor {floor:.2f} "
-                  f"(measured {100 * (ratio / floor - 1):+.1f}% over it)")
-        else:
-            print(f"step-time ratio MemDLM/MDLM: {ratio:.2f}")
+    print("| SDPA | mode | parameters | step (median) | tokens/s | MFU | peak memory | kernel |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for backend in bench["sdpa"].split(","):
+        rows = {}
+        for mode in bench["modes"].split(","):
+            torch._dynamo.reset()  # compile afresh under this backend
+            try:
+                with sdpa_backend(backend):
+                    dt, mem_gib, raw_model, kernel = bench_training(cfg, mode == "memdlm", bench, device)
+            except RuntimeError as e:  # a backend this card, dtype or shape does not support
+                if "No viable backend" not in str(e):
+                    raise
+                print(f"| {backend} | {mode} | | | | | | not available here |")
+                continue
+            n = raw_model.num_params()
+            mfu = model_flops_per_token(n, raw_model.cfg, cfg["block_size"]) * tokens / dt / peak if peak else None
+            rows[mode], model_cfg = dt, raw_model.cfg
+            print(f"| {backend} | {mode} | {n / 1e6:.1f}M | {dt * 1e3:.2f} ms | {tokens / dt:,.0f} tok/s | "
+                  f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | {f'{mem_gib:.2f} GiB' if on_gpu else '-'} | {kernel} |")
+            del raw_model
+            if on_gpu:
+                torch.cuda.empty_cache()
+        if "mdlm" in rows and "memdlm" in rows:
+            print_ratio(rows["memdlm"] / rows["mdlm"], model_cfg, cfg, backend)
+
+
+def sdpa_backend(name):
+    """torch's own choice of attention kernel ("default"), or that one backend alone."""
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    return nullcontext() if name == "default" else sdpa_kernel([backends[name]])
+
+
+def print_ratio(ratio, model_cfg, cfg, backend):
+    mem_cfg = train.MemoryConfig.from_config(cfg)
+    if mem_cfg.trajectory == "anchor" and mem_cfg.scope == "response":
+        floor = flop_floor(model_cfg, mem_cfg, cfg["block_size"])
+        print(f"SDPA {backend}: step-time ratio MemDLM/MDLM: {ratio:.2f}; FLOP floor {floor:.2f} "
+              f"(measured {100 * (ratio / floor - 1):+.1f}% over it)")
+    else:
+        print(f"SDPA {backend}: step-time ratio MemDLM/MDLM: {ratio:.2f}")
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -8,15 +8,24 @@ from experiments import bench
 import train
 
 
-def test_training_bench_prints_both_modes_and_the_ratio(capsys):
-    bench.main(["--config", "tiny", "--steps=2", "--warmup=1", "--device=cpu"])
+def test_training_bench_prints_both_modes_the_kernel_and_the_ratio(capsys):
+    bench.main(["--config", "tiny", "--steps=2", "--warmup=1", "--device=cpu", "--sdpa=default,math"])
     out = capsys.readouterr().out
     # a table with its header; on the CPU what is not measured is "-", and a note says so (no "nan")
-    assert "| mode | parameters | step (median) | tokens/s | MFU | peak memory |\n|---|---|---|---|---|---|\n" in out
-    for mode in ("mdlm", "memdlm"):
-        assert re.search(rf"\n\| {mode} \| 0\.\dM \| [\d.]+ ms \| [\d,]+ tok/s \| - \| - \|\n", out)
+    assert ("| SDPA | mode | parameters | step (median) | tokens/s | MFU | peak memory | kernel |\n"
+            "|---|---|---|---|---|---|---|---|\n") in out
+    # the profiler names the kernel that ran: torch's CPU choice is its flash kernel; --sdpa=math forces math
+    for backend, kernel in (("default", "flash"), ("math", "math")):
+        for mode in ("mdlm", "memdlm"):
+            assert re.search(rf"\n\| {backend} \| {mode} \| 0\.\dM \| [\d.]+ ms \| [\d,]+ tok/s \| - \| - \| {kernel} \|\n",
+                             out), out
+        assert re.search(rf"SDPA {backend}: step-time ratio MemDLM/MDLM: \d+\.\d\d; FLOP floor \d\.\d\d "
+                         r"\(measured [+-]\d+\.\d% over it\)", out)
     assert "note: on the CPU, MFU and peak memory are not measured" in out and "nan" not in out
-    assert re.search(r"step-time ratio MemDLM/MDLM: \d+\.\d\d; FLOP floor \d\.\d\d \(measured [+-]\d+\.\d% over it\)", out)
+    bench.main(["--config", "tiny", "--steps=1", "--warmup=0", "--device=cpu", "--sdpa=efficient", "--modes=mdlm"])
+    assert "| efficient | mdlm | | | | | | not available here |" in capsys.readouterr().out  # a CUDA kernel
+    with pytest.raises(SystemExit, match=r"^--sdpa=flash,fast: a comma list of default, cudnn, flash, efficient, math$"):
+        bench.main(["--config", "tiny", "--device=cpu", "--sdpa=flash,fast"])
 
 
 def test_sampling_bench_and_its_errors(tmp_path, capsys):
@@ -64,10 +73,10 @@ def test_mfu_counts_6n_and_full_attention(monkeypatch, capsys):
     dt, tokens = 0.5, 8 * 64
     peak = (6 * N + 12 * 2 * 64 * 64) * tokens / dt / 0.5  # 50% MFU exactly
     monkeypatch.setattr(bench, "peak_flops", lambda device: (peak, "a fake peak"))
-    monkeypatch.setattr(bench, "bench_training", lambda cfg, mem, b, device: (dt, float("nan"), model))
+    monkeypatch.setattr(bench, "bench_training", lambda cfg, mem, b, device: (dt, float("nan"), model, "flash"))
     bench.main(["--config", "tiny", "--device=cpu", "--modes=mdlm"])
     out = capsys.readouterr().out
-    assert re.search(r"\| mdlm \| 0\.\dM \| 500\.00 ms \| 1,024 tok/s \| 50\.0% \| - \|", out), out
+    assert re.search(r"\| mdlm \| 0\.\dM \| 500\.00 ms \| 1,024 tok/s \| 50\.0% \| - \| flash \|", out), out
 
 
 def test_bench_ctrl_c_is_one_line(monkeypatch):
