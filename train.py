@@ -560,6 +560,12 @@ def start_run(cfg):
         run.device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
         if run.device != "cpu":
             torch.cuda.set_device(run.device)
+        configs = [None] * run.world  # ranks started with other settings would train a mixed run
+        torch.distributed.all_gather_object(configs, cfg)
+        differ = rank_mismatch(configs)
+        if differ:
+            torch.distributed.destroy_process_group()
+            raise SystemExit(differ)
         if cfg["compile_mode"] == "reduce-overhead":  # CUDA graphs are kept to one process
             run.cfg = cfg = {**cfg, "compile_mode": "default"}
             if run.master:
@@ -579,6 +585,17 @@ def start_run(cfg):
             release_lock(run)
             raise
     return run
+
+
+def rank_mismatch(configs):
+    """The one line naming each setting in which the ranks' configs (parse_config's, one per rank)
+    differ, with every rank's value; None if they agree."""
+    keys = [k for k in configs[0] if any(c[k] != configs[0][k] for c in configs[1:])]
+    if not keys:
+        return None
+    values = "; ".join(f"{k} (" + ", ".join(f"rank {r}: {c[k]!r}" for r, c in enumerate(configs)) + ")"
+                       for k in keys)
+    return f"the torchrun ranks were started with different settings: {values}; start every rank with the same arguments"
 
 
 def take_lock(run):

@@ -9,6 +9,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -719,3 +720,27 @@ def test_the_lock_is_held_during_the_run_and_released_on_a_stop(tmp_path, monkey
         run(tmp_path, "--max_iters=4")
     assert seen == [str(os.getpid())] and not (tmp_path / "train.lock").exists()
     monkeypatch.setattr(train, "train_step", real)
+
+
+# ---- torchrun ranks run one config -------------------------------------------------------
+
+def test_torchrun_ranks_started_with_different_settings_stop_in_one_line_naming_the_key(tmp_path):
+    with socket.socket() as s:  # a free port for the ranks' rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "WORLD_SIZE": "2"}
+    ranks = [subprocess.Popen([sys.executable, "train.py", "--config", "tiny", f"--out_dir={tmp_path / 'run'}",
+                               f"--mem={mem}"], cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r, mem in enumerate(("True", "False"))]
+    try:
+        errs = [p.communicate(timeout=60)[1] for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    for p, err in zip(ranks, errs):  # every rank stops, with the same line
+        assert p.returncode == 1 and "Traceback" not in err, err[-500:]
+        assert err.strip().splitlines()[-1] == ("the torchrun ranks were started with different settings: mem (rank 0: "
+                                                "True, rank 1: False); start every rank with the same arguments")
+    assert not (tmp_path / "run").exists()  # before any work
