@@ -97,6 +97,9 @@ RESUME_FREE = ("out_dir", "resume", "overwrite", "init_from", "device", "compile
                "data_workers")
 LOCK_NAME = "train.lock"  # out_dir is held by one train.py at a time
 KEPT_SUFFIX = ".before-overwrite"  # --overwrite=True: the earlier run's files until the new run's first checkpoint
+# how torch reports a tensor it cannot allocate (CUDA, CPU, a size past int64)
+ALLOC_FAILED = ("out of memory", "can't allocate memory", "not enough memory", "Storage size calculation overflowed")
+SIZE_KEYS = ("n_layer", "n_embd", "batch_size", "block_size")  # what sets the memory of the model and its step
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
@@ -504,6 +507,14 @@ class Run:
                 raise SystemExit(f"step {step}: {name} is {v}: training stopped, {kept}; lower --lr or --mem_lr, "
                                  f"then {then}{self.kept_note()}")
 
+    def too_big(self, e):
+        """The one line of a tensor that could not be allocated (the model, a batch, a step's activations)."""
+        sizes = ", ".join(f"--{k}={self.cfg[k]}" for k in SIZE_KEYS)
+        then = (f"try a smaller --batch_size: the checkpoint of step {self.saved} is unchanged, continue with "
+                f"--resume=True" if self.saved is not None else
+                "try smaller values: no checkpoint was written, run again with --overwrite=True")
+        return f"cannot allocate memory for {sizes} ({' '.join(str(e).split())[:200]}): {then}{self.kept_note()}"
+
     def kept_note(self):
         return f" (the earlier run is kept as {', '.join(self.kept)})" if self.kept else ""
 
@@ -748,6 +759,10 @@ def main(argv):
     run = start_run(cfg)
     try:
         train_run(run, argv)
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        if not any(s in str(e) for s in ALLOC_FAILED):
+            raise
+        raise SystemExit(run.too_big(e)) from None
     finally:
         release_lock(run)
 

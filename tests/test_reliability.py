@@ -744,3 +744,27 @@ def test_torchrun_ranks_started_with_different_settings_stop_in_one_line_naming_
         assert err.strip().splitlines()[-1] == ("the torchrun ranks were started with different settings: mem (rank 0: "
                                                 "True, rank 1: False); start every rank with the same arguments")
     assert not (tmp_path / "run").exists()  # before any work
+
+
+# ---- sizes that cannot be allocated ------------------------------------------------------
+
+@pytest.mark.parametrize("arg", ["--n_embd=1099511627776",  # a 1.4 PB embedding: refused at once, nothing taken
+                                 "--n_embd=4611686018427387904",  # its byte count overflows int64
+                                 "--batch_size=1000000000000"],  # the first batch (step 0's evaluation)
+                         ids=["model", "model_overflow", "batch"])
+def test_sizes_that_cannot_be_allocated_stop_in_one_line_naming_them(tmp_path, arg):
+    with pytest.raises(SystemExit, match=r"^cannot allocate memory for --n_layer=2, --n_embd=\d+, --batch_size=\d+, "
+                                         r"--block_size=64 \(.*\): try smaller values: no checkpoint was written, "
+                                         r"run again with --overwrite=True$") as e:
+        run(tmp_path, "--max_iters=2", arg)
+    assert "\n" not in str(e.value) and arg in str(e.value)
+    assert not (tmp_path / "train.lock").exists()
+
+
+def test_a_batch_that_cannot_be_allocated_on_resume_keeps_the_checkpoint(copy):
+    before = digest(copy / "ckpt.pt")
+    with pytest.raises(SystemExit, match=r"^cannot allocate memory for .*--batch_size=1000000000000.*: try a smaller "
+                                         r"--batch_size: the checkpoint of step 10 is unchanged, continue with "
+                                         r"--resume=True$"):
+        run(copy, "--resume=True", "--max_iters=12", "--batch_size=1000000000000")
+    assert digest(copy / "ckpt.pt") == before
