@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from data.tokenizer import decode, get_encoding, open_split
-from memory import ADAPT_RATIO, MemoryConfig, adapt as adapt_memory, flat, unflat
+from memory import ADAPT_RATIO, MemoryConfig, adapt as adapt_memory, flat, inner_step, unflat
 from model import KVCache, autocast, load_model, pick_device, proposal_logits, seeded_generator
 from niah import make_example, parse_tasks
 
@@ -46,6 +46,7 @@ REMASKING = ("low_confidence", "random")
 GEN_LEN, BLOCK_LEN = 128, 32  # the command line's defaults: 4 blocks of 32, one token per step (a checkpoint's
 # sample_block_len, from its train.py preset, replaces BLOCK_LEN)
 MASK_CHAR, NEWLINE_CHAR = "█", "⏎"  # --show: a masked position, a newline
+PROGRESS_DELAY = 1.0  # seconds of work before a progress bar shows: long work never looks hung, short work prints none
 
 
 def pad_batch(seqs, pad_id):
@@ -109,20 +110,29 @@ def choose(confidence, masked, n_reveal, threshold=None):
     return masked & (rank < n)
 
 
-def write_memory(model, prompts, mcfg, *, ratio=ADAPT_RATIO, generator=None):
+def write_memory(model, prompts, mcfg, *, ratio=ADAPT_RATIO, generator=None, progress=False):
     """Each prompt written into its own fresh fast weights by memory.adapt (mcfg's K and inner lr,
-    anchor mask ratio `ratio`). Returns (fast, per-step losses [B])."""
+    anchor mask ratio `ratio`). progress: a bar (stderr) of the inner steps. Returns (fast, per-step losses [B])."""
     if not all(prompts):
         raise ValueError("adapt=True writes the prompt into the memory: every row needs a non-empty prompt")
     device = next(model.parameters()).device
-    if not isinstance(generator, (list, tuple)):  # one padded batch, the rows sharing one stream
-        ids, key_pad = pad_batch(prompts, model.cfg.eot_id)
-        return adapt_memory(model, ids.to(device), mcfg, key_pad=key_pad.to(device) if key_pad.any() else None,
-                            ratio=ratio, generator=generator)
-    # memory.adapt draws a whole batch's masks and phi_0 from one generator: rows with a generator
-    # of their own adapt one at a time, so each gets exactly its memory alone
-    rows = [adapt_memory(model, torch.tensor([p], device=device), mcfg, ratio=ratio, generator=g)
-            for p, g in zip(prompts, generator)]
+    per_row = isinstance(generator, (list, tuple))
+    bar = tqdm(total=mcfg.steps * (len(prompts) if per_row else 1), disable=not progress, desc="adapt", leave=False,
+               delay=PROGRESS_DELAY, dynamic_ncols=True)
+
+    def counted(*a):  # memory.inner_step, one tick of the bar each
+        out = inner_step(*a)
+        bar.update()
+        return out
+    with bar:
+        if not per_row:  # one padded batch, the rows sharing one stream
+            ids, key_pad = pad_batch(prompts, model.cfg.eot_id)
+            return adapt_memory(model, ids.to(device), mcfg, key_pad=key_pad.to(device) if key_pad.any() else None,
+                                ratio=ratio, generator=generator, inner_step=counted)
+        # memory.adapt draws a whole batch's masks and phi_0 from one generator: rows with a generator
+        # of their own adapt one at a time, so each gets exactly its memory alone
+        rows = [adapt_memory(model, torch.tensor([p], device=device), mcfg, ratio=ratio, generator=g,
+                             inner_step=counted) for p, g in zip(prompts, generator)]
     fast = unflat(rows[0][0], [torch.cat(ts) for ts in zip(*(flat(f) for f, _ in rows))])
     return fast, [torch.cat(ls) for ls in zip(*(losses for _, losses in rows))]
 
@@ -168,7 +178,8 @@ def generate(model, prompts, *, gen_len=64, steps=64, block_len=None, temperatur
     (write_memory: mcfg's K and inner lr, anchor ratio adapt_ratio), or with memory_prompts the
     memory of those prompts instead, one per row (write-then-hide decodes a prompt with its needle
     cut out with the memory of the whole one). prefix_cache: see
-    block_logits_cached. on_step(generated part) after every step (--show)."""
+    block_logits_cached. progress: bars (stderr) of the adapt and the unmasking steps, once they
+    take PROGRESS_DELAY seconds. on_step(generated part) after every step (--show)."""
     if remasking not in REMASKING or not 0 <= temperature < math.inf:
         raise ValueError(f"remasking must be one of {REMASKING} and temperature a finite number >= 0, got "
                          f"{remasking!r}, {temperature}")
@@ -184,9 +195,10 @@ def generate(model, prompts, *, gen_len=64, steps=64, block_len=None, temperatur
     gen_pos = torch.tensor([len(p) for p in prompts], device=device)[:, None] + torch.arange(gen_len, device=device)
     with autocast(device):
         written = prompts if memory_prompts is None else memory_prompts
-        fast, losses = write_memory(model, written, mcfg or MemoryConfig(), ratio=adapt_ratio, generator=generator) \
-            if adapt else (None, None)
-        bar = tqdm(total=steps, disable=not progress, desc="unmasking", leave=False, dynamic_ncols=True)
+        fast, losses = write_memory(model, written, mcfg or MemoryConfig(), ratio=adapt_ratio, generator=generator,
+                                    progress=progress) if adapt else (None, None)
+        bar = tqdm(total=steps, disable=not progress, desc="unmasking", leave=False, delay=PROGRESS_DELAY,
+                   dynamic_ncols=True)
         for start in range(0, gen_len, block_len):
             active = gen_pos[:, start:]  # this block and the masked blocks after it
             block = active[:, :block_len]  # the canvas positions of this block [B, L]
@@ -290,6 +302,13 @@ def layout(a, gen_len, block=BLOCK_LEN):
 
 
 def main(argv=None):
+    try:
+        _main(argv)
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: sampling stopped (sample.py writes no file); run the command again") from None
+
+
+def _main(argv):
     p = argparse.ArgumentParser(description="Sample from a checkpoint of train.py by iterative unmasking.")
     p.add_argument("--out_dir", default="out", help="directory holding ckpt.pt (default out: train.py --config small)")
     src = p.add_mutually_exclusive_group()
@@ -384,7 +403,7 @@ def main(argv=None):
     out, losses = generate(model, [prompt] * a.num_samples, gen_len=a.gen_len, steps=steps, block_len=block_len,
                            temperature=temperature, remasking=a.remasking, threshold=a.threshold, generator=gens,
                            adapt=a.adapt, mcfg=mcfg, adapt_ratio=a.adapt_ratio, prefix_cache=a.prefix_cache,
-                           progress=steps >= 64 and not a.show, on_step=show if a.show else None)
+                           progress=not a.show, on_step=show if a.show else None)
     bad = next((k for k, v in enumerate(losses or []) if not v.isfinite().all()), None)
     if bad is not None:  # the memory holds NaN or infinite weights: the samples would be noise
         raise SystemExit(f"--adapt: the inner loss of step {bad + 1} is not finite "

@@ -386,7 +386,8 @@ def evaluate(nets, data, cfg, mcfg, device):
     raw.eval()
     modes = (False, True) if cfg["mem"] else (False,)
     losses, hits = {mem: [] for mem in modes}, {}  # hits: task (or None) -> [correct, total]
-    for i in range(cfg["eval_iters"]):
+    # a bar once it takes a second: a long eval_iters never looks hung (Ctrl-C in it ends as in a step)
+    for i in tqdm(range(cfg["eval_iters"]), desc="eval", leave=False, delay=1.0, dynamic_ncols=True):
         batch, tasks = data.batch("val", step_generator(cfg["seed"] + 1, i, 0, device)[1], with_tasks=True)
         with nets.ctx:
             for mem in modes:  # a fresh generator each: both see the same t and masks

@@ -768,3 +768,51 @@ def test_a_batch_that_cannot_be_allocated_on_resume_keeps_the_checkpoint(copy):
                                          r"--resume=True$"):
         run(copy, "--resume=True", "--max_iters=12", "--batch_size=1000000000000")
     assert digest(copy / "ckpt.pt") == before
+
+
+# ---- long work shows progress; Ctrl-C in it is one line ----------------------------------
+
+def recording_bars(monkeypatch, module):
+    """Every tqdm bar module makes, recorded (a bar shows once its work takes PROGRESS_DELAY)."""
+    bars = []
+
+    class Recorded(module.tqdm):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            bars.append(self)
+    monkeypatch.setattr(module, "tqdm", Recorded)
+    return bars
+
+
+def test_evaluation_has_a_progress_bar_and_ctrl_c_in_it_is_one_line(tmp_path, monkeypatch):
+    bars = recording_bars(monkeypatch, train)
+    run(tmp_path / "a", "--max_iters=2", "--eval_interval=100", "--eval_iters=3")
+    assert [(b.total, b.n, b.delay > 0) for b in bars if b.desc == "eval"] == [(3, 3, True)] * 2  # steps 0 and 2
+    real, calls = train.batch_loss, []
+
+    def interrupted(*a):
+        calls.append(1)
+        if len(calls) == 2:  # step 0's evaluation, its second batch
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(train, "batch_loss", interrupted)
+    with pytest.raises(SystemExit, match=r"^interrupted at step 0, before the first checkpoint: nothing to resume, "
+                                         r"run the command again with --overwrite=True$"):
+        run(tmp_path / "b", "--max_iters=2", "--eval_iters=3")
+
+
+def test_adapt_has_a_progress_bar_and_ctrl_c_in_it_is_one_line(base, monkeypatch, capsys):
+    bars = recording_bars(monkeypatch, sample)
+    argv = [f"--out_dir={base}", "--prompt=Hello", "--gen_len=4", "--adapt", "--adapt_steps=5", "--num_samples=2",
+            "--device=cpu"]
+    sample.main(argv)
+    assert {b.desc: (b.total, b.n) for b in bars} == {"adapt": (10, 10), "unmasking": (4, 4)}  # 5 steps a sample
+    capsys.readouterr()
+
+    def interrupted(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sample, "inner_step", interrupted)
+    with pytest.raises(SystemExit, match=r"^interrupted: sampling stopped \(sample.py writes no file\); run the "
+                                         r"command again$"):
+        sample.main(argv)
+    assert "sample 1/2" not in capsys.readouterr().out
