@@ -29,7 +29,9 @@ tokens for the small preset), from a line start to a word end inside a sentence 
 import argparse
 import math
 import random
+import os
 import re
+import shlex
 import sys
 from dataclasses import replace
 
@@ -41,6 +43,7 @@ from data.tokenizer import decode, get_encoding, open_split
 from memory import ADAPT_RATIO, MemoryConfig, adapt as adapt_memory, flat, inner_step, unflat
 from model import KVCache, autocast, load_model, pick_device, proposal_logits, seeded_generator
 from niah import make_example, parse_tasks
+from train import PRESETS
 
 REMASKING = ("low_confidence", "random")
 GEN_LEN, BLOCK_LEN = 128, 32  # the command line's defaults: 4 blocks of 32, one token per step (a checkpoint's
@@ -301,6 +304,20 @@ def layout(a, gen_len, block=BLOCK_LEN):
     return steps, block_len
 
 
+def no_checkpoint(out_dir, device, argv):
+    """The one line for sample.py with no checkpoint in the default out_dir (train.py --config
+    small's): where the CPU recipe's checkpoint is, or how to train one on this machine."""
+    cpu_dir = PRESETS["cpu"]["out_dir"]
+    again = shlex.join(["python", "sample.py", f"--out_dir={cpu_dir}", *argv])
+    if os.path.exists(os.path.join(cpu_dir, "ckpt.pt")):
+        return (f"no checkpoint in {out_dir}/ (python train.py --config small writes it); {cpu_dir}/ holds the CPU "
+                f"recipe's: {again}")
+    if device == "cpu":
+        return (f"no checkpoint in {out_dir}/: train one first; without a GPU, python train.py --config cpu (under "
+                f"10 minutes on 2 cores), then {again}")
+    return f"no checkpoint in {out_dir}/: train one first, python train.py --config small (a few minutes on one GPU)"
+
+
 def main(argv=None):
     try:
         _main(argv)
@@ -373,6 +390,8 @@ def _main(argv):
         raise SystemExit("--adapt writes the prompt into the memory: give a prompt, or none for a held-out passage")
 
     device = pick_device(a.device)
+    if a.out_dir == p.get_default("out_dir") and not os.path.exists(os.path.join(a.out_dir, "ckpt.pt")):
+        raise SystemExit(no_checkpoint(a.out_dir, device, sys.argv[1:] if argv is None else argv))
     model, cfg = load_model(a.out_dir, device, usable_for="sample")
     enc = get_encoding(cfg["tokenizer"])
     if a.stats and cfg["dataset"] == "niah":  # before any sampling

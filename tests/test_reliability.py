@@ -816,3 +816,25 @@ def test_adapt_has_a_progress_bar_and_ctrl_c_in_it_is_one_line(base, monkeypatch
                                          r"command again$"):
         sample.main(argv)
     assert "sample 1/2" not in capsys.readouterr().out
+
+
+# ---- sample.py with no checkpoint where it looks first ------------------------------------
+
+def test_sample_without_a_checkpoint_in_out_points_to_the_cpu_recipe(base, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # out/ and out-cpu/ are relative to where sample.py runs
+    with pytest.raises(SystemExit, match=r"^no checkpoint in out/: train one first; without a GPU, python train.py "
+                                         r"--config cpu \(under 10 minutes on 2 cores\), then python sample.py "
+                                         r"--out_dir=out-cpu --adapt$"):
+        sample.main(["--adapt"])
+    real = sample.pick_device
+    monkeypatch.setattr(sample, "pick_device", lambda name: "cuda")  # the same on a machine with a GPU
+    with pytest.raises(SystemExit, match=r"^no checkpoint in out/: train one first, python train.py --config small "):
+        sample.main(["--adapt"])
+    monkeypatch.setattr(sample, "pick_device", real)
+    shutil.copytree(base, tmp_path / "out-cpu")  # the CPU recipe was trained: the line names its command
+    with pytest.raises(SystemExit, match=r"^no checkpoint in out/ \(python train.py --config small writes it\); "
+                                         r"out-cpu/ holds the CPU recipe's: python sample.py --out_dir=out-cpu "
+                                         r"--prompt=Hi --gen_len=4$") as e:
+        sample.main(["--prompt=Hi", "--gen_len=4"])
+    sample.main(shlex.split(str(e.value).split(": python sample.py ")[1]))  # and that command samples
+    assert "sample 1/1" in capsys.readouterr().out
