@@ -435,13 +435,11 @@ def read_log(path):
     return recs
 
 
-def summarize(log_path, start, ev, wall, device):
-    """One record for the results table: the last log steps' mean train loss, the final eval
-    losses, the median tokens/s (the first log step, with compilation, left out), peak memory."""
-    # this run's steps; a step logged twice (a crash, then resume) counts once, the last time
-    recs = list({r["step"]: r for r in read_log(log_path)
-                 if isinstance(r.get("loss"), float) and isinstance(r.get("tokens_per_s"), float)
-                 and r["step"] > start}.values())
+def summarize(records, ev, wall, device):
+    """One record for the results table, of this run's log records: the last log steps' mean train
+    loss, the final eval losses, the median tokens/s (the first log step, with compilation, left
+    out), the wall time of every run behind the model (wall), peak memory."""
+    recs = [r for r in records if isinstance(r.get("loss"), float) and isinstance(r.get("tokens_per_s"), float)]
     tail = recs[-4:]
     tps = sorted(r["tokens_per_s"] for r in recs[1:]) or [float("nan")]
     return {"train_loss": sum(r["loss"] for r in tail) / len(tail) if tail else None, **ev,
@@ -486,6 +484,9 @@ class Run:
     saved: int = None      # the step of the checkpoint in out_dir (None: none of this run)
     lock: str = None       # out_dir's train.lock while this process holds it (rank 0)
     kept: list = field(default_factory=list)  # --overwrite=True: the earlier run's files, until the first checkpoint
+    records: list = field(default_factory=list)  # what this process wrote to the log
+    wall_before: float = 0.0  # the training time of the runs before a resume (the checkpoint's wall_s)
+    t_start: float = None     # when this process's training began
 
     @property
     def master(self):
@@ -495,7 +496,12 @@ class Run:
     def ckpt_path(self):
         return os.path.join(self.cfg["out_dir"], "ckpt.pt")
 
+    def wall(self):
+        """Seconds of training behind the model now, over every resume."""
+        return self.wall_before + time.time() - self.t_start
+
     def write(self, rec):
+        self.records.append(rec)
         self.log.write(json_line(rec))
         self.log.flush()
 
@@ -524,7 +530,7 @@ class Run:
         self.stop_unless_finite(step, {"the largest |weight|": max_abs_weight(raw),
                                        **({"the train loss": last_loss.item()} if last_loss is not None else {})})
         save_checkpoint(self.ckpt_path, {"model": raw.state_dict(), "optimizer": opt.state_dict(), "config": self.cfg,
-                                         "model_args": asdict(raw.cfg), "step": step})
+                                         "model_args": asdict(raw.cfg), "step": step, "wall_s": self.wall()})
         self.saved = step
         for p in self.kept:  # the new run has its checkpoint: the earlier run's files go
             with suppress(FileNotFoundError):
@@ -690,7 +696,7 @@ def resumed_checkpoint(run):
     if changed and run.master:
         print(f"note: resuming with settings other than the checkpoint's ({', '.join(changed)}): "
               f"the run goes on with them, not as the uninterrupted run would have")
-    run.saved = ckpt["step"]
+    run.saved, run.wall_before = ckpt["step"], ckpt.get("wall_s", 0.0)  # older checkpoints hold no wall_s
     return ckpt
 
 
@@ -783,12 +789,15 @@ def train_run(run, argv):
     announce(run, raw, start, tokens_per_step)
     bar = tqdm(range(start, cfg["max_iters"]), initial=start, total=cfg["max_iters"], disable=not master,
                dynamic_ncols=True)
-    t_start = t_log = time.time()
+    run.t_start = t_log = time.time()
+    # the log holds the evaluation of the resumed checkpoint's step (made before it was saved): not again
+    evaluated = ckpt is not None and master and any(r.get("step") == start and "eval_loss" in r
+                                                    for r in read_log(run.log.name))
     step, loss = start, None
     on_term = sigterm_as_ctrl_c()
     try:
         for step in bar:
-            if step % cfg["eval_interval"] == 0 and master:
+            if step % cfg["eval_interval"] == 0 and master and not (step == start and evaluated):
                 run.evaluate(step, nets, eval_data)
                 if step > start:
                     run.checkpoint(step, raw, opt, loss)
@@ -810,10 +819,10 @@ def train_run(run, argv):
         step = max(start, cfg["max_iters"])
         if master:
             if cfg["max_iters"] > start:
-                wall, ev = time.time() - t_start, run.evaluate(step, nets, eval_data)
+                wall, ev = run.wall(), run.evaluate(step, nets, eval_data)
             run.checkpoint(step, raw, opt, loss)  # before the summary: nothing after the last step can cost it
             if cfg["max_iters"] > start:
-                run.write({"summary": summarize(run.log.name, start, ev, wall, device)})
+                run.write({"summary": summarize(run.records, ev, wall, device)})
     except KeyboardInterrupt:
         raise SystemExit(run.interrupted(step, argv)) from None
     finally:

@@ -95,7 +95,8 @@ def test_a_checkpoint_whose_pickle_calls_a_function_is_refused_and_never_runs(ba
 
 def test_what_train_saves_is_tensors_and_plain_values(base):
     ckpt = read_checkpoint(str(base / "ckpt.pt"))  # weights_only=True
-    assert ckpt["step"] == 10 and set(ckpt) == {"model", "optimizer", "config", "model_args", "step"}
+    assert ckpt["step"] == 10 and set(ckpt) == {"model", "optimizer", "config", "model_args", "step", "wall_s"}
+    assert isinstance(ckpt["wall_s"], float) and ckpt["wall_s"] > 0
     plain = (str, int, float, bool, type(None))
     assert all(isinstance(v, plain) for v in ckpt["config"].values())
     assert all(isinstance(v, plain) for v in ckpt["model_args"].values())
@@ -669,6 +670,8 @@ def _edited(base, tmp_path, **change):
     (dict(step=-1), r"holds step=-1, not a non-negative integer"),
     (dict(step=2.5), r"holds step=2.5, not a non-negative integer"),
     (dict(step="10"), r"holds step='10', not a non-negative integer"),
+    (dict(wall_s=-1.0), r"holds wall_s=-1.0, not a time in seconds"),
+    (dict(wall_s="1"), r"holds wall_s='1', not a time in seconds"),
     (dict(optimizer=None), r"holds no optimizer state, so it cannot be resumed: start a new run .*--init_from="),
     (dict(optimizer={"state": {}, "param_groups": [{"params": [0]}]}),
      r"its optimizer state does not fit this model \(ValueError: .*\): it is damaged or of another model"),
@@ -838,3 +841,22 @@ def test_sample_without_a_checkpoint_in_out_points_to_the_cpu_recipe(base, tmp_p
         sample.main(["--prompt=Hi", "--gen_len=4"])
     sample.main(shlex.split(str(e.value).split(": python sample.py ")[1]))  # and that command samples
     assert "sample 1/1" in capsys.readouterr().out
+
+
+# ---- a resumed run: each evaluation logged once, the wall time of the whole run ------------
+
+def test_a_resumed_run_logs_each_evaluation_once_and_sums_the_wall_time(base, tmp_path):
+    d = _edited(base, tmp_path, wall_s=1000.0)  # the earlier run's training time, as its checkpoint holds it
+    t0 = time.time()
+    run(d, "--resume=True", "--max_iters=20", "--eval_interval=10", "--log_interval=5")
+    elapsed = time.time() - t0
+    log = strict_log(d / "log.jsonl")
+    assert [r["step"] for r in log if "eval_loss" in r] == [0, 10, 20]  # step 10's evaluation is the earlier run's
+    wall = log[-1]["summary"]["wall_s"]
+    assert 1000 < wall <= read_checkpoint(str(d / "ckpt.pt"))["wall_s"] < 1000 + elapsed  # the checkpoint's too
+
+
+def test_a_resumed_step_missing_from_the_log_is_evaluated(tmp_path):
+    run(tmp_path, "--max_iters=0")  # a checkpoint of step 0, no evaluation
+    run(tmp_path, "--resume=True", "--max_iters=2", "--eval_interval=100")
+    assert [r["step"] for r in strict_log(tmp_path / "log.jsonl") if "eval_loss" in r] == [0, 2]
