@@ -264,19 +264,21 @@ def bernoulli_anchor(maskable, ratio, generator=None):
 
 
 @torch.no_grad()
-def adapt(model, prompt_ids, mcfg=None, *, key_pad=None, ratio=ADAPT_RATIO, steps=None, lr=None, generator=None):
+def adapt(model, prompt_ids, mcfg=None, *, key_pad=None, ratio=ADAPT_RATIO, steps=None, lr=None, generator=None,
+          inner_step=inner_step):
     """Inference-time memory (Sec. 4.5, "Train & Inference"): the inner loop on each prompt alone,
     into its own fresh fast weights. The anchor masks each (non-padding) prompt token with
     probability `ratio`, the pre-anchor pre_scale times as many; uniform weights (the mean NLL
     over the masked tokens). K and eta: mcfg's (a checkpoint's mem_steps, mem_lr) unless steps,
-    lr say otherwise. Returns (phi, losses)."""
+    lr say otherwise. inner_step: inner_step, or a wrapper of it (sample.py counts the steps).
+    Returns (phi, losses)."""
     mcfg = replace(mcfg or MemoryConfig(), weighting="uniform", trajectory="anchor")
     mcfg = replace(mcfg, steps=mcfg.steps if steps is None else steps, lr=mcfg.lr if lr is None else lr)
     rows = Rows(prompt_ids, torch.ones_like(prompt_ids, dtype=torch.bool) if key_pad is None else ~key_pad, key_pad)
     mask_t = bernoulli_anchor(rows.maskable, ratio, generator)
     fast = init_fast(model, len(prompt_ids), mcfg, generator)
     masks, _ = trajectory(mask_t, rows.maskable, mcfg, generator)
-    return inner_loop(model, fast, masks, rows, mcfg)
+    return inner_loop(model, fast, masks, rows, mcfg, inner_step=inner_step)
 
 
 # =======================================================================================

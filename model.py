@@ -366,6 +366,10 @@ def read_checkpoint(path, device="cpu"):
     if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
         raise SystemExit(f"{path} holds step={step!r}, not a non-negative integer: it is damaged; restore it or "
                          f"train again")
+    wall = ckpt.get("wall_s", 0.0)  # the training time behind it; older checkpoints hold none
+    if not (isinstance(wall, (int, float)) and not isinstance(wall, bool) and 0 <= wall < math.inf):
+        raise SystemExit(f"{path} holds wall_s={wall!r}, not a time in seconds: it is damaged; restore it or "
+                         f"train again")
     for k in ("config", "model_args", "model"):
         if not isinstance(ckpt[k], dict):
             raise SystemExit(f"{path} holds a {type(ckpt[k]).__name__} as {k}, not a dict: it is damaged; "

@@ -29,7 +29,9 @@ tokens for the small preset), from a line start to a word end inside a sentence 
 import argparse
 import math
 import random
+import os
 import re
+import shlex
 import sys
 from dataclasses import replace
 
@@ -38,14 +40,16 @@ import torch
 from tqdm import tqdm
 
 from data.tokenizer import decode, get_encoding, open_split
-from memory import ADAPT_RATIO, MemoryConfig, adapt as adapt_memory, flat, unflat
+from memory import ADAPT_RATIO, MemoryConfig, adapt as adapt_memory, flat, inner_step, unflat
 from model import KVCache, autocast, load_model, pick_device, proposal_logits, seeded_generator
 from niah import make_example, parse_tasks
+from train import PRESETS
 
 REMASKING = ("low_confidence", "random")
 GEN_LEN, BLOCK_LEN = 128, 32  # the command line's defaults: 4 blocks of 32, one token per step (a checkpoint's
 # sample_block_len, from its train.py preset, replaces BLOCK_LEN)
 MASK_CHAR, NEWLINE_CHAR = "█", "⏎"  # --show: a masked position, a newline
+PROGRESS_DELAY = 1.0  # seconds of work before a progress bar shows: long work never looks hung, short work prints none
 
 
 def pad_batch(seqs, pad_id):
@@ -109,20 +113,29 @@ def choose(confidence, masked, n_reveal, threshold=None):
     return masked & (rank < n)
 
 
-def write_memory(model, prompts, mcfg, *, ratio=ADAPT_RATIO, generator=None):
+def write_memory(model, prompts, mcfg, *, ratio=ADAPT_RATIO, generator=None, progress=False):
     """Each prompt written into its own fresh fast weights by memory.adapt (mcfg's K and inner lr,
-    anchor mask ratio `ratio`). Returns (fast, per-step losses [B])."""
+    anchor mask ratio `ratio`). progress: a bar (stderr) of the inner steps. Returns (fast, per-step losses [B])."""
     if not all(prompts):
         raise ValueError("adapt=True writes the prompt into the memory: every row needs a non-empty prompt")
     device = next(model.parameters()).device
-    if not isinstance(generator, (list, tuple)):  # one padded batch, the rows sharing one stream
-        ids, key_pad = pad_batch(prompts, model.cfg.eot_id)
-        return adapt_memory(model, ids.to(device), mcfg, key_pad=key_pad.to(device) if key_pad.any() else None,
-                            ratio=ratio, generator=generator)
-    # memory.adapt draws a whole batch's masks and phi_0 from one generator: rows with a generator
-    # of their own adapt one at a time, so each gets exactly its memory alone
-    rows = [adapt_memory(model, torch.tensor([p], device=device), mcfg, ratio=ratio, generator=g)
-            for p, g in zip(prompts, generator)]
+    per_row = isinstance(generator, (list, tuple))
+    bar = tqdm(total=mcfg.steps * (len(prompts) if per_row else 1), disable=not progress, desc="adapt", leave=False,
+               delay=PROGRESS_DELAY, dynamic_ncols=True)
+
+    def counted(*a):  # memory.inner_step, one tick of the bar each
+        out = inner_step(*a)
+        bar.update()
+        return out
+    with bar:
+        if not per_row:  # one padded batch, the rows sharing one stream
+            ids, key_pad = pad_batch(prompts, model.cfg.eot_id)
+            return adapt_memory(model, ids.to(device), mcfg, key_pad=key_pad.to(device) if key_pad.any() else None,
+                                ratio=ratio, generator=generator, inner_step=counted)
+        # memory.adapt draws a whole batch's masks and phi_0 from one generator: rows with a generator
+        # of their own adapt one at a time, so each gets exactly its memory alone
+        rows = [adapt_memory(model, torch.tensor([p], device=device), mcfg, ratio=ratio, generator=g,
+                             inner_step=counted) for p, g in zip(prompts, generator)]
     fast = unflat(rows[0][0], [torch.cat(ts) for ts in zip(*(flat(f) for f, _ in rows))])
     return fast, [torch.cat(ls) for ls in zip(*(losses for _, losses in rows))]
 
@@ -168,7 +181,8 @@ def generate(model, prompts, *, gen_len=64, steps=64, block_len=None, temperatur
     (write_memory: mcfg's K and inner lr, anchor ratio adapt_ratio), or with memory_prompts the
     memory of those prompts instead, one per row (write-then-hide decodes a prompt with its needle
     cut out with the memory of the whole one). prefix_cache: see
-    block_logits_cached. on_step(generated part) after every step (--show)."""
+    block_logits_cached. progress: bars (stderr) of the adapt and the unmasking steps, once they
+    take PROGRESS_DELAY seconds. on_step(generated part) after every step (--show)."""
     if remasking not in REMASKING or not 0 <= temperature < math.inf:
         raise ValueError(f"remasking must be one of {REMASKING} and temperature a finite number >= 0, got "
                          f"{remasking!r}, {temperature}")
@@ -184,9 +198,10 @@ def generate(model, prompts, *, gen_len=64, steps=64, block_len=None, temperatur
     gen_pos = torch.tensor([len(p) for p in prompts], device=device)[:, None] + torch.arange(gen_len, device=device)
     with autocast(device):
         written = prompts if memory_prompts is None else memory_prompts
-        fast, losses = write_memory(model, written, mcfg or MemoryConfig(), ratio=adapt_ratio, generator=generator) \
-            if adapt else (None, None)
-        bar = tqdm(total=steps, disable=not progress, desc="unmasking", leave=False, dynamic_ncols=True)
+        fast, losses = write_memory(model, written, mcfg or MemoryConfig(), ratio=adapt_ratio, generator=generator,
+                                    progress=progress) if adapt else (None, None)
+        bar = tqdm(total=steps, disable=not progress, desc="unmasking", leave=False, delay=PROGRESS_DELAY,
+                   dynamic_ncols=True)
         for start in range(0, gen_len, block_len):
             active = gen_pos[:, start:]  # this block and the masked blocks after it
             block = active[:, :block_len]  # the canvas positions of this block [B, L]
@@ -289,7 +304,28 @@ def layout(a, gen_len, block=BLOCK_LEN):
     return steps, block_len
 
 
+def no_checkpoint(out_dir, device, argv):
+    """The one line for sample.py with no checkpoint in the default out_dir (train.py --config
+    small's): where the CPU recipe's checkpoint is, or how to train one on this machine."""
+    cpu_dir = PRESETS["cpu"]["out_dir"]
+    again = shlex.join(["python", "sample.py", f"--out_dir={cpu_dir}", *argv])
+    if os.path.exists(os.path.join(cpu_dir, "ckpt.pt")):
+        return (f"no checkpoint in {out_dir}/ (python train.py --config small writes it); {cpu_dir}/ holds the CPU "
+                f"recipe's: {again}")
+    if device == "cpu":
+        return (f"no checkpoint in {out_dir}/: train one first; without a GPU, python train.py --config cpu (under "
+                f"10 minutes on 2 cores), then {again}")
+    return f"no checkpoint in {out_dir}/: train one first, python train.py --config small (a few minutes on one GPU)"
+
+
 def main(argv=None):
+    try:
+        _main(argv)
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: sampling stopped (sample.py writes no file); run the command again") from None
+
+
+def _main(argv):
     p = argparse.ArgumentParser(description="Sample from a checkpoint of train.py by iterative unmasking.")
     p.add_argument("--out_dir", default="out", help="directory holding ckpt.pt (default out: train.py --config small)")
     src = p.add_mutually_exclusive_group()
@@ -354,6 +390,8 @@ def main(argv=None):
         raise SystemExit("--adapt writes the prompt into the memory: give a prompt, or none for a held-out passage")
 
     device = pick_device(a.device)
+    if a.out_dir == p.get_default("out_dir") and not os.path.exists(os.path.join(a.out_dir, "ckpt.pt")):
+        raise SystemExit(no_checkpoint(a.out_dir, device, sys.argv[1:] if argv is None else argv))
     model, cfg = load_model(a.out_dir, device, usable_for="sample")
     enc = get_encoding(cfg["tokenizer"])
     if a.stats and cfg["dataset"] == "niah":  # before any sampling
@@ -384,7 +422,7 @@ def main(argv=None):
     out, losses = generate(model, [prompt] * a.num_samples, gen_len=a.gen_len, steps=steps, block_len=block_len,
                            temperature=temperature, remasking=a.remasking, threshold=a.threshold, generator=gens,
                            adapt=a.adapt, mcfg=mcfg, adapt_ratio=a.adapt_ratio, prefix_cache=a.prefix_cache,
-                           progress=steps >= 64 and not a.show, on_step=show if a.show else None)
+                           progress=not a.show, on_step=show if a.show else None)
     bad = next((k for k, v in enumerate(losses or []) if not v.isfinite().all()), None)
     if bad is not None:  # the memory holds NaN or infinite weights: the samples would be noise
         raise SystemExit(f"--adapt: the inner loss of step {bad + 1} is not finite "

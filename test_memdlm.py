@@ -526,6 +526,31 @@ def test_a_train_step_clips_the_gradient_norm():
     assert math.isclose(step.norm().item(), 1e-3, rel_tol=1e-6)
 
 
+def test_weight_decay_shrinks_the_matrices_only():
+    """One step of make_optimizer's AdamW at zero gradients moves the weights by the decay alone:
+    every matrix (embedding, projections, head) by exactly 1 - lr wd, no 1-D weight (RMSNorm) at all."""
+    cfg = train.parse_config(["--config", "tiny"])  # lr 1e-3, weight_decay 0.1
+    m = tiny()
+    before = [p.detach().clone() for p in m.parameters()]
+    opt = train.make_optimizer(m, cfg, False)
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    shrink = 1 - cfg["lr"] * cfg["weight_decay"]
+    assert {p.dim() for p in m.parameters()} == {1, 2}
+    for (n, p), b in zip(m.named_parameters(), before):
+        assert torch.allclose(p.detach(), b * shrink if p.dim() == 2 else b, rtol=1e-7, atol=0), n
+
+
+def test_rms_norm_of_a_zero_input_is_zero():
+    """Every RMSNorm has an eps > 0: an all-zero input gives 0, not 0 / 0."""
+    m = tiny()
+    norms = [mod for mod in m.modules() if isinstance(mod, torch.nn.RMSNorm)]
+    assert len(norms) == 2 * m.cfg.n_layer + 1  # before attention and FFN in each layer, and the final one
+    for norm in norms:
+        assert torch.equal(norm(torch.zeros(2, 3, m.cfg.n_embd)), torch.zeros(2, 3, m.cfg.n_embd))
+
+
 def test_eval_loss_is_the_base_model_alone():
     """eval_loss of a MemDLM run is the plain MDLM loss: that of a run without memory, same batches and masks."""
     cfg = train.parse_config(["--config", "tiny", "--eval_iters=1", "--batch_size=4"])
@@ -616,6 +641,18 @@ def _free_ports(n):
     return ports
 
 
+class Recorder:
+    """An optimizer that records the gradients it is given (grads[mem, "ddp"]) and steps nothing."""
+    def __init__(self, raw, grads, mem):
+        self.raw, self.grads, self.mem = raw, grads, mem
+
+    def step(self):
+        self.grads[self.mem, "ddp"] = [p.grad.clone() for p in self.raw.parameters()]
+
+    def zero_grad(self, set_to_none):
+        self.raw.zero_grad(set_to_none=set_to_none)
+
+
 def _ddp_rank(rank, ports, out):
     """One of two gloo ranks: two MemDLM steps wrapped as train.py wraps them (the weights saved),
     then train.py itself as torchrun starts it (the training batches it drew saved)."""
@@ -631,6 +668,21 @@ def _ddp_rank(rank, ports, out):
         g_dev, g_cpu = train.step_generator(cfg["seed"], step, rank, "cpu")
         train.train_step(nets, opt, data.batch("train", g_cpu), cfg, mcfg, g_dev)
     torch.save(raw.state_dict(), os.path.join(out, f"rank{rank}.pt"))
+    # the gradient train_step hands the optimizer, and this rank's own (the loss alone, no DDP), per mode
+    grads = {}
+    for mem in (True, False):
+        step_cfg = {**cfg, "mem": mem, "grad_clip": 1e9}  # no clip: the step sees the gradient as it is
+        g_dev, g_cpu = train.step_generator(cfg["seed"], 5, rank, "cpu")
+        x0, maskable, _ = batch = data.batch("train", g_cpu)
+        train.train_step(nets, Recorder(raw, grads, mem), batch, step_cfg, mcfg, g_dev)
+        g_dev = train.step_generator(cfg["seed"], 5, rank, "cpu")[0]  # the same masks again
+        if mem:
+            loss = memdlm_loss(raw, x0, maskable, mcfg, generator=g_dev)[0]
+        else:
+            x_t, mask, t = forward_process(x0, maskable, MASK, generator=g_dev)
+            loss = mdlm_loss(raw, raw(x_t), x0, mask, t, maskable)
+        grads[mem, "local"] = torch.autograd.grad(loss, list(raw.parameters()))
+    torch.save(grads, os.path.join(out, f"grads{rank}.pt"))
     del nets  # before its process group: a DDP wrapper freed after it can hang (gloo)
     torch.distributed.destroy_process_group()
 
@@ -669,6 +721,17 @@ def test_ddp_keeps_every_weight_in_sync_though_the_top_runs_outside_the_wrapper(
     init = DiffusionLM(train.model_config(train.parse_config(["--config", "tiny"]), get_encoding("byte"))).state_dict()
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     assert not torch.equal(w0["layers.1.ffn.up_proj.weight"], init["layers.1.ffn.up_proj.weight"])  # it trained
+
+
+def test_ddp_averages_the_gradient_over_the_ranks(ddp_run):
+    """The gradient of a step under DDP is the mean of the ranks' own gradients (not their sum,
+    not the mean divided again by the number of ranks), with and without the memory."""
+    g0, g1 = (torch.load(ddp_run / f"grads{r}.pt") for r in (0, 1))
+    for mem in (True, False):
+        mean = [(a + b) / 2 for a, b in zip(g0[mem, "local"], g1[mem, "local"])]
+        assert not all(torch.allclose(a, b) for a, b in zip(g0[mem, "local"], g1[mem, "local"]))  # other batches
+        for g in (g0, g1):
+            assert all(torch.allclose(d, m, rtol=1e-4, atol=1e-8) for d, m in zip(g[mem, "ddp"], mean)), mem
 
 
 def test_ddp_ranks_train_on_their_own_batches(ddp_run):

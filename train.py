@@ -97,6 +97,9 @@ RESUME_FREE = ("out_dir", "resume", "overwrite", "init_from", "device", "compile
                "data_workers")
 LOCK_NAME = "train.lock"  # out_dir is held by one train.py at a time
 KEPT_SUFFIX = ".before-overwrite"  # --overwrite=True: the earlier run's files until the new run's first checkpoint
+# how torch reports a tensor it cannot allocate (CUDA, CPU, a size past int64)
+ALLOC_FAILED = ("out of memory", "can't allocate memory", "not enough memory", "Storage size calculation overflowed")
+SIZE_KEYS = ("n_layer", "n_embd", "batch_size", "block_size")  # what sets the memory of the model and its step
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
@@ -383,7 +386,8 @@ def evaluate(nets, data, cfg, mcfg, device):
     raw.eval()
     modes = (False, True) if cfg["mem"] else (False,)
     losses, hits = {mem: [] for mem in modes}, {}  # hits: task (or None) -> [correct, total]
-    for i in range(cfg["eval_iters"]):
+    # a bar once it takes a second: a long eval_iters never looks hung (Ctrl-C in it ends as in a step)
+    for i in tqdm(range(cfg["eval_iters"]), desc="eval", leave=False, delay=1.0, dynamic_ncols=True):
         batch, tasks = data.batch("val", step_generator(cfg["seed"] + 1, i, 0, device)[1], with_tasks=True)
         with nets.ctx:
             for mem in modes:  # a fresh generator each: both see the same t and masks
@@ -431,13 +435,11 @@ def read_log(path):
     return recs
 
 
-def summarize(log_path, start, ev, wall, device):
-    """One record for the results table: the last log steps' mean train loss, the final eval
-    losses, the median tokens/s (the first log step, with compilation, left out), peak memory."""
-    # this run's steps; a step logged twice (a crash, then resume) counts once, the last time
-    recs = list({r["step"]: r for r in read_log(log_path)
-                 if isinstance(r.get("loss"), float) and isinstance(r.get("tokens_per_s"), float)
-                 and r["step"] > start}.values())
+def summarize(records, ev, wall, device):
+    """One record for the results table, of this run's log records: the last log steps' mean train
+    loss, the final eval losses, the median tokens/s (the first log step, with compilation, left
+    out), the wall time of every run behind the model (wall), peak memory."""
+    recs = [r for r in records if isinstance(r.get("loss"), float) and isinstance(r.get("tokens_per_s"), float)]
     tail = recs[-4:]
     tps = sorted(r["tokens_per_s"] for r in recs[1:]) or [float("nan")]
     return {"train_loss": sum(r["loss"] for r in tail) / len(tail) if tail else None, **ev,
@@ -482,6 +484,9 @@ class Run:
     saved: int = None      # the step of the checkpoint in out_dir (None: none of this run)
     lock: str = None       # out_dir's train.lock while this process holds it (rank 0)
     kept: list = field(default_factory=list)  # --overwrite=True: the earlier run's files, until the first checkpoint
+    records: list = field(default_factory=list)  # what this process wrote to the log
+    wall_before: float = 0.0  # the training time of the runs before a resume (the checkpoint's wall_s)
+    t_start: float = None     # when this process's training began
 
     @property
     def master(self):
@@ -491,7 +496,12 @@ class Run:
     def ckpt_path(self):
         return os.path.join(self.cfg["out_dir"], "ckpt.pt")
 
+    def wall(self):
+        """Seconds of training behind the model now, over every resume."""
+        return self.wall_before + time.time() - self.t_start
+
     def write(self, rec):
+        self.records.append(rec)
         self.log.write(json_line(rec))
         self.log.flush()
 
@@ -504,6 +514,14 @@ class Run:
                 raise SystemExit(f"step {step}: {name} is {v}: training stopped, {kept}; lower --lr or --mem_lr, "
                                  f"then {then}{self.kept_note()}")
 
+    def too_big(self, e):
+        """The one line of a tensor that could not be allocated (the model, a batch, a step's activations)."""
+        sizes = ", ".join(f"--{k}={self.cfg[k]}" for k in SIZE_KEYS)
+        then = (f"try a smaller --batch_size: the checkpoint of step {self.saved} is unchanged, continue with "
+                f"--resume=True" if self.saved is not None else
+                "try smaller values: no checkpoint was written, run again with --overwrite=True")
+        return f"cannot allocate memory for {sizes} ({' '.join(str(e).split())[:200]}): {then}{self.kept_note()}"
+
     def kept_note(self):
         return f" (the earlier run is kept as {', '.join(self.kept)})" if self.kept else ""
 
@@ -512,7 +530,7 @@ class Run:
         self.stop_unless_finite(step, {"the largest |weight|": max_abs_weight(raw),
                                        **({"the train loss": last_loss.item()} if last_loss is not None else {})})
         save_checkpoint(self.ckpt_path, {"model": raw.state_dict(), "optimizer": opt.state_dict(), "config": self.cfg,
-                                         "model_args": asdict(raw.cfg), "step": step})
+                                         "model_args": asdict(raw.cfg), "step": step, "wall_s": self.wall()})
         self.saved = step
         for p in self.kept:  # the new run has its checkpoint: the earlier run's files go
             with suppress(FileNotFoundError):
@@ -560,6 +578,12 @@ def start_run(cfg):
         run.device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
         if run.device != "cpu":
             torch.cuda.set_device(run.device)
+        configs = [None] * run.world  # ranks started with other settings would train a mixed run
+        torch.distributed.all_gather_object(configs, cfg)
+        differ = rank_mismatch(configs)
+        if differ:
+            torch.distributed.destroy_process_group()
+            raise SystemExit(differ)
         if cfg["compile_mode"] == "reduce-overhead":  # CUDA graphs are kept to one process
             run.cfg = cfg = {**cfg, "compile_mode": "default"}
             if run.master:
@@ -579,6 +603,17 @@ def start_run(cfg):
             release_lock(run)
             raise
     return run
+
+
+def rank_mismatch(configs):
+    """The one line naming each setting in which the ranks' configs (parse_config's, one per rank)
+    differ, with every rank's value; None if they agree."""
+    keys = [k for k in configs[0] if any(c[k] != configs[0][k] for c in configs[1:])]
+    if not keys:
+        return None
+    values = "; ".join(f"{k} (" + ", ".join(f"rank {r}: {c[k]!r}" for r, c in enumerate(configs)) + ")"
+                       for k in keys)
+    return f"the torchrun ranks were started with different settings: {values}; start every rank with the same arguments"
 
 
 def take_lock(run):
@@ -661,7 +696,7 @@ def resumed_checkpoint(run):
     if changed and run.master:
         print(f"note: resuming with settings other than the checkpoint's ({', '.join(changed)}): "
               f"the run goes on with them, not as the uninterrupted run would have")
-    run.saved = ckpt["step"]
+    run.saved, run.wall_before = ckpt["step"], ckpt.get("wall_s", 0.0)  # older checkpoints hold no wall_s
     return ckpt
 
 
@@ -731,6 +766,10 @@ def main(argv):
     run = start_run(cfg)
     try:
         train_run(run, argv)
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        if not any(s in str(e) for s in ALLOC_FAILED):
+            raise
+        raise SystemExit(run.too_big(e)) from None
     finally:
         release_lock(run)
 
@@ -750,12 +789,15 @@ def train_run(run, argv):
     announce(run, raw, start, tokens_per_step)
     bar = tqdm(range(start, cfg["max_iters"]), initial=start, total=cfg["max_iters"], disable=not master,
                dynamic_ncols=True)
-    t_start = t_log = time.time()
+    run.t_start = t_log = time.time()
+    # the log holds the evaluation of the resumed checkpoint's step (made before it was saved): not again
+    evaluated = ckpt is not None and master and any(r.get("step") == start and "eval_loss" in r
+                                                    for r in read_log(run.log.name))
     step, loss = start, None
     on_term = sigterm_as_ctrl_c()
     try:
         for step in bar:
-            if step % cfg["eval_interval"] == 0 and master:
+            if step % cfg["eval_interval"] == 0 and master and not (step == start and evaluated):
                 run.evaluate(step, nets, eval_data)
                 if step > start:
                     run.checkpoint(step, raw, opt, loss)
@@ -777,10 +819,10 @@ def train_run(run, argv):
         step = max(start, cfg["max_iters"])
         if master:
             if cfg["max_iters"] > start:
-                wall, ev = time.time() - t_start, run.evaluate(step, nets, eval_data)
+                wall, ev = run.wall(), run.evaluate(step, nets, eval_data)
             run.checkpoint(step, raw, opt, loss)  # before the summary: nothing after the last step can cost it
             if cfg["max_iters"] > start:
-                run.write({"summary": summarize(run.log.name, start, ev, wall, device)})
+                run.write({"summary": summarize(run.records, ev, wall, device)})
     except KeyboardInterrupt:
         raise SystemExit(run.interrupted(step, argv)) from None
     finally:

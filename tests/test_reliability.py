@@ -9,6 +9,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -94,7 +95,8 @@ def test_a_checkpoint_whose_pickle_calls_a_function_is_refused_and_never_runs(ba
 
 def test_what_train_saves_is_tensors_and_plain_values(base):
     ckpt = read_checkpoint(str(base / "ckpt.pt"))  # weights_only=True
-    assert ckpt["step"] == 10 and set(ckpt) == {"model", "optimizer", "config", "model_args", "step"}
+    assert ckpt["step"] == 10 and set(ckpt) == {"model", "optimizer", "config", "model_args", "step", "wall_s"}
+    assert isinstance(ckpt["wall_s"], float) and ckpt["wall_s"] > 0
     plain = (str, int, float, bool, type(None))
     assert all(isinstance(v, plain) for v in ckpt["config"].values())
     assert all(isinstance(v, plain) for v in ckpt["model_args"].values())
@@ -668,6 +670,8 @@ def _edited(base, tmp_path, **change):
     (dict(step=-1), r"holds step=-1, not a non-negative integer"),
     (dict(step=2.5), r"holds step=2.5, not a non-negative integer"),
     (dict(step="10"), r"holds step='10', not a non-negative integer"),
+    (dict(wall_s=-1.0), r"holds wall_s=-1.0, not a time in seconds"),
+    (dict(wall_s="1"), r"holds wall_s='1', not a time in seconds"),
     (dict(optimizer=None), r"holds no optimizer state, so it cannot be resumed: start a new run .*--init_from="),
     (dict(optimizer={"state": {}, "param_groups": [{"params": [0]}]}),
      r"its optimizer state does not fit this model \(ValueError: .*\): it is damaged or of another model"),
@@ -719,3 +723,140 @@ def test_the_lock_is_held_during_the_run_and_released_on_a_stop(tmp_path, monkey
         run(tmp_path, "--max_iters=4")
     assert seen == [str(os.getpid())] and not (tmp_path / "train.lock").exists()
     monkeypatch.setattr(train, "train_step", real)
+
+
+# ---- torchrun ranks run one config -------------------------------------------------------
+
+def test_torchrun_ranks_started_with_different_settings_stop_in_one_line_naming_the_key(tmp_path):
+    with socket.socket() as s:  # a free port for the ranks' rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "WORLD_SIZE": "2"}
+    ranks = [subprocess.Popen([sys.executable, "train.py", "--config", "tiny", f"--out_dir={tmp_path / 'run'}",
+                               f"--mem={mem}"], cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r, mem in enumerate(("True", "False"))]
+    try:
+        errs = [p.communicate(timeout=60)[1] for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    for p, err in zip(ranks, errs):  # every rank stops, with the same line
+        assert p.returncode == 1 and "Traceback" not in err, err[-500:]
+        assert err.strip().splitlines()[-1] == ("the torchrun ranks were started with different settings: mem (rank 0: "
+                                                "True, rank 1: False); start every rank with the same arguments")
+    assert not (tmp_path / "run").exists()  # before any work
+
+
+# ---- sizes that cannot be allocated ------------------------------------------------------
+
+@pytest.mark.parametrize("arg", ["--n_embd=1099511627776",  # a 1.4 PB embedding: refused at once, nothing taken
+                                 "--n_embd=4611686018427387904",  # its byte count overflows int64
+                                 "--batch_size=1000000000000"],  # the first batch (step 0's evaluation)
+                         ids=["model", "model_overflow", "batch"])
+def test_sizes_that_cannot_be_allocated_stop_in_one_line_naming_them(tmp_path, arg):
+    with pytest.raises(SystemExit, match=r"^cannot allocate memory for --n_layer=2, --n_embd=\d+, --batch_size=\d+, "
+                                         r"--block_size=64 \(.*\): try smaller values: no checkpoint was written, "
+                                         r"run again with --overwrite=True$") as e:
+        run(tmp_path, "--max_iters=2", arg)
+    assert "\n" not in str(e.value) and arg in str(e.value)
+    assert not (tmp_path / "train.lock").exists()
+
+
+def test_a_batch_that_cannot_be_allocated_on_resume_keeps_the_checkpoint(copy):
+    before = digest(copy / "ckpt.pt")
+    with pytest.raises(SystemExit, match=r"^cannot allocate memory for .*--batch_size=1000000000000.*: try a smaller "
+                                         r"--batch_size: the checkpoint of step 10 is unchanged, continue with "
+                                         r"--resume=True$"):
+        run(copy, "--resume=True", "--max_iters=12", "--batch_size=1000000000000")
+    assert digest(copy / "ckpt.pt") == before
+
+
+# ---- long work shows progress; Ctrl-C in it is one line ----------------------------------
+
+def recording_bars(monkeypatch, module):
+    """Every tqdm bar module makes, recorded (a bar shows once its work takes PROGRESS_DELAY)."""
+    bars = []
+
+    class Recorded(module.tqdm):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            bars.append(self)
+    monkeypatch.setattr(module, "tqdm", Recorded)
+    return bars
+
+
+def test_evaluation_has_a_progress_bar_and_ctrl_c_in_it_is_one_line(tmp_path, monkeypatch):
+    bars = recording_bars(monkeypatch, train)
+    run(tmp_path / "a", "--max_iters=2", "--eval_interval=100", "--eval_iters=3")
+    assert [(b.total, b.n, b.delay > 0) for b in bars if b.desc == "eval"] == [(3, 3, True)] * 2  # steps 0 and 2
+    real, calls = train.batch_loss, []
+
+    def interrupted(*a):
+        calls.append(1)
+        if len(calls) == 2:  # step 0's evaluation, its second batch
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(train, "batch_loss", interrupted)
+    with pytest.raises(SystemExit, match=r"^interrupted at step 0, before the first checkpoint: nothing to resume, "
+                                         r"run the command again with --overwrite=True$"):
+        run(tmp_path / "b", "--max_iters=2", "--eval_iters=3")
+
+
+def test_adapt_has_a_progress_bar_and_ctrl_c_in_it_is_one_line(base, monkeypatch, capsys):
+    bars = recording_bars(monkeypatch, sample)
+    argv = [f"--out_dir={base}", "--prompt=Hello", "--gen_len=4", "--adapt", "--adapt_steps=5", "--num_samples=2",
+            "--device=cpu"]
+    sample.main(argv)
+    assert {b.desc: (b.total, b.n) for b in bars} == {"adapt": (10, 10), "unmasking": (4, 4)}  # 5 steps a sample
+    capsys.readouterr()
+
+    def interrupted(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sample, "inner_step", interrupted)
+    with pytest.raises(SystemExit, match=r"^interrupted: sampling stopped \(sample.py writes no file\); run the "
+                                         r"command again$"):
+        sample.main(argv)
+    assert "sample 1/2" not in capsys.readouterr().out
+
+
+# ---- sample.py with no checkpoint where it looks first ------------------------------------
+
+def test_sample_without_a_checkpoint_in_out_points_to_the_cpu_recipe(base, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # out/ and out-cpu/ are relative to where sample.py runs
+    with pytest.raises(SystemExit, match=r"^no checkpoint in out/: train one first; without a GPU, python train.py "
+                                         r"--config cpu \(under 10 minutes on 2 cores\), then python sample.py "
+                                         r"--out_dir=out-cpu --adapt$"):
+        sample.main(["--adapt"])
+    real = sample.pick_device
+    monkeypatch.setattr(sample, "pick_device", lambda name: "cuda")  # the same on a machine with a GPU
+    with pytest.raises(SystemExit, match=r"^no checkpoint in out/: train one first, python train.py --config small "):
+        sample.main(["--adapt"])
+    monkeypatch.setattr(sample, "pick_device", real)
+    shutil.copytree(base, tmp_path / "out-cpu")  # the CPU recipe was trained: the line names its command
+    with pytest.raises(SystemExit, match=r"^no checkpoint in out/ \(python train.py --config small writes it\); "
+                                         r"out-cpu/ holds the CPU recipe's: python sample.py --out_dir=out-cpu "
+                                         r"--prompt=Hi --gen_len=4$") as e:
+        sample.main(["--prompt=Hi", "--gen_len=4"])
+    sample.main(shlex.split(str(e.value).split(": python sample.py ")[1]))  # and that command samples
+    assert "sample 1/1" in capsys.readouterr().out
+
+
+# ---- a resumed run: each evaluation logged once, the wall time of the whole run ------------
+
+def test_a_resumed_run_logs_each_evaluation_once_and_sums_the_wall_time(base, tmp_path):
+    d = _edited(base, tmp_path, wall_s=1000.0)  # the earlier run's training time, as its checkpoint holds it
+    t0 = time.time()
+    run(d, "--resume=True", "--max_iters=20", "--eval_interval=10", "--log_interval=5")
+    elapsed = time.time() - t0
+    log = strict_log(d / "log.jsonl")
+    assert [r["step"] for r in log if "eval_loss" in r] == [0, 10, 20]  # step 10's evaluation is the earlier run's
+    wall = log[-1]["summary"]["wall_s"]
+    assert 1000 < wall <= read_checkpoint(str(d / "ckpt.pt"))["wall_s"] < 1000 + elapsed  # the checkpoint's too
+
+
+def test_a_resumed_step_missing_from_the_log_is_evaluated(tmp_path):
+    run(tmp_path, "--max_iters=0")  # a checkpoint of step 0, no evaluation
+    run(tmp_path, "--resume=True", "--max_iters=2", "--eval_interval=100")
+    assert [r["step"] for r in strict_log(tmp_path / "log.jsonl") if "eval_loss" in r] == [0, 2]
