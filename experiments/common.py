@@ -51,6 +51,15 @@ def paired(a, b):
     return {**s, "lo": s["mean"] - half, "hi": s["mean"] + half, "tie": s["mean"] - half <= 0 <= s["mean"] + half}
 
 
+def seeds_for(sd, half):
+    """The fewest seeds n whose paired 95% t interval, t(n - 1) sd / sqrt(n), is at most +-half
+    for differences of standard deviation sd (at least 2: an interval needs two)."""
+    n = 2
+    while t975(n - 1) * sd / n ** 0.5 > half:
+        n += 1
+    return n
+
+
 def fmt_diff(d, f=".1f"):
     """A paired difference as `mean [lo, hi]`, then `tie` when the interval contains 0."""
     if d["n"] == 0:

@@ -1,17 +1,20 @@
-"""Where attention cannot reach: the tables of the chunked-attention and write-then-hide runs,
-over seeds, from the results files of experiments.niah_eval (--hide, checkpoints trained with
---attn_chunk).
+"""Where attention cannot reach: the tables of the chunked-attention, write-then-hide and
+length-extrapolation runs, over seeds, from the results files of experiments.niah_eval (--hide,
+--rope, checkpoints trained with --attn_chunk).
 
     python -m experiments.reach --root=out-reach                       # root/s*/reach.json
     python -m experiments.reach --root=out-reach --pattern='sweep_*.json' --against=cut --seeds=2,3,4,5
+    python -m experiments.reach --root=out-ext --pattern=extrap.json   # --lengths past training, --rope rows
 
 Per seed S, root/sS/<pattern> holds one niah_eval run over the checkpoints root/sS/<run>. For
-each row (a run and a view: plain, adapt, and the write-then-hide views cut, cut_adapt, hidden)
-and each length x distance cell (the needle's distance from the answer, in chunks), the mean
-over seeds of two scores: RULER's (the answer found whole) and the digit score (the share of
-the answer's characters written at their place: partial retrieval, chance 0.1 for digits).
-Then each row minus the row named by --against of the same run (default: Standard MDLM, the
-plain view of ft_mdlm), paired over seeds, with the 95% t interval.
+each row (a run, a view: plain, adapt, and the write-then-hide views cut, cut_adapt, hidden, and
+a RoPE scaling) and each length x distance cell (the needle's distance from the answer, in
+chunks; none under full attention), the mean over seeds of two scores: RULER's (the answer
+found whole) and the digit score (the share of the answer's characters written at their place:
+partial retrieval, chance 0.1 for digits). Then each row minus the row named by --against of the
+same run and RoPE scaling (default: Standard MDLM, the plain view of ft_mdlm), paired over
+seeds, with the 95% t interval, and the seeds that interval would need to shrink to +-3 points
+at the spread measured.
 """
 import argparse
 import glob
@@ -20,7 +23,7 @@ import os
 import random
 
 from data.tokenizer import get_encoding
-from experiments.common import fmt_diff, int_list, mean_stderr, paired
+from experiments.common import fmt_diff, int_list, mean_stderr, paired, seeds_for
 from niah import make_example
 
 STANDARD = ("ft_mdlm", "plain")  # Standard MDLM: the MDLM fine-tune decoded from the full prompt, no memory
@@ -52,12 +55,13 @@ def answers(result):
 
 
 def seed_cells(path):
-    """{(run, view): {(length, distance): (score, digit score)}} of one results file."""
+    """{(run, view, rope): {(length, distance): (score, digit score)}} of one results file."""
     result = json.load(open(path))
     refs = answers(result)
     cells = {}
     for row in result["rows"]:
-        key = (os.path.basename(row["out_dir"].rstrip("/")), row.get("view", "adapt" if row["adapt"] else "plain"))
+        key = (os.path.basename(row["out_dir"].rstrip("/")), row.get("view", "adapt" if row["adapt"] else "plain"),
+               row.get("rope", "none"))
         by = {}
         for s, ref in zip(row["samples"], refs):
             by.setdefault((s["length"], s["distance"]), []).append((s["score"], digit_score(s["output"], ref)))
@@ -65,25 +69,30 @@ def seed_cells(path):
     return cells
 
 
-def table(seeds, against, which):
-    """Markdown: every row's mean over seeds per cell, then its paired difference with `against`."""
-    rows = sorted({r for s in seeds.values() for r in s}, key=lambda r: (list(RUN_NAMES).index(r[0]),
-                                                                         list(VIEW_NAMES).index(r[1])))
+def table(seeds, against, which, half=3.0):
+    """Markdown: every row's mean over seeds per cell, its paired difference with `against`, and
+    the seeds that difference's 95% interval would need for a half-width of `half` points."""
+    rows = sorted({r for s in seeds.values() for r in s}, key=lambda r: (list(RUN_NAMES).index(r[0]), r[2] != "none",
+                                                                         r[2], list(VIEW_NAMES).index(r[1])))
     cols = sorted({c for s in seeds.values() for r in s.values() for c in r}, key=lambda c: (c[0], c[1] is None, c[1]))
-    name = lambda r: RUN_NAMES.get(r[0], r[0]) + VIEW_NAMES.get(r[1], " " + r[1])
-    head = "| row | " + " | ".join(f"{L}: d {d}" for L, d in cols) + " |\n|---|" + "---|" * len(cols) + "\n"
-    means, diffs = head, head
+    name = lambda r: (RUN_NAMES.get(r[0], r[0]) + VIEW_NAMES.get(r[1], " " + r[1]) +
+                      ("" if r[2] == "none" else f" (RoPE {r[2]})"))
+    head = "| row | " + " | ".join(str(L) if d is None else f"{L}: d {d}" for L, d in cols) + " |\n|---|" + \
+        "---|" * len(cols) + "\n"
+    means, diffs, needed = head, head, head
     for r in rows:
         have = [s for s in seeds.values() if r in s]
         cell = [mean_stderr([100 * s[r][c][which] for s in have]) for c in cols]
         means += f"| {name(r)} | " + " | ".join(f"{m['mean']:.1f} ± {m['stderr']:.1f}" for m in cell) + " |\n"
-        ref = (r[0], against) if against != "standard" else STANDARD
+        ref = (r[0], against, r[2]) if against != "standard" else (*STANDARD, r[2])
         if r == ref:
             continue
         both = [s for s in have if ref in s]
         d = [paired([100 * s[r][c][which] for s in both], [100 * s[ref][c][which] for s in both]) for c in cols]
         diffs += f"| {name(r)} | " + " | ".join(fmt_diff(x) for x in d) + " |\n"
-    return means, diffs
+        needed += f"| {name(r)} | " + " | ".join(str(seeds_for(x["stderr"] * x["n"] ** 0.5, half)) if x["n"] > 1
+                                                 else "n/a" for x in d) + " |\n"
+    return means, diffs, needed
 
 
 def main(argv=None):
@@ -107,9 +116,10 @@ def main(argv=None):
         against = "Standard MDLM" if a.against == "standard" else f"the same run's view {a.against}"
         print(f"## {pattern}: {len(seeds)} seeds ({', '.join(sorted(seeds))}); cells: length, distance in chunks\n")
         for which, what in ((0, "score (%, the answer whole)"), (1, "digit score (%, characters at their place)")):
-            means, diffs = table(seeds, a.against, which)
+            means, diffs, needed = table(seeds, a.against, which)
             print(f"### {what}: mean ± standard error over seeds\n\n{means}")
             print(f"### {what}: minus {against}, paired over seeds [95% t interval]\n\n{diffs}")
+            print(f"### {what}: seeds for a 95% interval of ± 3 points at this spread\n\n{needed}")
 
 
 if __name__ == "__main__":

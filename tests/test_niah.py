@@ -301,6 +301,8 @@ def test_reach_tables_pair_each_row_with_its_reference_over_seeds(tmp_path, caps
                      samples=[dict(length=256, distance=d, output=o, score=float(o == r))
                               for d, o, r in zip((1, 1), outs, refs)])
                 for view, outs in (("hidden", hidden), ("cut_adapt", control))]
+        # the same views under RoPE ntk, every answer wrong: paired with ntk's own control, a zero difference
+        rows += [dict(r, rope="ntk", samples=[dict(s, output="x", score=0.0) for s in r["samples"]]) for r in rows]
         (tmp_path / f"s{seed}").mkdir()
         (tmp_path / f"s{seed}" / "reach.json").write_text(json.dumps(dict(args=args, answer_len=16, forms="fixed",
                                                                           rows=rows)))
@@ -311,6 +313,11 @@ def test_reach_tables_pair_each_row_with_its_reference_over_seeds(tmp_path, caps
     diffs = [100.0, 100 * halves, 100 * (1 - halves)]
     assert f"| MemDLM scope response: cut, memory of the full prompt | {common.fmt_diff(common.paired(diffs, [0, 0, 0]))} |" in out
     assert "| MemDLM scope response: cut, memory of the full prompt | +66.7 [-" in out  # answers whole: 2 of 3 seeds
+    assert "| MemDLM scope response: cut, memory of the full prompt (RoPE ntk) | +0.0 [+0.0, +0.0] tie |" in out
+    # seeds for +-3 points at the spread of the digit-score differences (the t quantile over n - 1)
+    sd = common.mean_stderr(diffs)["stderr"] * 3 ** 0.5
+    assert f"| MemDLM scope response: cut, memory of the full prompt | {common.seeds_for(sd, 3.0)} |" in out
+    assert "| 256: d 1 |" in out
     with pytest.raises(SystemExit, match="no reach.json under"):
         reach.main([f"--root={tmp_path / 'none'}"])
 

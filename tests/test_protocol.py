@@ -33,6 +33,8 @@ def test_paired_interval_by_hand():
     assert common.paired([11.0, 52.0, 93.0], [10.0, 50.0, 90.0])["mean"] == pytest.approx(2)
     # beyond the table: within 1e-3 of the exact quantiles (40: 2.0211, 120: 1.9799)
     assert common.t975(40) == pytest.approx(2.0211, abs=1e-3) and common.t975(120) == pytest.approx(1.9799, abs=1e-3)
+    # seeds for +-3 at sd 5: n = 13 gives 2.179 x 5 / sqrt(13) = 3.02, n = 14 gives 2.160 x 5 / sqrt(14) = 2.89
+    assert common.seeds_for(5.0, 3.0) == 14 and common.seeds_for(0.0, 3.0) == 2
 
 
 def test_tie_marking():
