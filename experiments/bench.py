@@ -8,7 +8,8 @@
 Prints tokens/s, model FLOPs utilisation, peak memory, the attention kernel that ran and the
 step-time ratio MemDLM/MDLM (on the CPU: no MFU and no peak memory, "-" in the table).
 --sdpa times each named SDPA backend in turn (default: torch's own choice), each compiled afresh
-under torch.nn.attention.sdpa_kernel: a graph compiled once keeps the kernel it was traced with.
+under torch.nn.attention.sdpa_kernel; the kernel column shows whether the restriction reached the
+compiled step (on an H200 with torch 2.11 it did not: cuDNN ran under each, LOG.md 2026-12-03).
 Steps are timed with CUDA events after a warm-up (compilation included there); the median
 of --steps steps is reported. MFU counts the model's useful work per token,
 6 N + 12 n_layer n_embd T (the second term: full bidirectional attention, forward and

@@ -824,6 +824,8 @@ def test_adapt_has_a_progress_bar_and_ctrl_c_in_it_is_one_line(base, monkeypatch
 # ---- sample.py with no checkpoint where it looks first ------------------------------------
 
 def test_sample_without_a_checkpoint_in_out_points_to_the_cpu_recipe(base, tmp_path, monkeypatch, capsys):
+    import train
+    assert sample.CPU_OUT_DIR == train.PRESETS["cpu"]["out_dir"]  # the line names the recipe's real out_dir
     monkeypatch.chdir(tmp_path)  # out/ and out-cpu/ are relative to where sample.py runs
     with pytest.raises(SystemExit, match=r"^no checkpoint in out/: train one first; without a GPU, python train.py "
                                          r"--config cpu \(under 10 minutes on 2 cores\), then python sample.py "
