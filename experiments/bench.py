@@ -12,8 +12,9 @@ under torch.nn.attention.sdpa_kernel; the kernel column shows whether the restri
 compiled step (on an H200 with torch 2.11 it did not: cuDNN ran under each, LOG.md 2026-12-03).
 Steps are timed with CUDA events after a warm-up (compilation included there); the median
 of --steps steps is reported. MFU counts the model's useful work per token,
-6 N + 12 n_layer n_embd T (the second term: full bidirectional attention, forward and
-backward), for both modes, against the card's dense bf16 peak (989 TFLOP/s for H100/H200 SXM).
+6 N + 12 n_layer n_embd T (N: the matmuls' weights, the token embedding left out as a lookup;
+the second term: bidirectional attention over the T keys a query sees, forward and backward;
+with --attn_chunk T is the chunk), for both modes, against the card's dense bf16 peak (989 TFLOP/s for H100/H200 SXM).
 """
 import statistics
 import sys
@@ -87,7 +88,7 @@ def flop_floor(model_cfg, mem_cfg, T):
     forward and backward (3 F_top). LoRA's own matmuls are counted in F_top."""
     from memory import memory_layers
     d, H, V, L = model_cfg.n_embd, model_cfg.ffn_hidden, model_cfg.vocab_size, model_cfg.n_layer
-    f = 2 * (4 * d * d + 3 * d * H) + 4 * T * d  # qkv + proj + gate/up/down, then QK^T and AV
+    f = 2 * (4 * d * d + 3 * d * H) + 4 * keys_seen(model_cfg, T) * d  # qkv + proj + gate/up/down, then QK^T and AV
     n_top = len(memory_layers(L, mem_cfg.layer_frac))
     lora = 2 * mem_cfg.rank * ((d + H) * 2 + (H + d)) if mem_cfg.adapter == "lora" else 2 * 3 * d * H
     F_bot, F_top = (L - n_top) * f, n_top * (f + lora) + 2 * d * V
@@ -198,11 +199,18 @@ def bench_sampling(bench, device):
                   f"{100 * same:.0f}% tokens as plain |")
 
 
-def model_flops_per_token(n_params, model_cfg, T):
+def keys_seen(model_cfg, T):
+    """The keys each query attends to: all T, or its chunk's attn_chunk."""
+    return model_cfg.attn_chunk if 0 < model_cfg.attn_chunk < T else T
+
+
+def model_flops_per_token(model, T):
     """The model's useful work per token of a training step (PaLM, Appendix B): 6 N for the
-    matmuls' forward and backward, and 12 L d T for full bidirectional attention (QK^T and AV,
-    2 L d T each forward, x3 with the backward)."""
-    return 6 * n_params + 12 * model_cfg.n_layer * model_cfg.n_embd * T
+    matmuls' forward and backward (N without the token embedding: a lookup, no matmul; the
+    untied head is counted), and 12 L d T for bidirectional attention (QK^T and AV, 2 L d T each
+    forward, x3 with the backward), T the keys a query sees."""
+    n = model.num_params() - model.tok_emb.weight.numel()
+    return 6 * n + 12 * model.cfg.n_layer * model.cfg.n_embd * keys_seen(model.cfg, T)
 
 
 def main(argv):
@@ -242,7 +250,7 @@ def _main(argv):
                 print(f"| {backend} | {mode} | | | | | | not available here |")
                 continue
             n = raw_model.num_params()
-            mfu = model_flops_per_token(n, raw_model.cfg, cfg["block_size"]) * tokens / dt / peak if peak else None
+            mfu = model_flops_per_token(raw_model, cfg["block_size"]) * tokens / dt / peak if peak else None
             rows[mode], model_cfg = dt, raw_model.cfg
             print(f"| {backend} | {mode} | {n / 1e6:.1f}M | {dt * 1e3:.2f} ms | {tokens / dt:,.0f} tok/s | "
                   f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | {f'{mem_gib:.2f} GiB' if on_gpu else '-'} | {kernel} |")

@@ -60,16 +60,21 @@ def test_flop_floor_counts_each_pass_of_the_memdlm_step():
     # more inner steps or more memory layers cost more
     assert bench.flop_floor(cfg, MemoryConfig(rank=4, steps=3), 16) > memdlm / mdlm
     assert bench.flop_floor(cfg, MemoryConfig(rank=4, layer_frac=0.5), 16) > memdlm / mdlm
+    # attention in chunks of 16 at T = 64 costs what full attention at 16 does
+    chunked = ModelConfig(n_layer=8, n_head=2, n_embd=64, block_size=64, attn_chunk=16)
+    assert bench.flop_floor(chunked, MemoryConfig(rank=4), 64) == pytest.approx(memdlm / mdlm)
 
 
 def test_mfu_counts_6n_and_full_attention(monkeypatch, capsys):
-    """MFU = (6 N + 12 L d T) x tokens / step time / peak (the matmuls forward and backward, and
-    QK^T and AV over all T keys): on a fake GPU peak, with the step time fixed, the printed MFU is
-    that count's, by hand."""
+    """MFU = (6 N + 12 L d T) x tokens / step time / peak (N: the matmuls' weights, not the
+    embedding lookup; QK^T and AV over the T keys a query sees): on a fake GPU peak, with the step
+    time fixed, the printed MFU is that count's, by hand."""
     cfg = train.parse_config(["--config", "tiny", "--device=cpu"])  # 2 layers, width 64, T = 64, batch 8
     model = train.DiffusionLM(train.model_config(cfg, get_encoding("byte")))
-    N = model.num_params()
-    assert bench.model_flops_per_token(N, model.cfg, 64) == 6 * N + 12 * 2 * 64 * 64
+    N = model.num_params() - 320 * 64  # the 320-row byte embedding is a lookup
+    assert bench.model_flops_per_token(model, 64) == 6 * N + 12 * 2 * 64 * 64
+    chunked = train.DiffusionLM(train.model_config({**cfg, "attn_chunk": 16}, get_encoding("byte")))
+    assert bench.model_flops_per_token(chunked, 64) == 6 * N + 12 * 2 * 64 * 16  # attention within 16 keys
     dt, tokens = 0.5, 8 * 64
     peak = (6 * N + 12 * 2 * 64 * 64) * tokens / dt / 0.5  # 50% MFU exactly
     monkeypatch.setattr(bench, "peak_flops", lambda device: (peak, "a fake peak"))
