@@ -6,6 +6,7 @@ memory, see memory.py) as plain tensors passed into the forward (FastWeights). N
 patched into the modules; with no fast weights, or with B = 0, the output is exactly the
 base model's.
 """
+import json
 import math
 import os
 import pickle
@@ -375,6 +376,26 @@ def read_checkpoint(path, device="cpu"):
             raise SystemExit(f"{path} holds a {type(ckpt[k]).__name__} as {k}, not a dict: it is damaged; "
                              f"restore it or train again")
     return ckpt
+
+
+def read_log(path):
+    """The records of a log.jsonl that train.py wrote; a line that is not a JSON record (a crash
+    mid-write, an edit) is skipped, and reported in one line."""
+    recs, bad = [], []
+    with open(path, errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                rec = None
+            if isinstance(rec, dict) and isinstance(rec.get("step", 0), int):
+                recs.append(rec)
+            elif line.strip():
+                bad.append(n)
+    if bad:
+        print(f"note: {path}: skipped {len(bad)} unreadable line(s): {', '.join(map(str, bad[:10]))}"
+              f"{' ...' if len(bad) > 10 else ''}")
+    return recs
 
 
 def load_model(out_dir, device="cpu", usable_for=None):

@@ -31,7 +31,7 @@ import niah
 from data.tokenizer import check_tokenizer, get_encoding, open_split
 from memory import MemoryConfig, inner_step, memdlm_loss, memory_layers
 from model import (DiffusionLM, ModelConfig, autocast, forward_process, load_model, mdlm_loss, pick_device,
-                   read_checkpoint, seeded_generator)
+                   read_checkpoint, read_log, seeded_generator)
 
 # data sources other than token files, by dataset name: each has its train config keys (defaults),
 # presets, check(cfg) (stops with one line) and data(cfg, device) (batches as TextData's)
@@ -413,26 +413,6 @@ def json_line(rec):
         return None if isinstance(v, float) and not math.isfinite(v) else v
     return json.dumps({k: {kk: safe(vv) for kk, vv in v.items()} if isinstance(v, dict) else safe(v)
                        for k, v in rec.items()}, allow_nan=False) + "\n"
-
-
-def read_log(path):
-    """The records of log.jsonl; a line that is not a JSON record (a crash mid-write, an edit) is
-    skipped, and reported in one line."""
-    recs, bad = [], []
-    with open(path, errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                rec = None
-            if isinstance(rec, dict) and isinstance(rec.get("step", 0), int):
-                recs.append(rec)
-            elif line.strip():
-                bad.append(n)
-    if bad:
-        print(f"note: {path}: skipped {len(bad)} unreadable line(s): {', '.join(map(str, bad[:10]))}"
-              f"{' ...' if len(bad) > 10 else ''}")
-    return recs
 
 
 def summarize(records, ev, wall, device):

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model import read_checkpoint
+from model import read_checkpoint, read_log
 from niah import FORMS, parse_tasks
 from experiments.common import fmt_diff, mean_stderr, paired
 
@@ -99,30 +99,18 @@ def ckpt_info(out_dir):
     return ckpt["step"], ckpt["config"]
 
 
-def read_log(out_dir):
+def run_records(out_dir):
     """The train and eval records of out_dir/log.jsonl, one per step (a step logged again after
-    a resume counts once, the last time), and the last summary record. A line that is not a JSON
-    record (a crash mid-write, an edit) is skipped, and reported in one line."""
-    train, evals, summary, bad = {}, {}, None, []
+    a resume counts once, the last time), and the last summary record."""
     path = os.path.join(out_dir, "log.jsonl")
-    if is_file(path):
-        with open(path, errors="replace") as f:
-            for n, line in enumerate(f, 1):
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    rec = None
-                if not isinstance(rec, dict) or not isinstance(rec.get("step", 0), int):
-                    bad += [n] if line.strip() else []
-                elif "summary" in rec:
-                    summary = rec["summary"] if isinstance(rec["summary"], dict) else summary
-                elif isinstance(rec.get("loss"), (int, float)):
-                    train[rec["step"]] = rec
-                elif isinstance(rec.get("eval_loss"), (int, float)):
-                    evals[rec["step"]] = rec
-    if bad:
-        print(f"note: {path}: skipped {len(bad)} unreadable line(s): {', '.join(map(str, bad[:10]))}"
-              f"{' ...' if len(bad) > 10 else ''}")
+    train, evals, summary = {}, {}, None
+    for rec in read_log(path) if is_file(path) else []:
+        if "summary" in rec:
+            summary = rec["summary"] if isinstance(rec["summary"], dict) else summary
+        elif isinstance(rec.get("loss"), (int, float)):
+            train[rec["step"]] = rec
+        elif isinstance(rec.get("eval_loss"), (int, float)):
+            evals[rec["step"]] = rec
     return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)], summary
 
 
@@ -370,7 +358,7 @@ def gather(root):
         name = os.path.basename(sdir)
         runs = {}
         for run in RUNS:
-            _, evals, summary = read_log(os.path.join(sdir, run))
+            _, evals, summary = run_records(os.path.join(sdir, run))
             if not evals:
                 continue
             last = evals[-1]
@@ -561,7 +549,7 @@ def plot_losses(root, seeds, path):
             for run, key, label, color, style in lines:
                 curves = []
                 for sid in seeds:
-                    train, evals, _ = read_log(os.path.join(root, f"s{sid}", run))
+                    train, evals, _ = run_records(os.path.join(root, f"s{sid}", run))
                     recs = train if kind == "train" else evals
                     curve = {r["step"]: r[key] for r in recs if key in r}
                     if curve:

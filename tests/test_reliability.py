@@ -21,7 +21,7 @@ import torch
 from experiments import bench, niah_eval, protocol
 import sample
 import train
-from model import load_model, read_checkpoint
+from model import load_model, read_checkpoint, read_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
@@ -197,7 +197,7 @@ def test_a_damaged_log_line_is_skipped_and_reported(copy, capsys):
     run(copy, "--resume=True", "--max_iters=20", "--eval_interval=10", "--log_interval=5")
     out = capsys.readouterr().out
     assert re.search(r"note: .*log.jsonl: skipped 3 unreadable line\(s\): \d+, \d+, \d+\n", out)
-    summary = [r for r in train.read_log(copy / "log.jsonl") if "summary" in r][-1]["summary"]
+    summary = [r for r in read_log(copy / "log.jsonl") if "summary" in r][-1]["summary"]
     assert math.isfinite(summary["train_loss"]) and read_checkpoint(str(copy / "ckpt.pt"))["step"] == 20
 
 
