@@ -526,6 +526,25 @@ def test_a_train_step_clips_the_gradient_norm():
     assert math.isclose(step.norm().item(), 1e-3, rel_tol=1e-6)
 
 
+def test_exact_hypergrad_train_step_takes_the_exact_gradient():
+    """--exact_hypergrad=True: train_step's gradient is memdlm_loss's create_graph gradient, not the first-order one."""
+    cfg = train.parse_config(["--config", "tiny", "--exact_hypergrad=True", "--mem_lr=0.5", "--grad_clip=1e9"])
+    mcfg, batch = MemoryConfig.from_config(cfg), (tokens(4, 32), torch.ones(4, 32, dtype=torch.bool), None)
+
+    def step_grad(**over):
+        m = tiny(dtype=torch.float64)
+        opt = torch.optim.SGD(m.parameters(), lr=1.0)  # a step of exactly the gradient
+        before = [p.detach().clone() for p in m.parameters()]
+        train.train_step(train.Nets(m), opt, batch, {**cfg, **over}, mcfg, torch.Generator().manual_seed(0))
+        return torch.cat([(b - p.detach()).flatten() for p, b in zip(m.parameters(), before)])
+
+    m = tiny(dtype=torch.float64)
+    loss = memdlm_loss(m, batch[0], batch[1], mcfg, generator=torch.Generator().manual_seed(0), create_graph=True)[0]
+    exact = torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(m.parameters()))])
+    assert torch.allclose(step_grad(), exact, rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(step_grad(exact_hypergrad=False), exact, rtol=1e-6, atol=1e-9)
+
+
 def test_weight_decay_shrinks_the_matrices_only():
     """One step of make_optimizer's AdamW at zero gradients moves the weights by the decay alone:
     every matrix (embedding, projections, head) by exactly 1 - lr wd, no 1-D weight (RMSNorm) at all."""

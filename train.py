@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 import niah
@@ -66,6 +67,7 @@ DEFAULTS = dict(
     # MemDLM
     mem=True,              # False: plain MDLM, no inner loop
     mem_start=0,           # MemDLM from this step on, MDLM before it (the paper fine-tunes a pretrained DLM)
+    exact_hypergrad=False,  # Eq. 10 exact: differentiate through the inner updates (uncompiled, math attention)
     **{f"mem_{f.name}": f.default for f in fields(MemoryConfig)},  # mem_<field>: memory.MemoryConfig's
     # sampling: sample.py's defaults for this checkpoint, the block (decoded left to right) and temperature
     sample_block_len=32, sample_temperature=0.0,
@@ -173,6 +175,8 @@ def check_config(cfg):
         MemoryConfig.from_config(cfg).validate()
     except ValueError as e:
         raise SystemExit(f"--mem_{e}") from None  # the message starts with the field's name
+    need(not cfg["exact_hypergrad"] or cfg["mem"], "--exact_hypergrad=True differentiates through the inner "
+                                                    "loop: it needs --mem=True")
     for src in SOURCES.values():  # whatever the dataset: a bad key fails now, not when it is used
         src.check(cfg)
 
@@ -278,7 +282,7 @@ def compiled(raw, cfg, device, ddp=False):
     backward, clip and update included) on the GPU only; the DDP wrapper under torchrun."""
     on_gpu = device.startswith("cuda")
     model, step = raw, inner_step
-    if cfg["compile"] and on_gpu:
+    if cfg["compile"] and on_gpu and not cfg["exact_hypergrad"]:  # torch.compile has no double backward
         mode = None if cfg["compile_mode"] == "default" else cfg["compile_mode"]
         model, step = torch.compile(raw, mode=mode), torch.compile(inner_step, mode=mode)
         model.top = torch.compile(raw.top, mode=mode)  # the layers above the memory split: memdlm_loss's outer pass
@@ -291,7 +295,7 @@ def batch_loss(nets, batch, cfg, mcfg, generator):
     x0, maskable, key_pad = batch
     if cfg["mem"]:
         return memdlm_loss(nets.model, x0, maskable, mcfg, key_pad=key_pad, generator=generator, bottom=nets.ddp,
-                           inner_step=nets.inner_step)
+                           inner_step=nets.inner_step, create_graph=cfg["exact_hypergrad"])
     x_t, mask, t = forward_process(x0, maskable, nets.raw.cfg.mask_id, generator=generator)
     return mdlm_loss(nets.model, nets.ddp(x_t, key_pad=key_pad), x0, mask, t, maskable), []
 
@@ -299,10 +303,12 @@ def batch_loss(nets, batch, cfg, mcfg, generator):
 def train_step(nets, opt, batch, cfg, mcfg, generator):
     """One optimizer step of theta; returns the (device) loss and inner losses, no host sync.
     compile_mode=reduce-overhead replays CUDA graphs: each step is a new graph generation, and
-    the losses returned are copies, as a replay overwrites the outputs of the one before."""
+    the losses returned are copies, as a replay overwrites the outputs of the one before.
+    The exact hypergradient runs attention on the math kernel: the fused ones have no double backward."""
     if cfg["compile_mode"] == "reduce-overhead":
         torch.compiler.cudagraph_mark_step_begin()
-    with nets.ctx:
+    exact = sdpa_kernel(SDPBackend.MATH) if cfg["exact_hypergrad"] else nullcontext()
+    with nets.ctx, exact:
         loss, inner_losses = batch_loss(nets, batch, cfg, mcfg, generator)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(nets.raw.parameters(), cfg["grad_clip"])
@@ -561,9 +567,10 @@ def start_run(cfg):
         configs = [None] * run.world  # ranks started with other settings would train a mixed run
         torch.distributed.all_gather_object(configs, cfg)
         differ = rank_mismatch(configs)
-        if differ:
+        if differ or cfg["exact_hypergrad"]:
             torch.distributed.destroy_process_group()
-            raise SystemExit(differ)
+            raise SystemExit(differ or "--exact_hypergrad=True runs in one process (DDP has no double backward): "
+                                       "run python train.py without torchrun")
         if cfg["compile_mode"] == "reduce-overhead":  # CUDA graphs are kept to one process
             run.cfg = cfg = {**cfg, "compile_mode": "default"}
             if run.master:
@@ -717,6 +724,8 @@ def announce(run, raw, start, tokens_per_step):
           f"fast weights on layers {layers}, device {run.device} x{run.world}, {tokens_per_step} tokens/step")
     if cfg["compile"] and not on_gpu:
         print("note: --compile applies on the GPU only; the CPU runs the model as it is")
+    elif cfg["compile"] and cfg["exact_hypergrad"]:
+        print("note: --exact_hypergrad=True runs uncompiled (torch.compile has no double backward)")
     if not on_gpu and cfg["max_iters"] > start:
         print(f"note: no GPU, training on the CPU; roughly {cpu_minutes(cfg, raw.num_params(), tokens_per_step, start):.1f} "
               f"minutes for {cfg['max_iters'] - start} steps")

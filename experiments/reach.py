@@ -12,8 +12,8 @@ a RoPE scaling) and each length x distance cell (the needle's distance from the 
 chunks; none under full attention), the mean over seeds of two scores: RULER's (the answer
 found whole) and the digit score (the share of the answer's characters written at their place:
 partial retrieval, chance 0.1 for digits). Then each row minus the row named by --against of the
-same run and RoPE scaling (default: Standard MDLM, the plain view of ft_mdlm), paired over
-seeds, with the 95% t interval, and the seeds that interval would need to shrink to +-3 points
+same run and RoPE scaling, or the same view of the run named by --against (default: Standard
+MDLM, the plain view of ft_mdlm), paired over seeds, with the 95% t interval, and the seeds that interval would need to shrink to +-3 points
 at the spread measured.
 """
 import argparse
@@ -28,7 +28,7 @@ from niah import make_example
 
 STANDARD = ("ft_mdlm", "plain")  # Standard MDLM: the MDLM fine-tune decoded from the full prompt, no memory
 RUN_NAMES = {"base": "MDLM base", "ft_mdlm": "Standard MDLM", "ft_mem": "MemDLM scope response",
-             "ft_prompt": "MemDLM scope prompt"}
+             "ft_prompt": "MemDLM scope prompt", "ft_exact": "MemDLM scope response, exact hypergradient"}
 VIEW_NAMES = {"plain": "", "adapt": " + adapt", "cut": ": needle cut", "cut_adapt": ": cut, memory of the cut prompt",
               "hidden": ": cut, memory of the full prompt"}
 
@@ -69,11 +69,21 @@ def seed_cells(path):
     return cells
 
 
+def read_cells(path):
+    """seed_cells of a results file, or one line saying what is wrong with it."""
+    try:
+        return seed_cells(path)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise SystemExit(f"{path}: not a results file of python -m experiments.niah_eval "
+                         f"({type(e).__name__}: {str(e)[:120]}): rerun it or leave it out with --pattern/--seeds") from None
+
+
 def table(seeds, against, which, half=3.0):
     """Markdown: every row's mean over seeds per cell, its paired difference with `against`, and
     the seeds that difference's 95% interval would need for a half-width of `half` points."""
-    rows = sorted({r for s in seeds.values() for r in s}, key=lambda r: (list(RUN_NAMES).index(r[0]), r[2] != "none",
-                                                                         r[2], list(VIEW_NAMES).index(r[1])))
+    order = lambda names, k: (list(names).index(k), "") if k in names else (len(names), k)  # unknown ones last
+    rows = sorted({r for s in seeds.values() for r in s},
+                  key=lambda r: (order(RUN_NAMES, r[0]), r[2] != "none", r[2], order(VIEW_NAMES, r[1])))
     cols = sorted({c for s in seeds.values() for r in s.values() for c in r}, key=lambda c: (c[0], c[1] is None, c[1]))
     name = lambda r: (RUN_NAMES.get(r[0], r[0]) + VIEW_NAMES.get(r[1], " " + r[1]) +
                       ("" if r[2] == "none" else f" (RoPE {r[2]})"))
@@ -84,7 +94,8 @@ def table(seeds, against, which, half=3.0):
         have = [s for s in seeds.values() if r in s]
         cell = [mean_stderr([100 * s[r][c][which] for s in have]) for c in cols]
         means += f"| {name(r)} | " + " | ".join(f"{m['mean']:.1f} ± {m['stderr']:.1f}" for m in cell) + " |\n"
-        ref = (r[0], against, r[2]) if against != "standard" else (*STANDARD, r[2])
+        ref = ((*STANDARD, r[2]) if against == "standard" else (r[0], against, r[2]) if against in VIEW_NAMES
+               else (against, r[1], r[2]))
         if r == ref:
             continue
         both = [s for s in have if ref in s]
@@ -102,18 +113,23 @@ def main(argv=None):
     p.add_argument("--pattern", default="reach.json", help="the niah_eval results file(s) in each seed's directory")
     p.add_argument("--seeds", type=int_list, default=None, help="the seeds to tabulate (default: every sS)")
     p.add_argument("--against", default="standard",
-                   help="the reference of the differences: standard (Standard MDLM) or a view of the same run "
-                        "(cut_adapt: the control of write-then-hide)")
+                   help="the reference of the differences: standard (Standard MDLM), a view of the same run "
+                        "(cut_adapt: the control of write-then-hide) or a run, its same view (ft_mem)")
     a = p.parse_args(argv)
-    if a.against != "standard" and a.against not in VIEW_NAMES:
-        raise SystemExit(f"--against={a.against}: use standard or one of {', '.join(VIEW_NAMES)}")
+    if os.sep in a.pattern or a.pattern in (".", ".."):
+        raise SystemExit(f"--pattern={a.pattern}: a file name (wildcards allowed) in each seed's directory, no path")
     files = sorted(f for f in glob.glob(os.path.join(glob.escape(a.root), "s*", a.pattern))
                    if a.seeds is None or f.split(os.sep)[-2] in {f"s{s}" for s in a.seeds})
     if not files:
         raise SystemExit(f"no {a.pattern} under {a.root}/s*/: run python -m experiments.niah_eval --hide first")
     for pattern in sorted({os.path.basename(f) for f in files}):
-        seeds = {f.split(os.sep)[-2]: seed_cells(f) for f in files if os.path.basename(f) == pattern}
-        against = "Standard MDLM" if a.against == "standard" else f"the same run's view {a.against}"
+        seeds = {f.split(os.sep)[-2]: read_cells(f) for f in files if os.path.basename(f) == pattern}
+        runs = {r[0] for s in seeds.values() for r in s}
+        if a.against not in ("standard", *VIEW_NAMES, *runs):
+            raise SystemExit(f"--against={a.against}: use standard, a view ({', '.join(VIEW_NAMES)}) or a run of "
+                             f"{pattern} ({', '.join(sorted(runs))})")
+        against = ("Standard MDLM" if a.against == "standard" else f"the same run's view {a.against}"
+                   if a.against in VIEW_NAMES else f"the same view of {RUN_NAMES.get(a.against, a.against)}")
         print(f"## {pattern}: {len(seeds)} seeds ({', '.join(sorted(seeds))}); cells: length, distance in chunks\n")
         for which, what in ((0, "score (%, the answer whole)"), (1, "digit score (%, characters at their place)")):
             means, diffs, needed = table(seeds, a.against, which)

@@ -320,6 +320,26 @@ def test_reach_tables_pair_each_row_with_its_reference_over_seeds(tmp_path, caps
     assert "| 256: d 1 |" in out
     with pytest.raises(SystemExit, match="no reach.json under"):
         reach.main([f"--root={tmp_path / 'none'}"])
+    # against a run: each row of another run (here one named by no preset) minus the same view of ft_mem
+    for seed in (1, 2, 3):
+        f = tmp_path / f"s{seed}" / "reach.json"
+        res = json.loads(f.read_text())
+        res["rows"] += [dict(r, out_dir=f"r/s{seed}/out-niah-tiny", samples=[dict(x, output="x", score=0.0)
+                                                                           for x in r["samples"]]) for r in res["rows"]]
+        f.write_text(json.dumps(res))
+    reach.main([f"--root={tmp_path}", "--against=ft_mem"])
+    out = capsys.readouterr().out
+    assert f"| out-niah-tiny: cut, memory of the full prompt | {common.fmt_diff(common.paired([0, 0, 0], diffs))} |" \
+        not in out  # hidden minus hidden, not minus the control
+    hidden = [100.0, 100 * halves, 100.0]
+    assert f"| out-niah-tiny: cut, memory of the full prompt | {common.fmt_diff(common.paired([0, 0, 0], hidden))} |" in out
+    with pytest.raises(SystemExit, match="--against=ft_none: use standard, a view"):
+        reach.main([f"--root={tmp_path}", "--against=ft_none"])
+    with pytest.raises(SystemExit, match="a file name .* no path"):
+        reach.main([f"--root={tmp_path}", "--pattern=../s1/reach.json"])
+    (tmp_path / "s1" / "reach.json").write_text('{"rows": [')
+    with pytest.raises(SystemExit, match="not a results file of python -m experiments.niah_eval"):
+        reach.main([f"--root={tmp_path}"])
 
 
 def test_niah_eval_ends_in_one_line_on_ctrl_c_or_a_directory_as_results_file(tmp_path, monkeypatch):
