@@ -287,7 +287,10 @@ def compiled(raw, cfg, device, ddp=False):
         model, step = torch.compile(raw, mode=mode), torch.compile(inner_step, mode=mode)
         model.top = torch.compile(raw.top, mode=mode)  # the layers above the memory split: memdlm_loss's outer pass
     wrapper = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if on_gpu else None) if ddp else None
-    return Nets(raw, model, wrapper, step, autocast(device, cfg["dtype"]))
+    # the exact hypergradient runs in float32: on the GPU its double backward fails under bf16 autocast
+    # ("expected input and grad types to match", torch 2.11, H200)
+    ctx = nullcontext() if cfg["exact_hypergrad"] else autocast(device, cfg["dtype"])
+    return Nets(raw, model, wrapper, step, ctx)
 
 
 def batch_loss(nets, batch, cfg, mcfg, generator):
@@ -724,8 +727,9 @@ def announce(run, raw, start, tokens_per_step):
           f"fast weights on layers {layers}, device {run.device} x{run.world}, {tokens_per_step} tokens/step")
     if cfg["compile"] and not on_gpu:
         print("note: --compile applies on the GPU only; the CPU runs the model as it is")
-    elif cfg["compile"] and cfg["exact_hypergrad"]:
-        print("note: --exact_hypergrad=True runs uncompiled (torch.compile has no double backward)")
+    if on_gpu and cfg["exact_hypergrad"]:
+        print("note: --exact_hypergrad=True runs uncompiled and in float32 (torch.compile has no double backward, "
+              "and bf16 autocast breaks it)")
     if not on_gpu and cfg["max_iters"] > start:
         print(f"note: no GPU, training on the CPU; roughly {cpu_minutes(cfg, raw.num_params(), tokens_per_step, start):.1f} "
               f"minutes for {cfg['max_iters'] - start} steps")

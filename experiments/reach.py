@@ -99,6 +99,8 @@ def table(seeds, against, which, half=3.0):
         if r == ref:
             continue
         both = [s for s in have if ref in s]
+        if not both:  # its reference was not evaluated (no ft_mdlm, say)
+            continue
         d = [paired([100 * s[r][c][which] for s in both], [100 * s[ref][c][which] for s in both]) for c in cols]
         diffs += f"| {name(r)} | " + " | ".join(fmt_diff(x) for x in d) + " |\n"
         needed += f"| {name(r)} | " + " | ".join(str(seeds_for(x["stderr"] * x["n"] ** 0.5, half)) if x["n"] > 1

@@ -333,6 +333,9 @@ def test_reach_tables_pair_each_row_with_its_reference_over_seeds(tmp_path, caps
         not in out  # hidden minus hidden, not minus the control
     hidden = [100.0, 100 * halves, 100.0]
     assert f"| out-niah-tiny: cut, memory of the full prompt | {common.fmt_diff(common.paired([0, 0, 0], hidden))} |" in out
+    reach.main([f"--root={tmp_path}"])  # no ft_mdlm evaluated: the means alone, no differences
+    out = capsys.readouterr().out
+    assert "| out-niah-tiny: cut, memory of the full prompt | 0.0 ± 0.0 |" in out and "tie" not in out
     with pytest.raises(SystemExit, match="--against=ft_none: use standard, a view"):
         reach.main([f"--root={tmp_path}", "--against=ft_none"])
     with pytest.raises(SystemExit, match="a file name .* no path"):
