@@ -139,8 +139,18 @@ def need(ok, msg):
         raise SystemExit(msg)
 
 
+def make_out_dir(path):
+    """out_dir and its parents, made if missing, or one line saying why they cannot be."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        what = "a file or a broken link" if os.path.lexists(path) else (e.strerror or str(e)).lower()
+        raise SystemExit(f"--out_dir={path} cannot hold a run ({what}): choose another directory") from None
+
+
 def check_config(cfg):
     """Stop with one line at the first setting that cannot train, before any work."""
+    need(cfg["out_dir"].strip() != "", "--out_dir is empty: name a directory for the run, such as --out_dir=out")
     for k in ("block_size", "batch_size", "n_layer", "n_head", "n_embd", "eval_interval", "eval_iters",
               "log_interval", "sample_block_len"):
         need(cfg[k] >= 1, f"--{k}={cfg[k]}: must be a positive integer")
@@ -549,7 +559,8 @@ def start_run(cfg):
     """The process's devices (the process group under torchrun), out_dir checked and the log
     opened: a resumed run appends to it, a new one starts it afresh and --overwrite=True moves
     the earlier run's checkpoint and log aside (keep_aside), so out_dir never mixes two runs.
-    A log without a checkpoint (a run stopped before its first) is replaced only with --overwrite=True."""
+    A log without a checkpoint (a run stopped before its first) is replaced only with --overwrite=True,
+    unless it is empty (a run stopped before its first log line)."""
     path = os.path.join(cfg["out_dir"], "ckpt.pt")
     if os.path.exists(path) and not cfg["resume"] and not cfg["overwrite"]:
         raise SystemExit(f"{path} exists, the checkpoint of an earlier run: continue that run with "
@@ -557,7 +568,8 @@ def start_run(cfg):
     if cfg["resume"] and not os.path.exists(path):
         raise SystemExit(f"--resume=True but {path} does not exist: train without --resume first")
     log_path = os.path.join(cfg["out_dir"], "log.jsonl")
-    if os.path.exists(log_path) and not os.path.exists(path) and not cfg["resume"] and not cfg["overwrite"]:
+    earlier_log = os.path.exists(log_path) and not (os.path.isfile(log_path) and os.path.getsize(log_path) == 0)
+    if earlier_log and not os.path.exists(path) and not cfg["resume"] and not cfg["overwrite"]:
         raise SystemExit(f"{log_path} exists (an earlier run's log, no checkpoint): pass --overwrite=True "
                          f"to replace it, or another --out_dir")
     run = Run(cfg, device=pick_device(cfg["device"]))
@@ -582,7 +594,7 @@ def start_run(cfg):
     if run.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    os.makedirs(cfg["out_dir"], exist_ok=True)
+    make_out_dir(cfg["out_dir"])
     if run.master:
         take_lock(run)
         try:

@@ -1,11 +1,53 @@
-"""What several experiments share: the command line's integer lists, the names of Table 1's
-rows, and the statistics of the tables (mean and standard error over seeds or examples, the
-paired difference with its 95% t interval)."""
+"""What several experiments share: the command line's integer lists, their output files
+(checked before the work, written whole), the names of Table 1's rows, and the statistics of
+the tables (mean and standard error over seeds or examples, the paired difference with its 95%
+t interval)."""
+import os
+
+RUN_FILES = ("ckpt.pt", "log.jsonl", "train.lock")  # what train.py writes into an out_dir
 
 
 def int_list(s):
     """'1,2,3' -> [1, 2, 3] (argparse type)."""
     return [int(v) for v in s.split(",")]
+
+
+def writable(path, what, overwrite=False):
+    """Stop now, before the work, when path cannot take the results: its directory missing, a
+    directory or other non-file, a run's checkpoint or log, a file that exists (unless
+    overwrite), or a place that cannot be written."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise SystemExit(f"{what}={path}: the directory {folder} does not exist: create it or choose another path")
+    if os.path.isdir(path):
+        raise SystemExit(f"{what}={path} is a directory: give a file name in it")
+    if os.path.basename(path) in RUN_FILES or path.endswith(".pt"):
+        raise SystemExit(f"{what}={path} is a training run's file (checkpoint or log): choose another file name")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise SystemExit(f"{what}={path} is not a regular file: choose another path")
+    if os.path.exists(path) and not overwrite:
+        raise SystemExit(f"{path} exists: choose another {what} file, or pass --overwrite to replace it")
+    probe = f"{path}.tmp{os.getpid()}"
+    try:  # a real write: permissions alone do not tell (a read-only mount, /proc, a full quota)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"{what}={path} cannot be written ({e.strerror or e}): choose another path") from None
+
+
+def write_atomic(path, text):
+    """text to path through a temporary file renamed over it: a failure leaves the old file whole."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SystemExit(f"cannot write {path} ({e.strerror or e})") from None
 
 
 def row_label(cfg, adapt, out_dir):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from memory import MemoryConfig, adapt
 from model import load_model, pick_device, proposal_logits
-from experiments.common import mean_stderr, row_label
+from experiments.common import mean_stderr, row_label, writable, write_atomic
 from niah import FORMS, NIAH_DEFAULTS, NiahData
 
 
@@ -164,37 +164,6 @@ def plot(t, kinds, path):
     plt.close(fig)
 
 
-def writable(path, what):
-    """Stop now, before the measurement, when path cannot be written: its directory missing, or
-    itself a directory or other non-file."""
-    if path is None:
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise SystemExit(f"{what}={path}: the directory {folder} does not exist: create it or choose another path")
-    if os.path.exists(path) and not os.path.isfile(path):
-        raise SystemExit(f"{what}={path} is not a regular file: choose another path")
-    probe = f"{path}.tmp{os.getpid()}"
-    try:  # a real write: permissions alone do not tell (a read-only mount, /proc, a full quota)
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise SystemExit(f"{what}={path} cannot be written ({e.strerror or e}): choose another path") from None
-
-
-def write_atomic(path, text):
-    """text to path through a temporary file renamed over it: a failure leaves the old file whole."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise SystemExit(f"cannot write {path} ({e.strerror or e})") from None
-
-
 def read_measurement(path):
     """One --json file of --out_dir, checked: one line for a file that is not one."""
     if not os.path.isfile(path):
@@ -234,6 +203,7 @@ def _main(argv):
     p.add_argument("--json", default=None, help="results (default: exposure.json in the first out_dir)")
     p.add_argument("--md", default=None, help="also write the table here")
     p.add_argument("--png", default=None, help="also draw the curves here (matplotlib)")
+    p.add_argument("--overwrite", action="store_true", help="replace --json, --md and --png files that exist")
     a = p.parse_args(argv)
     if a.n < 1 or a.batch_size < 1:
         raise SystemExit("--n and --batch_size must be >= 1")
@@ -243,7 +213,7 @@ def _main(argv):
                              f"(python train.py --config niah --out_dir={d})")
     path = a.json or (os.path.join(a.out_dir[0], "exposure.json") if a.out_dir else None)
     for what, f in (("--json", path), ("--md", a.md), ("--png", a.png)):
-        writable(f, what)
+        writable(f, what, a.overwrite)
     if a.out_dir:
         results = [measure(a.out_dir, a.n, a.batch_size, pick_device(a.device), a.forms, a.seed)]
         out = results[0]

@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from data.tokenizer import decode, get_encoding
-from experiments.common import int_list, mean_stderr, row_label
+from experiments.common import int_list, mean_stderr, row_label, writable, write_atomic
 from memory import MemoryConfig
 from model import ROPE_SCALINGS, load_model, pick_device, seeded_generator
 from niah import FORMS, HAYSTACKS, NIAH_DEFAULTS, TASKS, hide_answers, make_example, parse_tasks, score
@@ -226,13 +226,7 @@ def evaluate(argv):
     device = pick_device(a.device)
     runs = [(d, *load_model(d, device)) for d in dirs]
     path = a.json or os.path.join(dirs[0], "niah.json")  # checked now, not after the evaluation
-    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise SystemExit(f"--json={path}: the directory {os.path.dirname(os.path.abspath(path))} does not exist: "
-                         f"create it or choose another file")
-    if os.path.isdir(path):
-        raise SystemExit(f"--json={path} is a directory: give a file name, such as {os.path.join(path, 'niah.json')}")
-    if os.path.exists(path) and not a.overwrite:
-        raise SystemExit(f"{path} exists: choose another --json file, or pass --overwrite to replace it")
+    writable(path, "--json", a.overwrite)
     tokenizers = {cfg["tokenizer"] for _, _, cfg in runs}
     if len(tokenizers) > 1:
         raise SystemExit(f"the checkpoints use different tokenizers ({', '.join(sorted(tokenizers))}): "
@@ -273,12 +267,9 @@ def evaluate(argv):
                                  cells=cells(samples, a.tasks, a.lengths), samples=samples))
     bar.close()
     print_tables(rows, a, examples)
-    tmp = f"{path}.tmp{os.getpid()}"  # written whole, then renamed: an earlier results file is never half replaced
-    with open(tmp, "w") as f:
-        json.dump(dict(args=vars(a), answer_len=answer_len, steps=steps, forms=forms,
-                       adapt=dict(steps=mcfg.steps, lr=mcfg.lr, rank=mcfg.rank, ratio=a.adapt_ratio), rows=rows),
-                  f, indent=1)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(dict(args=vars(a), answer_len=answer_len, steps=steps, forms=forms,
+                                       adapt=dict(steps=mcfg.steps, lr=mcfg.lr, rank=mcfg.rank, ratio=a.adapt_ratio),
+                                       rows=rows), indent=1))
     print(f"wrote {path}")
     if a.plot:
         try:

@@ -181,7 +181,9 @@ def train_job(a, seed, run, extras):
         cmd += [f"--max_iters={iters}"] if iters else []
         if state():  # an interrupted run (a fine-tune too) continues from its own checkpoint
             return cmd + ["--resume=True"]
-        return cmd + ([f"--init_from={os.path.join(sdir, 'base')}"] if from_base else [])
+        # a log with no checkpoint: this job's run, stopped before its first checkpoint; start it again
+        again = ["--overwrite=True"] if os.path.lexists(os.path.join(out, "log.jsonl")) else []
+        return cmd + again + ([f"--init_from={os.path.join(sdir, 'base')}"] if from_base else [])
 
     def done():
         s = state()
@@ -204,7 +206,8 @@ def eval_job(a, seed, group, forms):
         lengths = a.lengths or f"{T},{2 * T}"  # the longest training rows, and twice as long
         return [sys.executable, "-m", "experiments.niah_eval", "--out_dir", *dirs, "--adapt=both",
                 f"--tasks={a.tasks or cfg['niah_tasks']}", f"--lengths={lengths}", f"--n={a.n}",
-                f"--forms={forms}", f"--batch_size={a.eval_batch}", f"--json={path}"]
+                f"--forms={forms}", f"--batch_size={a.eval_batch}", f"--json={path}",
+                "--overwrite"]  # rerun only when a checkpoint is newer than the results (newer): they are stale
     return Job(f"s{seed}/niah_{group}_{forms}", "eval", [f"s{seed}/{r}" for r in EVALS[group]], argv,
                lambda: newer(path, dirs))
 
@@ -216,7 +219,7 @@ def exposure_job(a, seed):
 
     def argv():
         return [sys.executable, "-m", "experiments.exposure", "--out_dir", *dirs, f"--n={a.exposure_n}",
-                f"--json={path}"]
+                f"--json={path}", "--overwrite"]
     return Job(f"s{seed}/exposure", "exposure", [f"s{seed}/ft_mdlm", f"s{seed}/ft_mem"], argv,
                lambda: newer(path, dirs))
 

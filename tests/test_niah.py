@@ -350,7 +350,7 @@ def test_niah_eval_ends_in_one_line_on_ctrl_c_or_a_directory_as_results_file(tmp
     out = str(tmp_path / "m")
     train.main(["--config", "niah_tiny", f"--out_dir={out}", "--max_iters=1", "--niah_tasks=single"])
     argv = [f"--out_dir={out}", "--tasks=single", "--lengths=200", "--n=1", "--device=cpu"]
-    with pytest.raises(SystemExit, match=r"r is a directory: give a file name, such as .*niah.json"):
+    with pytest.raises(SystemExit, match=r"r is a directory: give a file name in it"):
         (tmp_path / "r").mkdir()
         niah_eval.main(argv + [f"--json={tmp_path / 'r'}", "--overwrite"])
     (tmp_path / "old.json").write_text("earlier results")

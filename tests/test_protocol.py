@@ -89,10 +89,18 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resume(tmp_path):
     later = os.path.getmtime(s / "niah_ft_train.json") + 1
     os.utime(s / "ft_mem" / "ckpt.pt", (later, later))
     assert not jobs["s1/niah_ft_train"].done()
+    # ... and its rerun replaces the stale results (niah_eval and exposure refuse an existing file without it)
+    from experiments import niah_eval
+    assert niah_eval.parse(jobs["s1/niah_ft_train"].argv()[3:]).overwrite and "--overwrite" in jobs["s1/exposure"].argv()
     longer = {j.name: j for j in protocol.plan(args(tmp_path, base_iters=80), [])}
     assert not longer["s1/base"].done() and longer["s1/base"].argv()[-2:] == ["--max_iters=80", "--resume=True"]
     fresh = {j.name: j for j in protocol.plan(args(tmp_path, seeds=[2]), [])}["s2/base"].argv()
     assert "--resume=True" not in fresh and "--seed=2" in fresh and f"--out_dir={tmp_path / 's2' / 'base'}" in fresh
+    assert "--overwrite=True" not in fresh
+    (tmp_path / "s2" / "base").mkdir(parents=True)
+    (tmp_path / "s2" / "base" / "log.jsonl").write_text('{"step": 5, "loss": 3.0}\n')  # stopped before a checkpoint
+    again = {j.name: j for j in protocol.plan(args(tmp_path, seeds=[2]), [])}["s2/base"].argv()
+    assert "--overwrite=True" in again and "--resume=True" not in again
     # --repeat: the same base command again, into base_repeat, for the asked seeds only
     repeat = {j.name: j for j in protocol.plan(args(tmp_path, seeds=[2, 3], repeat=[2]), ["--lr=1e-3"])}
     assert "s2/base_repeat" in repeat and "s3/base_repeat" not in repeat
@@ -507,11 +515,21 @@ def test_exposure_checks_its_outputs_before_measuring(tmp_path, monkeypatch, cap
     (tmp_path / "ckpt.pt").write_bytes(b"")  # never loaded: every case stops before
     (tmp_path / "adir").mkdir()
     base = ["--out_dir", str(tmp_path), "--device=cpu"]
-    for extra, message in ((f"--json={tmp_path / 'adir'}", r"^--json=.*adir is not a regular file: choose another path"),
+    (tmp_path / "log.jsonl").write_text("{}\n")
+    (tmp_path / "t.md").write_text("an earlier table")
+    for extra, message in ((f"--json={tmp_path / 'adir'}", r"^--json=.*adir is a directory: give a file name in it"),
+                           (f"--json={tmp_path / 'ckpt.pt'}", r"ckpt.pt is a training run's file \(checkpoint or log\)"),
+                           (f"--md={tmp_path / 'log.jsonl'}", r"log.jsonl is a training run's file"),
+                           (f"--md={tmp_path / 't.md'}", r"t.md exists: choose another --md file, or pass --overwrite"),
                            (f"--md={tmp_path / 'no' / 't.md'}", r"^--md=.*the directory .*no does not exist"),
                            ("--png=/proc/x.png", r"^--png=/proc/x.png cannot be written")):
         with pytest.raises(SystemExit, match=message):
             exposure.main(base + [extra])
+    with pytest.raises(SystemExit, match=r"ckpt.pt is a training run's file"):  # not even with --overwrite
+        exposure.main(base + [f"--json={tmp_path / 'ckpt.pt'}", "--overwrite"])
+    with pytest.raises(pytest.fail.Exception, match="measured"):  # --overwrite lets it go on
+        exposure.main(base + [f"--md={tmp_path / 't.md'}", f"--json={tmp_path / 'new.json'}", "--overwrite"])
+    assert (tmp_path / "t.md").read_text() == "an earlier table" and (tmp_path / "log.jsonl").read_text() == "{}\n"
     with pytest.raises(SystemExit, match=r"^no checkpoint at .*missing/ckpt.pt: train one first"):
         exposure.main(["--out_dir", str(tmp_path / "missing")])
     with pytest.raises(SystemExit):  # allow_abbrev=False: --se is not --seed

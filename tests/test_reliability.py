@@ -439,6 +439,12 @@ def test_niah_results_file_is_checked_before_the_evaluation(base, tmp_path, monk
     with pytest.raises(AssertionError, match="the evaluation ran"):  # --overwrite lets it go on
         niah_eval.main(argv + [f"--json={tmp_path / 'r.json'}", "--overwrite"])
     assert (tmp_path / "r.json").read_text() == "earlier results"
+    ckpt = os.path.join(base, "ckpt.pt")
+    before = open(ckpt, "rb").read()
+    for run_file in (ckpt, os.path.join(base, "log.jsonl")):  # a run's own files, even with --overwrite
+        with pytest.raises(SystemExit, match=r"is a training run's file \(checkpoint or log\): choose another"):
+            niah_eval.main(argv + [f"--json={run_file}", "--overwrite"])
+    assert open(ckpt, "rb").read() == before
 
 
 @pytest.mark.parametrize("arg, message", [
@@ -604,6 +610,23 @@ def test_a_log_without_a_checkpoint_is_refused_unless_overwrite(copy):
                                          r"--overwrite=True to replace it, or another --out_dir$"):
         run(copy, "--max_iters=2")
     assert (copy / "log.jsonl").read_text() == log
+    (copy / "log.jsonl").write_text("")  # a run stopped before its first log line: nothing to keep
+    run(copy, "--max_iters=2")
+    assert (copy / "ckpt.pt").exists() and '"step": 2' in (copy / "log.jsonl").read_text()
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("empty", r"^--out_dir is empty: name a directory"), ("file", r"^--out_dir=\S*afile cannot hold a run \(a file"),
+    ("under a file", r"^--out_dir=\S*afile/sub cannot hold a run \(not a directory\)"),
+    ("dangling link", r"^--out_dir=\S*dangling cannot hold a run \(a file or a broken link\)")])
+def test_an_out_dir_that_cannot_hold_a_run_is_one_line(tmp_path, kind, message):
+    (tmp_path / "afile").write_text("kept")
+    os.symlink(tmp_path / "nowhere" / "x", tmp_path / "dangling")
+    out = {"empty": "", "file": tmp_path / "afile", "under a file": tmp_path / "afile" / "sub",
+           "dangling link": tmp_path / "dangling"}[kind]
+    with pytest.raises(SystemExit, match=message):
+        train.main(["--config", "tiny", f"--out_dir={out}", "--max_iters=1"])
+    assert (tmp_path / "afile").read_text() == "kept"
 
 
 # ---- sample.py: no silent fallback, no sampling from a broken model -------------------------
