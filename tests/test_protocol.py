@@ -97,9 +97,9 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resume(tmp_path):
     fresh = {j.name: j for j in protocol.plan(args(tmp_path, seeds=[2]), [])}["s2/base"].argv()
     assert "--resume=True" not in fresh and "--seed=2" in fresh and f"--out_dir={tmp_path / 's2' / 'base'}" in fresh
     assert "--overwrite=True" not in fresh
-    (tmp_path / "s2" / "base").mkdir(parents=True)
-    (tmp_path / "s2" / "base" / "log.jsonl").write_text('{"step": 5, "loss": 3.0}\n')  # stopped before a checkpoint
-    again = {j.name: j for j in protocol.plan(args(tmp_path, seeds=[2]), [])}["s2/base"].argv()
+    (tmp_path / "s4" / "base").mkdir(parents=True)
+    (tmp_path / "s4" / "base" / "log.jsonl").write_text('{"step": 5, "loss": 3.0}\n')  # stopped before a checkpoint
+    again = {j.name: j for j in protocol.plan(args(tmp_path, seeds=[4]), [])}["s4/base"].argv()
     assert "--overwrite=True" in again and "--resume=True" not in again
     # --repeat: the same base command again, into base_repeat, for the asked seeds only
     repeat = {j.name: j for j in protocol.plan(args(tmp_path, seeds=[2, 3], repeat=[2]), ["--lr=1e-3"])}
