@@ -62,7 +62,8 @@ class MemoryConfig:
             (self.scope in SCOPES, f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}"),
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.rank >= 1, f"rank must be >= 1, got {self.rank}"),
-            (math.isfinite(self.alpha), f"alpha must be finite, got {self.alpha}"),
+            (math.isfinite(self.alpha) and self.alpha > 0, f"alpha must be finite and > 0 (0 switches the memory off), "
+                                                           f"got {self.alpha}"),
             (0 < self.layer_frac <= 1, f"layer_frac must be in (0, 1], got {self.layer_frac}"),
             (math.isfinite(self.lr) and self.lr >= 0, f"lr must be finite and >= 0, got {self.lr}"),
             (self.clip > 0, f"clip must be > 0, got {self.clip}"),

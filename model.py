@@ -11,9 +11,11 @@ import math
 import os
 import pickle
 import re
+import signal
 import stat
+import threading
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 
 import torch
@@ -325,6 +327,20 @@ def pick_device(name):
 def autocast(device, dtype="bfloat16"):
     """Mixed precision on the GPU (bf16 by default), full precision on the CPU: train.py's and the sampler's."""
     return torch.autocast("cuda", dtype=getattr(torch, dtype)) if torch.device(device).type == "cuda" else nullcontext()
+
+
+@contextmanager
+def sigterm_as_ctrl_c():
+    """Inside it a SIGTERM (kill, a scheduler, torchrun stopping its workers) raises KeyboardInterrupt,
+    so every script ends it as it ends Ctrl-C: in one line. The handler it replaced comes back after."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def seeded_generator(seed, step=0, index=0, device="cpu"):

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from data.tokenizer import decode, get_encoding, open_split
 from memory import ADAPT_RATIO, MemoryConfig, adapt as adapt_memory, flat, inner_step, unflat
-from model import KVCache, autocast, load_model, pick_device, proposal_logits, seeded_generator
+from model import KVCache, autocast, load_model, pick_device, proposal_logits, seeded_generator, sigterm_as_ctrl_c
 from niah import make_example, parse_tasks
 
 REMASKING = ("low_confidence", "random")
@@ -320,7 +320,8 @@ def no_checkpoint(out_dir, device, argv):
 
 def main(argv=None):
     try:
-        _main(argv)
+        with sigterm_as_ctrl_c():
+            _main(argv)
     except KeyboardInterrupt:
         raise SystemExit("interrupted: sampling stopped (sample.py writes no file); run the command again") from None
 

@@ -590,8 +590,8 @@ def test_init_from_loads_weights_and_resets_the_step(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--bogus=1"], "unknown config key 'bogus'"),
-    (["--max_iters=ten"], "expected a int"),
-    (["--mem=maybe"], "expected a bool"),
+    (["--max_iters=ten"], "--max_iters=ten: expected an integer"),
+    (["--mem=maybe"], "--mem=maybe: expected True or False"),
     (["--config", "huge"], "unknown config 'huge'"),
     (["max_iters=3"], "write --key=value"),
     (["--dataset=nowhere"], "run python data/nowhere/prepare.py"),

@@ -16,9 +16,7 @@ import json
 import math
 import os
 import shlex
-import signal
 import sys
-import threading
 import time
 from contextlib import nullcontext, suppress
 from dataclasses import asdict, dataclass, field, fields
@@ -32,7 +30,7 @@ import niah
 from data.tokenizer import check_tokenizer, get_encoding, open_split
 from memory import MemoryConfig, inner_step, memdlm_loss, memory_layers
 from model import (DiffusionLM, ModelConfig, autocast, forward_process, load_model, mdlm_loss, pick_device,
-                   read_checkpoint, read_log, seeded_generator)
+                   read_checkpoint, read_log, seeded_generator, sigterm_as_ctrl_c)
 
 # data sources other than token files, by dataset name: each has its train config keys (defaults),
 # presets, check(cfg) (stops with one line) and data(cfg, device) (batches as TextData's)
@@ -200,7 +198,8 @@ def cast(key, val, default):
             return val.lower() in ("true", "1")
         return kind(val)
     except ValueError:
-        raise SystemExit(f"--{key}={val}: expected a {kind.__name__} (default {default!r})") from None
+        name = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string"}[kind.__name__]
+        raise SystemExit(f"--{key}={val}: expected {name} (default {default!r})") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -768,15 +767,21 @@ def log_train(run, bar, step, loss, inner_losses, tokens_per_s):
 
 def main(argv):
     cfg = parse_config(argv)
-    run = start_run(cfg)
+    run = None
     try:
-        train_run(run, argv)
+        with sigterm_as_ctrl_c():  # a SIGTERM in the setup ends in one line too
+            run = start_run(cfg)
+            train_run(run, argv)
+    except KeyboardInterrupt:  # in the setup: the loop turns its own into the line with the steps
+        raise SystemExit("interrupted before the first step: nothing was trained and nothing written is lost"
+                         f"{run.kept_note() if run else ''}; run the command again") from None
     except RuntimeError as e:  # torch.OutOfMemoryError is one
-        if not any(s in str(e) for s in ALLOC_FAILED):
+        if run is None or not any(s in str(e) for s in ALLOC_FAILED):
             raise
         raise SystemExit(run.too_big(e)) from None
     finally:
-        release_lock(run)
+        if run is not None:
+            release_lock(run)
 
 
 def train_run(run, argv):
@@ -799,7 +804,6 @@ def train_run(run, argv):
     evaluated = ckpt is not None and master and any(r.get("step") == start and "eval_loss" in r
                                                     for r in read_log(run.log.name))
     step, loss = start, None
-    on_term = sigterm_as_ctrl_c()
     try:
         for step in bar:
             if step % cfg["eval_interval"] == 0 and master and not (step == start and evaluated):
@@ -831,18 +835,8 @@ def train_run(run, argv):
     except KeyboardInterrupt:
         raise SystemExit(run.interrupted(step, argv)) from None
     finally:
-        if on_term is not None:
-            signal.signal(signal.SIGTERM, on_term)
         bar.close()
         finish(run, nets)
-
-
-def sigterm_as_ctrl_c():
-    """A SIGTERM (kill, a scheduler, torchrun stopping its workers) ends the run as Ctrl-C does:
-    one line with the command that resumes. Returns the handler it replaced (None off the main thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import time
 import torch
 
 import train
+from model import sigterm_as_ctrl_c
 
 BENCH = dict(steps=30, warmup=8, profile=False, modes="mdlm,memdlm",
              sample_from="", prompt_lens="1024,4096", gen_len=128, block=32, sample_batch=8, threshold=0.9,
@@ -215,7 +216,8 @@ def model_flops_per_token(model, T):
 
 def main(argv):
     try:
-        return _main(argv)
+        with sigterm_as_ctrl_c():
+            return _main(argv)
     except KeyboardInterrupt:
         raise SystemExit("interrupted: a benchmark writes nothing; run the command again") from None
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from memory import MemoryConfig, adapt
-from model import load_model, pick_device, proposal_logits
+from model import load_model, pick_device, proposal_logits, sigterm_as_ctrl_c
 from experiments.common import mean_stderr, row_label, writable, write_atomic
 from niah import FORMS, NIAH_DEFAULTS, NiahData
 
@@ -182,7 +182,8 @@ def read_measurement(path):
 
 def main(argv=None):
     try:
-        return _main(argv)
+        with sigterm_as_ctrl_c():
+            return _main(argv)
     except KeyboardInterrupt:
         raise SystemExit("interrupted; a file already written is whole (each is written at once, then renamed): "
                          "run the command again") from None
@@ -218,6 +219,8 @@ def _main(argv):
         results = [measure(a.out_dir, a.n, a.batch_size, pick_device(a.device), a.forms, a.seed)]
         out = results[0]
     else:
+        if len(set(map(os.path.realpath, a.summary))) < len(a.summary):
+            raise SystemExit("--summary names a file twice: give each measurement once")
         results = [read_measurement(f) for f in a.summary]
     t, kinds = summary(results)
     if a.summary:

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import random
-import signal
 import time
 from dataclasses import replace
 
@@ -34,7 +33,7 @@ from tqdm import tqdm
 from data.tokenizer import decode, get_encoding
 from experiments.common import int_list, mean_stderr, row_label, writable, write_atomic
 from memory import MemoryConfig
-from model import ROPE_SCALINGS, load_model, pick_device, seeded_generator
+from model import ROPE_SCALINGS, load_model, pick_device, seeded_generator, sigterm_as_ctrl_c
 from niah import FORMS, HAYSTACKS, NIAH_DEFAULTS, TASKS, hide_answers, make_example, parse_tasks, score
 from sample import generate, plan
 
@@ -130,6 +129,8 @@ def parse(argv):
             raise SystemExit(f"--{k}={getattr(a, k)}: must be a positive integer")
     if a.adapt_lr is not None and not 0 <= a.adapt_lr < float("inf"):
         raise SystemExit(f"--adapt_lr={a.adapt_lr}: must be a finite number >= 0")
+    if a.threshold is not None and not 0 <= a.threshold <= 1:
+        raise SystemExit(f"--threshold={a.threshold}: a confidence within 0 and 1")
     if a.adapt_ratio is not None and not 0 < a.adapt_ratio <= 1:
         raise SystemExit(f"--adapt_ratio={a.adapt_ratio}: must be within 0 (exclusive) and 1")
     a.rope = a.rope.split(",")
@@ -213,9 +214,9 @@ def print_tables(rows, a, examples):
 
 
 def main(argv=None):
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a SIGTERM ends as Ctrl-C does: one line
     try:
-        evaluate(argv)
+        with sigterm_as_ctrl_c():
+            evaluate(argv)
     except KeyboardInterrupt:
         raise SystemExit("interrupted: no results written (an earlier results file is left as it was)") from None
 

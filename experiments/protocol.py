@@ -645,12 +645,16 @@ def check_root(root):
 def check_train_args(a, extras):
     """--config and the other --key=value settings as train.py reads them, checked now (in a
     child process: a script never imports a script) rather than by the first job."""
-    code = "import sys, train; train.parse_config(sys.argv[1:])"
+    code = "import sys, train; print(train.parse_config(sys.argv[1:])['dataset'])"
     done = subprocess.run([sys.executable, "-c", code, "--config", a.config, *extras], cwd=ROOT,
                           capture_output=True, text=True)
     if done.returncode:
         lines = (done.stderr or done.stdout).strip().splitlines() or [f"exit {done.returncode}"]
         raise SystemExit(f"train.py refuses these settings: {lines[-1]}")
+    dataset = done.stdout.strip().splitlines()[-1]
+    if dataset != "niah":
+        raise SystemExit(f"--config={a.config} trains on text (dataset {dataset}): the protocol trains and evaluates "
+                         f"needle checkpoints; use --config=niah_proto, niah or niah_tiny (or --dataset=niah)")
 
 
 def check_eval_args(a):
@@ -724,6 +728,8 @@ def _main(argv):
         raise SystemExit("--eval_batch and --exposure_n must be >= 1")
     if a.deadline is not None and not 0 < a.deadline < math.inf:
         raise SystemExit(f"--deadline={a.deadline}: seconds, a finite number > 0")
+    if a.gpus is not None and a.gpus.strip() and not all(g.strip().isdigit() for g in a.gpus.split(",")):
+        raise SystemExit(f"--gpus={a.gpus}: a comma list of GPU ids such as 0,1 (--gpus= for the CPU)")
     check_seeds(a)
     check_root(a.root)
     check_eval_args(a)
@@ -746,7 +752,7 @@ def _main(argv):
     except OSError as e:
         raise SystemExit(f"--root={a.root}: cannot make its logs directory ({e.strerror or e}): "
                          f"choose another --root") from None
-    gpus = visible_gpus() if a.gpus is None else [g for g in a.gpus.split(",") if g]
+    gpus = visible_gpus() if a.gpus is None else [g.strip() for g in a.gpus.split(",") if a.gpus.strip()]
     slots = [g for _ in range(a.per_gpu) for g in gpus] or [None] * a.per_gpu
     print(f"{sum(j.wanted for j in jobs)} jobs on {len(slots)} slots ({', '.join(gpus) or 'the CPU'}, {a.per_gpu} each)")
     deadline = None if a.deadline is None else time.time() + a.deadline

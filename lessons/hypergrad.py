@@ -32,7 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data.tokenizer import open_split
 from memory import MemoryConfig, memdlm_loss, memory_layers
-from model import load_model, pick_device
+from model import load_model, pick_device, sigterm_as_ctrl_c
 from niah import NiahData
 
 
@@ -129,6 +129,14 @@ def table(rows):
 
 
 def main(argv=None):
+    try:
+        with sigterm_as_ctrl_c():
+            _main(argv)
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: the comparison writes nothing; run the command again") from None
+
+
+def _main(argv):
     p = argparse.ArgumentParser(description="First-order vs exact hypergradient (Eq. 10) on a checkpoint of train.py.",
                                 allow_abbrev=False)  # --batch is not --batches
     p.add_argument("--out_dir", default="out", help="directory holding ckpt.pt (default out: train.py --config small)")

@@ -158,6 +158,8 @@ def test_bad_arguments(tmp_path):
     (["--tasks=single,foo"], r"^--tasks=single,foo: unknown task 'foo'"),
     (["--lengths=256,0"], r"^--lengths=256,0: a comma list of positive integers"),
     (["--exposure_n=0"], r"--exposure_n must be >= 1"),
+    (["--gpus=abc"], r"^--gpus=abc: a comma list of GPU ids such as 0,1 \(--gpus= for the CPU\)$"),
+    (["--gpus=,"], r"^--gpus=,: a comma list of GPU ids"),
 ])
 def test_bad_seeds_and_settings_stop_before_any_job(tmp_path, monkeypatch, argv, message):
     monkeypatch.setattr(protocol, "run_jobs", lambda *a, **k: pytest.fail("jobs ran"))
@@ -186,6 +188,9 @@ def test_train_settings_are_checked_before_any_job(tmp_path, monkeypatch):
     monkeypatch.setattr(protocol, "run_jobs", lambda *a, **k: pytest.fail("jobs ran"))
     with pytest.raises(SystemExit, match=r"^train.py refuses these settings: unknown config key 'n_layers': valid keys"):
         protocol.main([f"--root={tmp_path}", "--config=tiny", "--n_layers=3", "--dry_run"])
+    with pytest.raises(SystemExit, match=r"^--config=tiny trains on text \(dataset pydoc\): the protocol trains and "
+                                         r"evaluates needle checkpoints; use --config=niah_proto"):
+        protocol.main([f"--root={tmp_path}", "--config=tiny", "--dry_run"])
 
 
 def test_a_root_that_is_a_file_is_refused(tmp_path):
@@ -479,6 +484,8 @@ def test_exposure_summary_and_table(tmp_path):
     bad.write_text(json.dumps({"kinds": {}}))
     with pytest.raises(SystemExit, match="not a measurement"):
         exposure.main(["--summary", str(bad)])
+    with pytest.raises(SystemExit, match="^--summary names a file twice: give each measurement once$"):
+        exposure.main(["--summary", str(bad), str(tmp_path / "." / "x.json")])
 
 
 def test_tiny_checkpoints_end_to_end(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 import contextlib
 import errno
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -333,6 +334,7 @@ def test_ctrl_c_or_sigterm_in_a_real_process_gives_one_line_and_no_traceback(tmp
     ("--dtype=int8", "--dtype=int8: use bfloat16, float16 or float32"),
     ("--compile_mode=fast", "--compile_mode=fast: use one of default"),
     ("--mem_rank=0", "--mem_rank must be >= 1, got 0"),
+    ("--mem_alpha=0", "--mem_alpha must be finite and > 0 \\(0 switches the memory off\\)"),
     ("--mem_steps=0", "--mem_steps must be >= 1"),
     ("--mem_lr=nan", "--mem_lr must be finite"),
     ("--mem_layer_frac=0", "--mem_layer_frac must be in"),
@@ -431,6 +433,9 @@ def test_niah_results_file_is_checked_before_the_evaluation(base, tmp_path, monk
         raise AssertionError("the evaluation ran")
     monkeypatch.setattr(niah_eval, "generate", evaluated)
     argv = [f"--out_dir={base}", "--device=cpu", "--tasks=single", "--lengths=200", "--n=1"]
+    for t in ("1.5", "-0.1", "nan"):
+        with pytest.raises(SystemExit, match=rf"^--threshold={t}: a confidence within 0 and 1$"):
+            niah_eval.main(argv + [f"--threshold={t}"])
     with pytest.raises(SystemExit, match=r"the directory .*missing does not exist"):
         niah_eval.main(argv + [f"--json={tmp_path / 'missing' / 'r.json'}"])
     (tmp_path / "r.json").write_text("earlier results")
@@ -613,6 +618,39 @@ def test_a_log_without_a_checkpoint_is_refused_unless_overwrite(copy):
     (copy / "log.jsonl").write_text("")  # a run stopped before its first log line: nothing to keep
     run(copy, "--max_iters=2")
     assert (copy / "ckpt.pt").exists() and '"step": 2' in (copy / "log.jsonl").read_text()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_a_stop_in_the_setup_is_one_line_and_the_run_can_start_again(tmp_path, monkeypatch, sig):
+    def build(*a):
+        os.kill(os.getpid(), sig)  # delivered to this (the main) thread: raised here
+        time.sleep(5)
+    real_build = train.build
+    monkeypatch.setattr(train, "build", build)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit, match=r"^interrupted before the first step: nothing was trained and nothing "
+                                         r"written is lost; run the command again$"):
+        run(tmp_path / "r", "--max_iters=2")
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler before the run is back
+    monkeypatch.setattr(train, "build", real_build)
+    run(tmp_path / "r", "--max_iters=2")  # no lock left, the empty log is no obstacle
+    assert (tmp_path / "r" / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("module, inner", [("sample", "_main"), ("experiments.niah_eval", "evaluate"),
+                                           ("experiments.exposure", "_main"), ("experiments.bench", "_main"),
+                                           ("lessons.hypergrad", "_main")])
+def test_a_sigterm_ends_every_script_in_one_line_and_its_handler_comes_back(monkeypatch, module, inner):
+    mod = importlib.import_module(module)
+    def terminated(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)  # raised here, in the main thread, as KeyboardInterrupt
+        time.sleep(5)
+        raise AssertionError("the SIGTERM did not stop it")
+    monkeypatch.setattr(mod, inner, terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit, match=r"^interrupted") as e:
+        mod.main([])
+    assert "\n" not in str(e.value) and signal.getsignal(signal.SIGTERM) is before
 
 
 @pytest.mark.parametrize("kind, message", [
