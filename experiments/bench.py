@@ -4,12 +4,16 @@
     python -m experiments.bench --config small --block_size=8192 --batch_size=2
     python -m experiments.bench --config small --profile=True        # top kernels of each mode's step
     python -m experiments.bench --config base --block_size=4096 --batch_size=8 --sdpa=default,cudnn,flash
+    python -m experiments.bench --config base --tokenizer=o200k_base --gather=off  # masked_ce's logits everywhere
 
 Prints tokens/s, model FLOPs utilisation, peak memory, the attention kernel that ran and the
 step-time ratio MemDLM/MDLM (on the CPU: no MFU and no peak memory, "-" in the table).
 --sdpa times each named SDPA backend in turn (default: torch's own choice), each compiled afresh
-under torch.nn.attention.sdpa_kernel; the kernel column shows whether the restriction reached the
-compiled step (on an H200 with torch 2.11 it did not: cuDNN ran under each, LOG.md 2026-12-03).
+under torch.nn.attention.sdpa_kernel with Inductor's caches off: the compiled step takes its
+kernel when it is traced, and a cached graph (whose key leaves the backend out) would bring back
+the first one's (PyTorch issue 185449); the kernel column shows the one that ran.
+--gather: masked_ce's logits at the masked positions only (on), at every position (off), or as
+model.GATHER_ABOVE decides by size (auto).
 Steps are timed with CUDA events after a warm-up (compilation included there); the median
 of --steps steps is reported. MFU counts the model's useful work per token,
 6 N + 12 n_layer n_embd T (N: the matmuls' weights, the token embedding left out as a lookup;
@@ -19,15 +23,20 @@ with --attn_chunk T is the chunk), for both modes, against the card's dense bf16
 import statistics
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 
 import torch
+import torch._inductor.config
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import model
 import train
 from model import sigterm_as_ctrl_c
 
 BENCH = dict(steps=30, warmup=8, profile=False, modes="mdlm,memdlm",
              sample_from="", prompt_lens="1024,4096", gen_len=128, block=32, sample_batch=8, threshold=0.9,
-             sdpa="default")
+             sdpa="default", gather="auto")
+GATHER = {"auto": model.GATHER_ABOVE, "on": 0, "off": float("inf")}  # model.GATHER_ABOVE for each --gather
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
 # the aten op of each SDPA backend, as the profiler names it (its _backward too)
 SDPA_OPS = {"cudnn": "_scaled_dot_product_cudnn_attention", "flash": "_scaled_dot_product_flash_attention",
@@ -63,6 +72,8 @@ def check(bench):
         raise SystemExit(f"--prompt_lens={bench['prompt_lens']}: a comma list of positive integers, e.g. 1024,4096")
     if not set(bench["sdpa"].split(",")) <= {"default", *SDPA_OPS}:
         raise SystemExit(f"--sdpa={bench['sdpa']}: a comma list of default, {', '.join(SDPA_OPS)}")
+    if bench["gather"] not in GATHER:
+        raise SystemExit(f"--gather={bench['gather']}: use auto, on or off")
     if bench["gen_len"] % bench["block"]:
         raise SystemExit(f"--gen_len={bench['gen_len']} must be a multiple of --block={bench['block']}")
 
@@ -167,7 +178,7 @@ def bench_sampling(bench, device):
 
     from model import autocast, load_model
     from sample import generate, write_memory
-    model, cfg = load_model(bench["sample_from"], device)
+    net, cfg = load_model(bench["sample_from"], device)
     on_gpu = device.startswith("cuda")
     mcfg = train.MemoryConfig.from_config(cfg)
     data = train.make_data(cfg, "cpu")
@@ -183,13 +194,13 @@ def bench_sampling(bench, device):
                          f"({len(val)} tokens): choose shorter prompts")
     for L in map(int, bench["prompt_lens"].split(",")):
         prompts = [val[i * 997 % (len(val) - L):][:L].astype(int).tolist() for i in range(B)]
-        run = lambda **kw: generate(model, prompts, gen_len=G, steps=G, block_len=blk,
+        run = lambda **kw: generate(net, prompts, gen_len=G, steps=G, block_len=blk,
                                     generator=torch.Generator(device).manual_seed(0), mcfg=mcfg, **kw)
         base, (ref, _) = timed(run, on_gpu)
         print(f"| {L} | plain | {base:.3f} | {B * G / base:,.0f} | |")
         dt, _ = timed(lambda: run(adapt=True), on_gpu)
         with autocast(device):  # as inside generate
-            mem, _ = timed(lambda: write_memory(model, prompts, mcfg, generator=torch.Generator(device).manual_seed(0)),
+            mem, _ = timed(lambda: write_memory(net, prompts, mcfg, generator=torch.Generator(device).manual_seed(0)),
                            on_gpu)
         print(f"| {L} | --adapt | {dt:.3f} | {B * G / dt:,.0f} | adaptation {100 * mem / dt:.0f}% of the time |")
         for name, kw in ((f"threshold {bench['threshold']}", dict(threshold=bench["threshold"])),
@@ -233,7 +244,7 @@ def _main(argv):
     peak, peak_note = peak_flops(device)
     tokens = cfg["batch_size"] * cfg["block_size"]
     print(f"bench: config {cfg['config']}, block_size {cfg['block_size']}, batch {cfg['batch_size']}, "
-          f"compile {cfg['compile']}, {peak_note}")
+          f"compile {cfg['compile']}, gather {bench['gather']}, {peak_note}")
     if not (peak and on_gpu):
         print("note: " + ("on the CPU, MFU and peak memory are not measured (no peak FLOP/s, no CUDA memory "
                           "statistics): -" if not on_gpu else "MFU is not measured (this GPU's peak is unknown): -"))
@@ -244,7 +255,7 @@ def _main(argv):
         for mode in bench["modes"].split(","):
             torch._dynamo.reset()  # compile afresh under this backend
             try:
-                with sdpa_backend(backend):
+                with measured_under(bench, backend):
                     dt, mem_gib, raw_model, kernel = bench_training(cfg, mode == "memdlm", bench, device)
             except RuntimeError as e:  # a backend this card, dtype or shape does not support
                 if "No viable backend" not in str(e):
@@ -263,14 +274,22 @@ def _main(argv):
             print_ratio(rows["memdlm"] / rows["mdlm"], model_cfg, cfg, backend)
 
 
-def sdpa_backend(name):
-    """torch's own choice of attention kernel ("default"), or that one backend alone."""
-    from contextlib import nullcontext
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+@contextmanager
+def measured_under(bench, backend):
+    """What a step is compiled and timed under: the SDPA backend (torch's own choice for "default"),
+    Inductor's caches off when backends are compared (a cached graph would bring back another
+    backend's kernel: its key leaves the backend out, PyTorch issue 185449), and --gather's
+    threshold for masked_ce; all as before afterwards."""
     backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-    return nullcontext() if name == "default" else sdpa_kernel([backends[name]])
+    default_gather = model.GATHER_ABOVE
+    model.GATHER_ABOVE = GATHER[bench["gather"]]
+    try:
+        with nullcontext() if backend == "default" else sdpa_kernel([backends[backend]]), \
+                torch._inductor.config.patch(force_disable_caches=bench["sdpa"] != "default"):
+            yield
+    finally:
+        model.GATHER_ABOVE = default_gather
 
 
 def print_ratio(ratio, model_cfg, cfg, backend):

@@ -90,3 +90,22 @@ def test_bench_ctrl_c_is_one_line(monkeypatch):
     monkeypatch.setattr(bench, "bench_training", interrupted)
     with pytest.raises(SystemExit, match=r"^interrupted: a benchmark writes nothing; run the command again$"):
         bench.main(["--config", "tiny", "--device=cpu"])
+
+
+def test_gather_and_the_inductor_caches_hold_while_a_step_is_timed_and_are_restored(monkeypatch, capsys):
+    import torch._inductor.config as inductor
+    import model
+    default, caches_off = model.GATHER_ABOVE, inductor.force_disable_caches
+    seen, real = [], bench.bench_training
+    def spy(*a):
+        seen.append((model.GATHER_ABOVE, inductor.force_disable_caches))
+        return real(*a)
+    monkeypatch.setattr(bench, "bench_training", spy)
+    argv = ["--config", "tiny", "--steps=1", "--warmup=0", "--device=cpu", "--modes=mdlm"]
+    for extra, expected in ((["--gather=on"], (0, caches_off)), (["--gather=off"], (float("inf"), caches_off)),
+                            (["--gather=auto", "--sdpa=default,math"], (default, True))):
+        bench.main(argv + extra)
+        assert seen[-1] == expected and (model.GATHER_ABOVE, inductor.force_disable_caches) == (default, caches_off)
+    assert "gather on" in capsys.readouterr().out.split("gather off")[0]
+    with pytest.raises(SystemExit, match=r"^--gather=yes: use auto, on or off$"):
+        bench.main(argv + ["--gather=yes"])
