@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import sys
 import time
 from contextlib import nullcontext, suppress
@@ -251,7 +252,16 @@ def train_batches(cfg, start, rank, on_gpu):
     workers = cfg["data_workers"]
     return iter(torch.utils.data.DataLoader(StepBatches(make_data(cfg, "cpu"), cfg["seed"], rank), batch_size=None,
                                             sampler=range(start, cfg["max_iters"]), num_workers=workers,
-                                            pin_memory=on_gpu, prefetch_factor=4 if workers else None))
+                                            pin_memory=on_gpu, prefetch_factor=4 if workers else None,
+                                            worker_init_fn=ignore_stop_signals if workers else None))
+
+
+def ignore_stop_signals(worker_id):
+    """A data worker leaves Ctrl-C and SIGTERM to the loop, which closes the workers itself: a
+    signal sent to the whole process group (a terminal's Ctrl-C, timeout, a scheduler) would
+    otherwise kill them first, and the DataLoader would print a traceback over the one line."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------------------
@@ -572,7 +582,7 @@ def start_run(cfg):
         raise SystemExit(f"{log_path} exists (an earlier run's log, no checkpoint): pass --overwrite=True "
                          f"to replace it, or another --out_dir")
     run = Run(cfg, device=pick_device(cfg["device"]))
-    if int(os.environ.get("RANK", -1)) != -1:
+    if launched_by_torchrun():
         torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
         run.rank, run.world, run.ddp = torch.distributed.get_rank(), torch.distributed.get_world_size(), True
         run.device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
@@ -604,6 +614,20 @@ def start_run(cfg):
             release_lock(run)
             raise
     return run
+
+
+def launched_by_torchrun():
+    """Whether torchrun started this process (it sets RANK and the rest); a partial or malformed
+    environment stops here in one line instead of inside init_process_group."""
+    if "RANK" not in os.environ:
+        return False
+    env = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    wrong = [k for k in env if k not in os.environ or (k != "MASTER_ADDR" and not os.environ[k].isdigit())]
+    if wrong:
+        raise SystemExit(f"RANK={os.environ['RANK']} is set but {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} "
+                         f"missing or not a number: start several processes with torchrun --nproc_per_node=N "
+                         f"train.py ..., or unset RANK for one")
+    return True
 
 
 def rank_mismatch(configs):
@@ -741,6 +765,16 @@ def announce(run, raw, start, tokens_per_step):
     if on_gpu and cfg["exact_hypergrad"]:
         print("note: --exact_hypergrad=True runs uncompiled and in float32 (torch.compile has no double backward, "
               "and bf16 autocast breaks it)")
+    if cfg["mem"] and cfg["mem_start"] >= cfg["max_iters"] > start:
+        print(f"note: --mem_start={cfg['mem_start']} is not below --max_iters={cfg['max_iters']}: every step trains "
+              f"plain MDLM (MemDLM starts at step mem_start)")
+    if cfg["warmup_iters"] > cfg["max_iters"] > start:
+        print(f"note: --warmup_iters={cfg['warmup_iters']} is above --max_iters={cfg['max_iters']}: the learning "
+              f"rate never reaches --lr={cfg['lr']}")
+    unread = [k for name, src in SOURCES.items() if cfg["dataset"] != name for k, v in src.defaults.items() if cfg[k] != v]
+    if unread:
+        print(f"note: {', '.join('--' + k for k in unread)} unused: --dataset={cfg['dataset']} does not read "
+              f"{'it' if len(unread) == 1 else 'them'}")
     if not on_gpu and cfg["max_iters"] > start:
         print(f"note: no GPU, training on the CPU; roughly {cpu_minutes(cfg, raw.num_params(), tokens_per_step, start):.1f} "
               f"minutes for {cfg['max_iters'] - start} steps")

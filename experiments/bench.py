@@ -20,6 +20,10 @@ of --steps steps is reported. MFU counts the model's useful work per token,
 the second term: bidirectional attention over the T keys a query sees, forward and backward;
 with --attn_chunk T is the chunk), for both modes, against the card's dense bf16 peak (989 TFLOP/s for H100/H200 SXM).
 """
+
+if not __package__:  # run as a file: the imports below need the repository root on the path
+    raise SystemExit("run it from the repository root as a module: python -m experiments.bench")
+
 import statistics
 import sys
 import time

@@ -16,6 +16,10 @@ trained with mem=False is "Standard MDLM"; one with mem=True gives "MemDLM (Trai
 "MemDLM (Train & Inference)", whose prompts are first written into fast weights
 (memory.adapt) that stay applied. Float32 throughout.
 """
+
+if not __package__:  # run as a file: the imports below need the repository root on the path
+    raise SystemExit("run it from the repository root as a module: python -m experiments.exposure")
+
 import argparse
 import json
 import os

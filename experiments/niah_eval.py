@@ -19,6 +19,10 @@ Where attention cannot reach (the memory as the only way to the answer):
                that a position failure is not taken for a memory effect
   --adapt_*    the inference-time inner loop's budget (default: the checkpoint's K and lr)
 """
+
+if not __package__:  # run as a file: the imports below need the repository root on the path
+    raise SystemExit("run it from the repository root as a module: python -m experiments.niah_eval")
+
 import argparse
 import json
 import os

@@ -26,6 +26,10 @@ the fine-tunes' eval losses against Standard MDLM, paired),
 root/protocol.md (the tables), root/loss_curves.png, and
 with experiments.exposure root/exposure.{json,md,png}; each job's output is in root/logs/.
 """
+
+if not __package__:  # run as a file: the imports below need the repository root on the path
+    raise SystemExit("run it from the repository root as a module: python -m experiments.protocol")
+
 import argparse
 import contextlib
 import glob

@@ -16,6 +16,10 @@ same run and RoPE scaling, or the same view of the run named by --against (defau
 MDLM, the plain view of ft_mdlm), paired over seeds, with the 95% t interval, and the seeds that interval would need to shrink to +-3 points
 at the spread measured.
 """
+
+if not __package__:  # run as a file: the imports below need the repository root on the path
+    raise SystemExit("run it from the repository root as a module: python -m experiments.reach")
+
 import argparse
 import glob
 import json

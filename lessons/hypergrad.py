@@ -20,6 +20,10 @@ and peak memory of each, averaged over --batches batches. Both run in float32 on
 math attention (the flash and memory-efficient kernels have no double backward) and without
 torch.compile, so their costs compare with each other, not with train.py's steps.
 """
+
+if not __package__:  # run as a file: the imports below need the repository root on the path
+    raise SystemExit("run it from the repository root as a module: python -m lessons.hypergrad")
+
 import argparse
 import math
 import time

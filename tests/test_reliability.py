@@ -285,21 +285,22 @@ def test_ctrl_c_names_the_steps_and_the_exact_command_that_resumes(tmp_path, mon
     assert math.isclose(final["a"]["loss"], final["b"]["loss"], rel_tol=1e-6)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
-def test_ctrl_c_or_sigterm_in_a_real_process_gives_one_line_and_no_traceback(tmp_path, sig):
+@pytest.mark.parametrize("sig, workers", [(signal.SIGINT, 0), (signal.SIGTERM, 0), (signal.SIGTERM, 1)],
+                         ids=["ctrl_c", "sigterm", "sigterm_to_the_group_with_a_data_worker"])
+def test_ctrl_c_or_sigterm_in_a_real_process_gives_one_line_and_no_traceback(tmp_path, sig, workers):
     # SIGINT restored in the child: a shell may start background jobs ignoring it
     code = ("import signal, sys, train; signal.signal(signal.SIGINT, signal.default_int_handler); "
             "train.main(sys.argv[1:])")
     p = subprocess.Popen([sys.executable, "-c", code, "--config", "tiny", f"--out_dir={tmp_path}", "--eval_iters=1",
-                          "--max_iters=100000", "--eval_interval=2", "--log_interval=1000"],
+                          "--max_iters=100000", "--eval_interval=2", "--log_interval=1000", f"--data_workers={workers}"],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     log, deadline = tmp_path / "log.jsonl", time.time() + 60
     while time.time() < deadline and p.poll() is None:  # past the evaluation of step 4: the checkpoint of 2 is in
         if log.exists() and '"step": 4' in log.read_text():
             break
         time.sleep(0.05)
-    p.send_signal(sig)
+    os.killpg(p.pid, sig)  # the whole group, as a terminal, timeout or a scheduler sends it: the workers too
     _, err = p.communicate(timeout=60)
     assert p.returncode == 1 and "Traceback" not in err, err[-500:]
     assert re.fullmatch(r"interrupted at step \d+; the last checkpoint is step \d+ .* --resume=True",
@@ -810,6 +811,20 @@ def test_torchrun_ranks_started_with_different_settings_stop_in_one_line_naming_
     assert not (tmp_path / "run").exists()  # before any work
 
 
+@pytest.mark.parametrize("env, wrong", [({"RANK": "0"}, "LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT are"),
+                                        ({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "two", "MASTER_ADDR": "localhost",
+                                          "MASTER_PORT": "29500"}, "WORLD_SIZE is")], ids=["rank_alone", "not_a_number"])
+def test_a_torchrun_environment_that_is_partial_or_malformed_is_one_line(tmp_path, monkeypatch, env, wrong):
+    for k in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit, match=rf"^RANK=0 is set but {wrong} missing or not a number: start several "
+                                         r"processes with torchrun --nproc_per_node=N train.py ..., or unset RANK"):
+        run(tmp_path / "r", "--max_iters=2")
+    assert not (tmp_path / "r").exists()  # before any work
+
+
 # ---- sizes that cannot be allocated ------------------------------------------------------
 
 @pytest.mark.parametrize("arg", ["--n_embd=1099511627776",  # a 1.4 PB embedding: refused at once, nothing taken
@@ -923,3 +938,22 @@ def test_a_resumed_step_missing_from_the_log_is_evaluated(tmp_path):
     run(tmp_path, "--max_iters=0")  # a checkpoint of step 0, no evaluation
     run(tmp_path, "--resume=True", "--max_iters=2", "--eval_interval=100")
     assert [r["step"] for r in strict_log(tmp_path / "log.jsonl") if "eval_loss" in r] == [0, 2]
+
+
+@pytest.mark.parametrize("path", ["experiments/bench.py", "experiments/protocol.py", "experiments/reach.py",
+                                  "experiments/exposure.py", "experiments/niah_eval.py", "lessons/hypergrad.py"])
+def test_a_module_run_as_a_file_says_how_to_run_it(path):
+    p = subprocess.run([sys.executable, path, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    module = path[:-3].replace("/", ".")
+    assert p.returncode == 1 and p.stderr == f"run it from the repository root as a module: python -m {module}\n"
+
+
+def test_settings_that_do_nothing_are_named_at_the_start(tmp_path, capsys):
+    run(tmp_path / "a", "--max_iters=2", "--mem_start=5", "--warmup_iters=9", "--niah_tasks=single", "--niah_min_len=8")
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: --")]
+    assert notes == ["note: --mem_start=5 is not below --max_iters=2: every step trains plain MDLM (MemDLM starts "
+                     "at step mem_start)",
+                     "note: --warmup_iters=9 is above --max_iters=2: the learning rate never reaches --lr=0.001",
+                     "note: --niah_tasks, --niah_min_len unused: --dataset=pydoc does not read them"]
+    run(tmp_path / "b", "--max_iters=2", "--mem_start=1", "--warmup_iters=2")  # each does something: no note
+    assert "note: --" not in capsys.readouterr().out
