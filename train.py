@@ -28,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 import niah
-from data.tokenizer import check_tokenizer, get_encoding, open_split
+from data.tokenizer import check_tokenizer, get_encoding, open_split, windows
 from memory import MemoryConfig, inner_step, memdlm_loss, memory_layers
 from model import (DiffusionLM, ModelConfig, autocast, forward_process, load_model, mdlm_loss, pick_device,
                    read_checkpoint, read_log, seeded_generator, sigterm_as_ctrl_c)
@@ -221,9 +221,7 @@ class TextData:
     def batch(self, split, gen, step=None, with_tasks=False):
         """(x0, maskable, key_pad) of batch_size windows, positions drawn from gen (step: no
         curriculum for plain text; with_tasks: also None, the rows have no task)."""
-        data = np.memmap(self.files[split], dtype=self.dtype, mode="r")  # reopened: no leak (nanoGPT)
-        ix = torch.randint(len(data) - self.T, (self.B,), generator=gen).tolist()
-        x = torch.from_numpy(np.stack([data[i:i + self.T].astype(np.int64) for i in ix]))
+        x = windows(np.memmap(self.files[split], dtype=self.dtype, mode="r"), self.T, self.B, gen)  # reopened: no leak
         if self.device.startswith("cuda"):
             x = x.pin_memory().to(self.device, non_blocking=True)
         out = x, torch.ones_like(x, dtype=torch.bool), None

@@ -158,6 +158,15 @@ def open_split(dataset, split, tokenizer, or_else=""):
     return tokens
 
 
+def windows(tokens, T, B, generator):
+    """B windows of T consecutive tokens at positions drawn from generator: a [B, T] int64 tensor
+    (train.py's text batches, and the lessons' that must be the same kind)."""
+    import numpy as np
+    import torch
+    ix = torch.randint(len(tokens) - T, (B,), generator=generator).tolist()
+    return torch.from_numpy(np.stack([tokens[i:i + T].astype(np.int64) for i in ix]))
+
+
 def check_ids(tokens, enc, name, path, fix, chunk=1 << 24):
     """Stop with one line at an id the tokenizer does not have, or the mask token (never data).
     One pass in chunks: about a second per GB."""

@@ -30,29 +30,25 @@ import time
 from dataclasses import replace
 from functools import partial
 
-import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from data.tokenizer import open_split
+from data.tokenizer import open_split, windows
 from memory import MemoryConfig, memdlm_loss, memory_layers
 from model import load_model, pick_device, sigterm_as_ctrl_c
 from niah import NiahData
 
 
 def training_batches(cfg, n, batch_size, seed, device):
-    """n batches (x0, maskable, key_pad) of the checkpoint's training data: windows of
-    block_size tokens of data/<dataset>/train.bin, every token maskable, or needle rows."""
+    """n batches (x0, maskable, key_pad) of the checkpoint's training data, drawn as train.py
+    draws them: windows of data/<dataset>/train.bin, every token maskable, or needle rows."""
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
     if cfg["dataset"] == "niah":
         data = NiahData({**cfg, "batch_size": batch_size}, device)
-        return [data.batch("train", torch.Generator().manual_seed(seed + i)) for i in range(n)]
+        return [data.batch("train", g) for g in gens]
     tokens = open_split(cfg["dataset"], "train", cfg["tokenizer"])
-    T, rng, out = cfg["block_size"], np.random.default_rng(seed), []
-    for _ in range(n):
-        x = np.stack([tokens[i:i + T].astype(np.int64) for i in rng.integers(len(tokens) - T, size=batch_size)])
-        x = torch.from_numpy(x).to(device)
-        out.append((x, torch.ones_like(x, dtype=torch.bool), None))
-    return out
+    xs = [windows(tokens, cfg["block_size"], batch_size, g).to(device) for g in gens]
+    return [(x, torch.ones_like(x, dtype=torch.bool), None) for x in xs]
 
 
 def outer_gradient(model, batch, mcfg, seed, exact):
