@@ -601,6 +601,10 @@ def start_run(cfg):
     if run.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    elif "OMP_NUM_THREADS" not in os.environ and (free := free_cores()) < torch.get_num_threads():
+        print(f"note: other work keeps {torch.get_num_threads() - free} of the cores busy (load average "
+              f"{os.getloadavg()[0]:.1f}): training on {free} thread(s); OMP_NUM_THREADS=N chooses instead")
+        torch.set_num_threads(free)
     make_out_dir(cfg["out_dir"])
     if run.master:
         take_lock(run)
@@ -612,6 +616,13 @@ def start_run(cfg):
             release_lock(run)
             raise
     return run
+
+
+def free_cores():
+    """The cores other work leaves free, by the 1-minute load average (at least one). A thread
+    whose core is busy stalls the others at every step's barrier: the cpu preset on two busy
+    cores is several times slower on two threads than on one (README, the CPU recipe)."""
+    return max(1, round(len(os.sched_getaffinity(0)) - os.getloadavg()[0]))
 
 
 def launched_by_torchrun():

@@ -957,3 +957,22 @@ def test_settings_that_do_nothing_are_named_at_the_start(tmp_path, capsys):
                      "note: --niah_tasks, --niah_min_len unused: --dataset=pydoc does not read them"]
     run(tmp_path / "b", "--max_iters=2", "--mem_start=1", "--warmup_iters=2")  # each does something: no note
     assert "note: --" not in capsys.readouterr().out
+
+
+def test_cores_busy_with_other_work_are_left_to_it_unless_omp_num_threads_says(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.4, 1.0, 0.5))  # one of two cores busy
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        run(tmp_path / "a", "--max_iters=1")
+        assert torch.get_num_threads() == 1
+        assert ("note: other work keeps 1 of the cores busy (load average 1.4): training on 1 thread(s); "
+                "OMP_NUM_THREADS=N chooses instead") in capsys.readouterr().out
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        run(tmp_path / "b", "--max_iters=1")
+        assert torch.get_num_threads() == 2 and "other work keeps" not in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)
