@@ -601,9 +601,10 @@ def start_run(cfg):
     if run.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    elif "OMP_NUM_THREADS" not in os.environ and (free := free_cores()) < torch.get_num_threads():
-        print(f"note: other work keeps {torch.get_num_threads() - free} of the cores busy (load average "
-              f"{os.getloadavg()[0]:.1f}): training on {free} thread(s); OMP_NUM_THREADS=N chooses instead")
+    elif "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > 1 and \
+            (free := free_cores(torch.get_num_threads())) < torch.get_num_threads():  # a quarter second, once
+        print(f"note: other work keeps the cores busy: training on {free} of {torch.get_num_threads()} threads; "
+              f"OMP_NUM_THREADS=N chooses instead")
         torch.set_num_threads(free)
     make_out_dir(cfg["out_dir"])
     if run.master:
@@ -618,11 +619,22 @@ def start_run(cfg):
     return run
 
 
-def free_cores():
-    """The cores other work leaves free, by the 1-minute load average (at least one). A thread
-    whose core is busy stalls the others at every step's barrier: the cpu preset on two busy
-    cores is several times slower on two threads than on one (README, the CPU recipe)."""
-    return max(1, round(len(os.sched_getaffinity(0)) - os.getloadavg()[0]))
+def free_cores(threads, read_stat=lambda: open("/proc/stat").read()):
+    """Of torch's `threads`, how many cores other work leaves free now (at least one): the idle
+    share of the CPU time in /proc/stat over a quarter second (Linux), elsewhere the 1-minute load
+    average. A thread whose core is busy stalls the others at every step's barrier: the cpu preset
+    with two busy cores ran 7 times slower on two threads than on one (README, the CPU recipe)."""
+    def ticks():  # (idle + iowait, all) jiffies of all cores, and the number of cores
+        lines = read_stat().splitlines()
+        t = [int(v) for v in lines[0].split()[1:]]
+        return t[3] + t[4], sum(t), sum(line.startswith("cpu") for line in lines) - 1
+    try:
+        (idle0, all0, n), _ = ticks(), time.sleep(0.25)
+        idle1, all1, _ = ticks()
+        busy = n * (1 - (idle1 - idle0) / max(1, all1 - all0))
+    except (OSError, ValueError, IndexError):  # no /proc/stat
+        n, busy = os.cpu_count() or threads, os.getloadavg()[0]
+    return max(1, min(threads, round(n - busy)))
 
 
 def launched_by_torchrun():

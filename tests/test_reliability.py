@@ -959,17 +959,32 @@ def test_settings_that_do_nothing_are_named_at_the_start(tmp_path, capsys):
     assert "note: --" not in capsys.readouterr().out
 
 
+def stat(busy0, idle0, busy1, idle1):
+    """Two cores' /proc/stat: user (busy) and idle jiffies."""
+    return (f"cpu  {busy0 + busy1} 0 0 {idle0 + idle1} 0 0 0 0 0 0\n"
+            f"cpu0 {busy0} 0 0 {idle0} 0 0 0 0 0 0\ncpu1 {busy1} 0 0 {idle1} 0 0 0 0 0 0\n")
+
+
+def test_free_cores_counts_the_idle_share_of_the_cores_now():
+    for (before, after), free in (((stat(0, 0, 0, 0), stat(100, 0, 0, 100)), 1),   # one core busy
+                                  ((stat(0, 0, 0, 0), stat(100, 0, 100, 0)), 1),   # both busy: still one
+                                  ((stat(0, 0, 0, 0), stat(10, 90, 0, 100)), 2)):  # 5% busy
+        reads = iter((before, after))
+        assert train.free_cores(2, read_stat=lambda: next(reads)) == free
+    reads = iter((stat(0, 0, 0, 0), stat(0, 100, 0, 100)))
+    assert train.free_cores(1, read_stat=lambda: next(reads)) == 1  # never more than torch's threads
+
+
 def test_cores_busy_with_other_work_are_left_to_it_unless_omp_num_threads_says(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    monkeypatch.setattr(os, "getloadavg", lambda: (1.4, 1.0, 0.5))  # one of two cores busy
+    monkeypatch.setattr(train, "free_cores", lambda threads: 1)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
         run(tmp_path / "a", "--max_iters=1")
         assert torch.get_num_threads() == 1
-        assert ("note: other work keeps 1 of the cores busy (load average 1.4): training on 1 thread(s); "
-                "OMP_NUM_THREADS=N chooses instead") in capsys.readouterr().out
+        assert ("note: other work keeps the cores busy: training on 1 of 2 threads; OMP_NUM_THREADS=N chooses "
+                "instead") in capsys.readouterr().out
         torch.set_num_threads(2)
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
         run(tmp_path / "b", "--max_iters=1")
