@@ -343,6 +343,14 @@ def sigterm_as_ctrl_c():
         signal.signal(signal.SIGTERM, old)
 
 
+def seed_arg(text):
+    """argparse's type of a --seed: an integer within 0 and 2**32 - 1 (train.py's range too)."""
+    import argparse
+    if not (text.isdigit() and int(text) <= 2**32 - 1):
+        raise argparse.ArgumentTypeError(f"{text}: an integer within 0 and 2**32-1")
+    return int(text)
+
+
 def seeded_generator(seed, step=0, index=0, device="cpu"):
     """A generator whose stream depends on (seed, step, index) alone: train.py's step and rank,
     sample.py's sample, so a resumed run, or a sample decoded in a larger batch, draws the same."""
@@ -414,19 +422,25 @@ def read_log(path):
     return recs
 
 
+def check_weights(path, ckpt, verb):
+    """Refuse, in one line, weights that are not floating point or not finite: such a model decodes
+    NUL bytes or mask tokens, or trains on, without a word."""
+    for name, w in (ckpt["model"].items() if isinstance(ckpt["model"], dict) else ()):
+        bad = ("not floating point" if not (torch.is_tensor(w) and w.is_floating_point())
+               else "not finite" if not torch.isfinite(w).all() else None)
+        if bad:
+            raise SystemExit(f"{path}: weight {name} is {bad} ({w.dtype if torch.is_tensor(w) else type(w).__name__}): "
+                             f"cannot {verb}: train again")
+
+
 def load_model(out_dir, device="cpu", usable_for=None):
     """The model of out_dir/ckpt.pt (as train.py writes it) in eval mode, and its train config.
     usable_for (a verb, "sample"): also refuse, in one line, weights that are not floating point
     or not finite (such a model decodes NUL bytes or mask tokens without a word)."""
     path = os.path.join(out_dir, "ckpt.pt")
     ckpt = read_checkpoint(path, device)
-    if usable_for is not None and isinstance(ckpt["model"], dict):
-        for name, w in ckpt["model"].items():
-            bad = ("not floating point" if not (torch.is_tensor(w) and w.is_floating_point())
-                   else "not finite" if not torch.isfinite(w).all() else None)
-            if bad:
-                raise SystemExit(f"{path}: weight {name} is {bad} ({w.dtype if torch.is_tensor(w) else type(w).__name__}): "
-                                 f"cannot {usable_for}: train again")
+    if usable_for is not None:
+        check_weights(path, ckpt, usable_for)
     try:
         names = {f.name for f in fields(ModelConfig)}  # older checkpoints also hold the LoRA scale
         model = DiffusionLM(ModelConfig(**{k: v for k, v in ckpt["model_args"].items() if k in names}))

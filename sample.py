@@ -41,7 +41,8 @@ from tqdm import tqdm
 
 from data.tokenizer import decode, get_encoding, open_split
 from memory import ADAPT_RATIO, MemoryConfig, adapt as adapt_memory, flat, inner_step, unflat
-from model import KVCache, autocast, load_model, pick_device, proposal_logits, seeded_generator, sigterm_as_ctrl_c
+from model import (KVCache, autocast, load_model, pick_device, proposal_logits, seed_arg, seeded_generator,
+                   sigterm_as_ctrl_c)
 from niah import make_example, parse_tasks
 
 REMASKING = ("low_confidence", "random")
@@ -327,7 +328,8 @@ def main(argv=None):
 
 
 def _main(argv):
-    p = argparse.ArgumentParser(description="Sample from a checkpoint of train.py by iterative unmasking.")
+    p = argparse.ArgumentParser(description="Sample from a checkpoint of train.py by iterative unmasking.",
+                                allow_abbrev=False)  # --temp is not --temperature
     p.add_argument("--out_dir", default="out", help="directory holding ckpt.pt (default out: train.py --config small)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None,
@@ -346,7 +348,7 @@ def _main(argv):
                         "preset says otherwise (cpu: 1))")
     p.add_argument("--remasking", choices=REMASKING, default="low_confidence")
     p.add_argument("--threshold", type=float, default=None, help="also reveal all above this confidence")
-    p.add_argument("--seed", type=int, default=1337, help="the sampling noise and the held-out passage")
+    p.add_argument("--seed", type=seed_arg, default=1337, help="the sampling noise and the held-out passage")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--adapt", action=argparse.BooleanOptionalAction, default=False,
                    help="write the prompt into fast weights first")
@@ -367,6 +369,9 @@ def _main(argv):
             or not 0 < a.adapt_ratio <= 1 or not (a.adapt_lr is None or 0 <= a.adapt_lr < math.inf)):
         raise SystemExit("need --num_samples >= 1, a finite --temperature >= 0, --adapt_steps >= 1, "
                          "0 < --adapt_ratio <= 1 and a finite --adapt_lr >= 0")
+    if not a.adapt and (given := [f"--{k}" for k in ("adapt_steps", "adapt_lr") if getattr(a, k) is not None]):
+        raise SystemExit(f"{' and '.join(given)} {'set' if len(given) > 1 else 'sets'} the inference-time memory's budget: add --adapt, or leave "
+                         f"{'them' if len(given) > 1 else 'it'} out")
     for name in ("gen_len", "steps"):  # 0 is refused, not read as "the default"
         if getattr(a, name) is not None and getattr(a, name) < 1:
             raise SystemExit(f"--{name}={getattr(a, name)}: must be a positive integer (leave it out for the default)")

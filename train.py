@@ -31,7 +31,7 @@ import niah
 from data.tokenizer import check_tokenizer, get_encoding, open_split, windows
 from memory import MemoryConfig, inner_step, memdlm_loss, memory_layers
 from model import (DiffusionLM, ModelConfig, autocast, forward_process, load_model, mdlm_loss, pick_device,
-                   read_checkpoint, read_log, seeded_generator, sigterm_as_ctrl_c)
+                   check_weights, read_checkpoint, read_log, seeded_generator, sigterm_as_ctrl_c)
 
 # data sources other than token files, by dataset name: each has its train config keys (defaults),
 # presets, check(cfg) (stops with one line) and data(cfg, device) (batches as TextData's)
@@ -176,6 +176,9 @@ def check_config(cfg):
     need(cfg["dataset"] in datasets(), f"unknown dataset '{cfg['dataset']}': choose one of {', '.join(datasets())}, "
                                        f"or write data/{cfg['dataset']}/prepare.py and run python "
                                        f"data/{cfg['dataset']}/prepare.py")
+    need(not cfg["init_from"] or os.path.realpath(cfg["init_from"]) != os.path.realpath(cfg["out_dir"]),
+         f"--init_from={cfg['init_from']} is the --out_dir: fine-tune into another --out_dir (or continue the run "
+         f"there with --resume=True)")
     need(not (cfg["resume"] and (cfg["overwrite"] or cfg["init_from"])),
          "--resume=True continues the run in out_dir: leave out --overwrite and --init_from")
     check_tokenizer(cfg["tokenizer"])
@@ -529,7 +532,16 @@ class Run:
         return f"cannot allocate memory for {sizes} ({' '.join(str(e).split())[:200]}): {then}{self.kept_note()}"
 
     def kept_note(self):
-        return f" (the earlier run is kept as {', '.join(self.kept)})" if self.kept else ""
+        return " (the earlier run, kept aside, is back in its place)" if self.kept else ""
+
+    def put_back(self):
+        """A stop before this run's first checkpoint: the earlier run's files, kept aside by
+        --overwrite=True, return to their place (this run's log, with nothing to resume, goes)."""
+        if self.log is not None:
+            self.log.close()
+        for aside in self.kept:
+            os.replace(aside, aside[:-len(KEPT_SUFFIX)])
+        self.kept = []
 
     def checkpoint(self, step, raw, opt, last_loss):
         """Save, atomically, unless the last train loss or a weight is not finite (one host sync)."""
@@ -569,13 +581,23 @@ def start_run(cfg):
     A log without a checkpoint (a run stopped before its first) is replaced only with --overwrite=True,
     unless it is empty (a run stopped before its first log line)."""
     path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    log_path = os.path.join(cfg["out_dir"], "log.jsonl")
+    left = [p + KEPT_SUFFIX for p in (path, log_path) if os.path.exists(p + KEPT_SUFFIX)]
+    if left and not cfg["resume"]:  # a run killed outright before its first checkpoint could not put them back
+        raise SystemExit(f"{', '.join(left)}: an earlier run that --overwrite=True kept aside, not put back (a run "
+                         f"killed before its first checkpoint, or one still running): when none runs, rename {'them' if len(left) > 1 else 'it'} back (drop "
+                         f"{KEPT_SUFFIX}) to keep that run, or delete {'them' if len(left) > 1 else 'it'}; then run "
+                         f"the command again")
     if os.path.exists(path) and not cfg["resume"] and not cfg["overwrite"]:
         raise SystemExit(f"{path} exists, the checkpoint of an earlier run: continue that run with "
                          f"--resume=True, train in another --out_dir, or replace it with --overwrite=True")
     if cfg["resume"] and not os.path.exists(path):
-        raise SystemExit(f"--resume=True but {path} does not exist: train without --resume first")
-    log_path = os.path.join(cfg["out_dir"], "log.jsonl")
-    earlier_log = os.path.exists(log_path) and not (os.path.isfile(log_path) and os.path.getsize(log_path) == 0)
+        raise SystemExit(f"--resume=True but {path} does not exist: " + (
+            f"{path}{KEPT_SUFFIX} is a run --overwrite=True kept aside; rename it to ckpt.pt to continue it" if left
+            else "train without --resume first"))
+    if os.path.lexists(log_path) and not os.path.isfile(log_path):  # a directory, a FIFO (opening it blocks), a dead link
+        raise SystemExit(f"{log_path} is not a regular file: move it out of --out_dir, then run the command again")
+    earlier_log = os.path.exists(log_path) and os.path.getsize(log_path) > 0
     if earlier_log and not os.path.exists(path) and not cfg["resume"] and not cfg["overwrite"]:
         raise SystemExit(f"{log_path} exists (an earlier run's log, no checkpoint): pass --overwrite=True "
                          f"to replace it, or another --out_dir")
@@ -614,6 +636,7 @@ def start_run(cfg):
                 run.kept = keep_aside(path, log_path)
             run.log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a" if cfg["resume"] else "w")
         except BaseException:
+            run.put_back()
             release_lock(run)
             raise
     return run
@@ -644,6 +667,9 @@ def launched_by_torchrun():
         return False
     env = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     wrong = [k for k in env if k not in os.environ or (k != "MASTER_ADDR" and not os.environ[k].isdigit())]
+    if not wrong and not int(os.environ["RANK"]) < int(os.environ["WORLD_SIZE"]) >= 1:
+        raise SystemExit(f"RANK={os.environ['RANK']} with WORLD_SIZE={os.environ['WORLD_SIZE']}: ranks run from 0 "
+                         f"to WORLD_SIZE-1; start several processes with torchrun --nproc_per_node=N train.py ...")
     if wrong:
         raise SystemExit(f"RANK={os.environ['RANK']} is set but {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} "
                          f"missing or not a number: start several processes with torchrun --nproc_per_node=N "
@@ -671,6 +697,9 @@ def take_lock(run):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
+            if not os.path.isfile(path):
+                raise SystemExit(f"{path} is not a lock file train.py wrote (not a regular file): move it out of "
+                                 f"--out_dir, then run the command again") from None
             try:
                 with open(path) as f:
                     pid = int(f.read().strip() or -1)
@@ -678,7 +707,8 @@ def take_lock(run):
                 pid = -1
             if pid > 0 and pid_alive(pid):
                 raise SystemExit(f"{run.cfg['out_dir']} is in use by train.py process {pid} ({path}): wait for it "
-                                 f"to end, or train in another --out_dir") from None
+                                 f"to end, or train in another --out_dir (if no train.py runs there, the pid is "
+                                 f"another program's now: delete {path})") from None
             print(f"note: {path} was left by process {pid if pid > 0 else '?'}, which is gone: taking it over")
             with suppress(FileNotFoundError):
                 os.remove(path)
@@ -709,15 +739,12 @@ def release_lock(run):
 
 def keep_aside(*paths):
     """--overwrite=True: the earlier run's files, renamed to <name>.before-overwrite (a note names
-    them) until the new run's first checkpoint is saved, so a stop before it loses nothing. A kept
-    file already there (an earlier overwrite that never reached a checkpoint) is the older run's: it stays."""
+    them) until the new run's first checkpoint is saved; a stop before it puts them back (Run.put_back)."""
     kept = []
     for p in paths:
-        aside = p + KEPT_SUFFIX
-        if not os.path.exists(aside) and os.path.exists(p):
-            os.replace(p, aside)
-        if os.path.exists(aside):
-            kept.append(aside)
+        if os.path.exists(p):
+            os.replace(p, p + KEPT_SUFFIX)
+            kept.append(p + KEPT_SUFFIX)
     if kept:
         print(f"note: --overwrite=True: the earlier run is kept as {', '.join(kept)} until this run's first "
               f"checkpoint is saved")
@@ -730,6 +757,7 @@ def resumed_checkpoint(run):
     if not run.cfg["resume"]:
         return None
     ckpt, cfg = read_checkpoint(run.ckpt_path, run.device), run.cfg
+    check_weights(run.ckpt_path, ckpt, "resume")
     if not isinstance(ckpt.get("optimizer"), dict):
         raise SystemExit(f"{run.ckpt_path} holds no optimizer state, so it cannot be resumed: start a new run from "
                          f"its weights with --init_from={cfg['out_dir']} and another --out_dir")
@@ -758,7 +786,7 @@ def build(run, ckpt):
                              f"{' '.join(str(e).split())[:200]}): resume with its settings or use another "
                              f"--out_dir") from None
     elif cfg["init_from"]:
-        src, _ = load_model(cfg["init_from"], run.device)
+        src, _ = load_model(cfg["init_from"], run.device, usable_for="fine-tune from it")
         if asdict(src.cfg) != asdict(raw.cfg):
             raise SystemExit(f"--init_from={cfg['init_from']}: its model ({src.cfg}) differs from this "
                              f"config's ({raw.cfg}): set the same n_layer/n_head/n_embd/tokenizer")
@@ -783,6 +811,11 @@ def announce(run, raw, start, tokens_per_step):
           f"fast weights on layers {layers}, device {run.device} x{run.world}, {tokens_per_step} tokens/step")
     if cfg["compile"] and not on_gpu:
         print("note: --compile applies on the GPU only; the CPU runs the model as it is")
+    if cfg["dtype"] != "bfloat16" and not on_gpu:
+        print(f"note: --dtype={cfg['dtype']} sets the GPU's autocast; the CPU trains in float32")
+    if start >= cfg["max_iters"] > 0:
+        print(f"note: the checkpoint is at step {start} and --max_iters={cfg['max_iters']}: nothing is left to "
+              f"train (raise --max_iters to go on)")
     if on_gpu and cfg["exact_hypergrad"]:
         print("note: --exact_hypergrad=True runs uncompiled and in float32 (torch.compile has no double backward, "
               "and bf16 autocast breaks it)")
@@ -836,6 +869,7 @@ def main(argv):
         raise SystemExit(run.too_big(e)) from None
     finally:
         if run is not None:
+            run.put_back()  # nothing unless a stop came before the first checkpoint of an --overwrite=True run
             release_lock(run)
 
 

@@ -48,6 +48,10 @@ SDPA_OPS = {"cudnn": "_scaled_dot_product_cudnn_attention", "flash": "_scaled_do
 
 
 def parse(argv):
+    if {"-h", "--help"} & set(argv):
+        print(__doc__.strip() + "\n\nbench settings (--key=value): " +
+              ", ".join(f"{k} (default {v})" for k, v in BENCH.items()) + "; any train.py key as well")
+        raise SystemExit(0)
     bench, rest = dict(BENCH), []
     for a in argv:
         key = a[2:].split("=", 1)[0] if a.startswith("--") and "=" in a else ""

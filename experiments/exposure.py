@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from memory import MemoryConfig, adapt
-from model import load_model, pick_device, proposal_logits, sigterm_as_ctrl_c
+from model import load_model, pick_device, proposal_logits, seed_arg, sigterm_as_ctrl_c
 from experiments.common import mean_stderr, row_label, writable, write_atomic
 from niah import FORMS, NIAH_DEFAULTS, NiahData
 
@@ -203,7 +203,7 @@ def _main(argv):
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--forms", default=None, choices=FORMS,
                    help="the rows' surface forms (default: the first checkpoint's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="results (default: exposure.json in the first out_dir)")
     p.add_argument("--md", default=None, help="also write the table here")

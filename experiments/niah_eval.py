@@ -37,7 +37,7 @@ from tqdm import tqdm
 from data.tokenizer import decode, get_encoding
 from experiments.common import int_list, mean_stderr, row_label, writable, write_atomic
 from memory import MemoryConfig
-from model import ROPE_SCALINGS, load_model, pick_device, seeded_generator, sigterm_as_ctrl_c
+from model import ROPE_SCALINGS, load_model, pick_device, seed_arg, seeded_generator, sigterm_as_ctrl_c
 from niah import FORMS, HAYSTACKS, NIAH_DEFAULTS, TASKS, hide_answers, make_example, parse_tasks, score
 from sample import generate, plan
 
@@ -112,7 +112,7 @@ def parse(argv):
     p.add_argument("--lengths", type=int_list, default=[256, 512], help="context lengths: prompt + answer window")
     p.add_argument("--depths", type=int_list, default=[0, 25, 50, 75, 100], help="needle depths in percent")
     p.add_argument("--n", type=int, default=25, help="examples per task and length, spread over the depths")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--haystack", choices=HAYSTACKS, default="noise")
     p.add_argument("--forms", choices=FORMS, default=None,
                    help="surface forms (heldout: those training never saw; default: the first checkpoint's)")
@@ -247,7 +247,10 @@ def evaluate(argv):
     except ValueError as e:
         raise SystemExit(str(e)) from None
     examples = make_examples(a, enc, answer_len, forms)
-    for d, model, _ in runs:
+    for d, model, cfg in runs:
+        if cfg["dataset"] != "niah":
+            print(f"note: {d} was trained on text (--dataset={cfg['dataset']}), not on needle rows: its scores say how "
+                  f"a text model answers them")
         if max(a.lengths) > model.cfg.block_size:
             print(f"note: {d} was trained at block_size={model.cfg.block_size}; longer lengths test extrapolation")
 

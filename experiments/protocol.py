@@ -295,7 +295,9 @@ def run_jobs(jobs, slots, log_dir, deadline=None, poll=0.5):
                 if any(state[d] in ("failed", "blocked", "excluded") for d in job.deps):
                     pending.remove(job)
                     state[job.name] = "blocked"
-                    say(f"blocked {job.name}: needs {', '.join(job.deps)}")
+                    why = ", ".join(f"{d} ({'not in --stages' if state[d] == 'excluded' else state[d]})"
+                                    for d in job.deps if state[d] in ("failed", "blocked", "excluded"))
+                    say(f"blocked {job.name}: needs {why}")
             for i, slot in enumerate(slots):
                 if i in running:
                     continue
@@ -700,7 +702,7 @@ def _main(argv):
     p.add_argument("--base_iters", type=int, default=None, help="steps of the base and of scratch (default: the preset's)")
     p.add_argument("--ft_iters", type=int, default=1000, help="steps of each fine-tune")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
-    p.add_argument("--gpus", default=None, help="comma list of GPU ids (default: the visible ones; none: the CPU)")
+    p.add_argument("--gpus", default=None, help="comma list of GPU ids (default: the visible ones; --gpus= empty: the CPU)")
     p.add_argument("--per_gpu", type=int, default=1, help="jobs at a time on each GPU")
     p.add_argument("--tasks", default=None, help="niah_eval --tasks (default: the tasks trained)")
     p.add_argument("--lengths", default=None, help="niah_eval --lengths (default: block_size and twice it)")
@@ -734,6 +736,8 @@ def _main(argv):
         raise SystemExit(f"--deadline={a.deadline}: seconds, a finite number > 0")
     if a.gpus is not None and a.gpus.strip() and not all(g.strip().isdigit() for g in a.gpus.split(",")):
         raise SystemExit(f"--gpus={a.gpus}: a comma list of GPU ids such as 0,1 (--gpus= for the CPU)")
+    if a.gpus and a.gpus.strip() and not torch.cuda.is_available():
+        raise SystemExit(f"--gpus={a.gpus} but no CUDA GPU is visible: --gpus= (empty) runs the jobs on the CPU")
     check_seeds(a)
     check_root(a.root)
     check_eval_args(a)

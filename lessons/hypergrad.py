@@ -35,7 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data.tokenizer import open_split, windows
 from memory import MemoryConfig, memdlm_loss, memory_layers
-from model import load_model, pick_device, sigterm_as_ctrl_c
+from model import load_model, pick_device, seed_arg, sigterm_as_ctrl_c
 from niah import NiahData
 
 
@@ -144,7 +144,7 @@ def _main(argv):
     p.add_argument("--batches", type=int, default=4, help="batches averaged over")
     p.add_argument("--batch_size", type=int, default=None, help="rows per batch (default: the checkpoint's)")
     p.add_argument("--clip", type=float, default=None, help="the inner clip (default: the checkpoint's mem_clip)")
-    p.add_argument("--seed", type=int, default=0, help="the batches and the draws (t, masks, phi_0)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="the batches and the draws (t, masks, phi_0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     a = p.parse_args(argv)
     try:

@@ -109,3 +109,10 @@ def test_gather_and_the_inductor_caches_hold_while_a_step_is_timed_and_are_resto
     assert "gather on" in capsys.readouterr().out.split("gather off")[0]
     with pytest.raises(SystemExit, match=r"^--gather=yes: use auto, on or off$"):
         bench.main(argv + ["--gather=yes"])
+
+
+def test_bench_help_lists_its_settings(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("Benchmark training steps") and "gather (default auto)" in out

@@ -111,7 +111,7 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resume(tmp_path):
     assert protocol.initial_state(only)["s2/base"] == "excluded"
 
 
-def test_run_jobs_order_gpus_failures(tmp_path):
+def test_run_jobs_order_gpus_failures(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
 
@@ -126,6 +126,7 @@ def test_run_jobs_order_gpus_failures(tmp_path):
     state = protocol.run_jobs(jobs, ["0", "1"], str(tmp_path / "logs"), poll=0.02)
     assert state == {"old": "skipped", "a": "done", "b": "done", "bad": "failed", "after_bad": "blocked",
                      "after_a": "done"}
+    assert "blocked after_bad: needs bad (failed)" in capsys.readouterr().out
     assert (out / "old").read_text() == "x" and not (out / "after_bad").exists()
     assert {(out / n).read_text() for n in ("a", "b")} == {"0", "1"}  # two slots, one job each at first
     assert "import os" in (tmp_path / "logs" / "a.log").read_text()  # the command heads its log
@@ -160,8 +161,10 @@ def test_bad_arguments(tmp_path):
     (["--exposure_n=0"], r"--exposure_n must be >= 1"),
     (["--gpus=abc"], r"^--gpus=abc: a comma list of GPU ids such as 0,1 \(--gpus= for the CPU\)$"),
     (["--gpus=,"], r"^--gpus=,: a comma list of GPU ids"),
+    (["--gpus=0"], r"^--gpus=0 but no CUDA GPU is visible: --gpus= \(empty\) runs the jobs on the CPU$"),
 ])
 def test_bad_seeds_and_settings_stop_before_any_job(tmp_path, monkeypatch, argv, message):
+    monkeypatch.setattr(protocol.torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
     monkeypatch.setattr(protocol, "run_jobs", lambda *a, **k: pytest.fail("jobs ran"))
     monkeypatch.setattr(protocol, "check_train_args", lambda *a: None)
     with pytest.raises(SystemExit, match=message):

@@ -598,15 +598,36 @@ def test_overwrite_keeps_the_earlier_run_until_the_new_runs_first_checkpoint(cop
     before, log_before = digest(copy / "ckpt.pt"), (copy / "log.jsonl").read_text()
     _poisoned_step(monkeypatch, 2, "weight")  # a NaN stop before the new run's first checkpoint
     monkeypatch.setattr(train, "evaluate", lambda *a: {"eval_loss": 1.0})
-    with pytest.raises(SystemExit, match=r"no checkpoint was written.*--overwrite=True \(the earlier run is kept "
-                                         r"as .*ckpt.pt.before-overwrite, .*log.jsonl.before-overwrite\)$"):
+    with pytest.raises(SystemExit, match=r"no checkpoint was written.*--overwrite=True \(the earlier run, kept "
+                                         r"aside, is back in its place\)$"):
         run(copy, "--max_iters=10", "--eval_interval=5", "--log_interval=100", "--overwrite=True")
-    assert "kept as" in capsys.readouterr().out and not (copy / "ckpt.pt").exists()
-    assert digest(copy / "ckpt.pt.before-overwrite") == before
-    assert (copy / "log.jsonl.before-overwrite").read_text() == log_before
+    assert "kept as" in capsys.readouterr().out and sorted(os.listdir(copy)) == ["ckpt.pt", "log.jsonl"]
+    assert digest(copy / "ckpt.pt") == before and (copy / "log.jsonl").read_text() == log_before
     monkeypatch.undo()
     run(copy, "--max_iters=10", "--eval_interval=5", "--log_interval=100", "--overwrite=True")
     assert sorted(os.listdir(copy)) == ["ckpt.pt", "log.jsonl"]  # the kept files went at the first checkpoint
+    assert digest(copy / "ckpt.pt") != before
+
+
+def test_a_run_kept_aside_and_left_by_a_killed_run_is_never_overwritten(copy):
+    """A SIGKILL before the first checkpoint cannot put the earlier run back: its kept files
+    stop every later run in one line until they are renamed back or deleted."""
+    before = digest(copy / "ckpt.pt")
+    for p in ("ckpt.pt", "log.jsonl"):
+        os.replace(copy / p, copy / (p + ".before-overwrite"))
+    (copy / "log.jsonl").write_text('{"step": 0, "eval_loss": 5.0}\n')  # the killed run's log
+    for args in ([], ["--overwrite=True"]):
+        with pytest.raises(SystemExit, match=r"ckpt.pt.before-overwrite, \S*log.jsonl.before-overwrite: an earlier "
+                                             r"run that --overwrite=True kept aside, not put back .*: when none "
+                                             r"runs, rename them back \(drop .before-overwrite\) to keep that run"):
+            run(copy, "--max_iters=12", *args)
+    with pytest.raises(SystemExit, match=r"does not exist: \S*ckpt.pt.before-overwrite is a run --overwrite=True "
+                                         r"kept aside; rename it to ckpt.pt to continue it$"):
+        run(copy, "--max_iters=12", "--resume=True")
+    assert digest(copy / "ckpt.pt.before-overwrite") == before
+    for p in ("ckpt.pt", "log.jsonl"):
+        os.replace(copy / (p + ".before-overwrite"), copy / p)
+    run(copy, "--max_iters=12", "--resume=True")  # renamed back, the run continues
 
 
 def test_a_log_without_a_checkpoint_is_refused_unless_overwrite(copy):
@@ -678,6 +699,7 @@ def test_an_out_dir_that_cannot_hold_a_run_is_one_line(tmp_path, kind, message):
     ("--temperature=nan", r"a finite --temperature >= 0"),
     ("--threshold=1.5", r"^--threshold=1.5: must be within 0 and 1"),
     ("--threshold=-0.1", r"^--threshold=-0.1: must be within 0 and 1"),
+    ("--adapt_steps=3", r"^--adapt_steps sets the inference-time memory's budget: add --adapt, or leave it out$"),
 ])
 def test_sample_refuses_settings_it_would_replace_or_misuse(base, arg, message):
     with pytest.raises(SystemExit, match=message) as e:
@@ -761,7 +783,8 @@ def test_an_out_dir_in_use_is_refused_and_a_stale_lock_is_taken_over(copy, capsy
         (copy / "train.lock").write_text(f"{sleeper.pid}\n")
         log = (copy / "log.jsonl").read_text()
         with pytest.raises(SystemExit, match=rf"^\S+ is in use by train.py process {sleeper.pid} \(.*train.lock\): "
-                                             r"wait for it to end, or train in another --out_dir$"):
+                                             r"wait for it to end, or train in another --out_dir \(if no train.py "
+                                             r"runs there, the pid is another program.s now: delete \S+train.lock\)$"):
             run(copy, "--resume=True", "--max_iters=12")
         assert (copy / "log.jsonl").read_text() == log
     finally:
@@ -991,3 +1014,59 @@ def test_cores_busy_with_other_work_are_left_to_it_unless_omp_num_threads_says(t
         assert torch.get_num_threads() == 2 and "other work keeps" not in capsys.readouterr().out
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("module", ["sample", "experiments.niah_eval", "experiments.exposure", "lessons.hypergrad"])
+def test_a_seed_out_of_range_or_an_abbreviated_flag_is_an_argparse_line(module, capsys):
+    mod = importlib.import_module(module)
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--out_dir=x", f"--seed={2 ** 70}"])
+    assert e.value.code == 2 and f"argument --seed: {2 ** 70}: an integer within 0 and 2**32-1" in capsys.readouterr().err
+    if module == "sample":  # argparse would read --temp as --temperature
+        with pytest.raises(SystemExit):
+            mod.main(["--temp=1"])
+        assert "unrecognized arguments: --temp=1" in capsys.readouterr().err
+
+
+def test_a_log_or_lock_that_is_not_a_regular_file_is_one_line(copy):
+    os.replace(copy / "log.jsonl", copy / "log.saved")
+    (copy / "log.jsonl").mkdir()
+    with pytest.raises(SystemExit, match=r"log.jsonl is not a regular file: move it out of --out_dir"):
+        run(copy, "--max_iters=12", "--resume=True")
+    (copy / "log.jsonl").rmdir()
+    os.mkfifo(copy / "log.jsonl")  # opening it would block
+    with pytest.raises(SystemExit, match=r"log.jsonl is not a regular file"):
+        run(copy, "--max_iters=12", "--resume=True")
+    os.remove(copy / "log.jsonl")
+    os.replace(copy / "log.saved", copy / "log.jsonl")
+    (copy / "train.lock").mkdir()
+    with pytest.raises(SystemExit, match=r"train.lock is not a lock file train.py wrote \(not a regular file\)"):
+        run(copy, "--max_iters=12", "--resume=True")
+    assert (copy / "train.lock").is_dir() and sorted(os.listdir(copy)) == ["ckpt.pt", "log.jsonl", "train.lock"]
+
+
+def test_resuming_a_checkpoint_with_integer_weights_or_into_itself_is_refused(copy, tmp_path):
+    with pytest.raises(SystemExit, match=r"^--init_from=\S+ is the --out_dir: fine-tune into another --out_dir"):
+        run(copy, f"--init_from={copy}", "--overwrite=True")
+    assert (copy / "ckpt.pt").exists() and not (copy / "ckpt.pt.before-overwrite").exists()
+    ckpt = torch.load(copy / "ckpt.pt", weights_only=True)
+    ckpt["model"]["lm_head.weight"] = ckpt["model"]["lm_head.weight"].long()
+    torch.save(ckpt, copy / "ckpt.pt")
+    with pytest.raises(SystemExit, match=r"weight lm_head.weight is not floating point .*: cannot resume: train again$"):
+        run(copy, "--max_iters=12", "--resume=True")
+    with pytest.raises(SystemExit, match=r"cannot fine-tune from it: train again$"):
+        run(tmp_path / "ft", f"--init_from={copy}")
+
+
+def test_a_rank_outside_the_world_is_one_line(tmp_path, monkeypatch):
+    for k, v in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit, match=r"^RANK=1 with WORLD_SIZE=1: ranks run from 0 to WORLD_SIZE-1"):
+        run(tmp_path / "r", "--max_iters=2")  # init_process_group would wait for rank 0 forever
+
+
+def test_notes_for_a_dtype_the_cpu_ignores_and_a_resume_with_nothing_left(copy, capsys):
+    run(copy, "--max_iters=10", "--resume=True", "--dtype=float16")
+    out = capsys.readouterr().out
+    assert "note: --dtype=float16 sets the GPU's autocast; the CPU trains in float32" in out
+    assert "note: the checkpoint is at step 10 and --max_iters=10: nothing is left to train (raise --max_iters" in out
