@@ -31,7 +31,7 @@ import niah
 from data.tokenizer import check_tokenizer, get_encoding, open_split, windows
 from memory import MemoryConfig, inner_step, memdlm_loss, memory_layers
 from model import (DiffusionLM, ModelConfig, autocast, forward_process, load_model, mdlm_loss, pick_device,
-                   check_weights, read_checkpoint, read_log, seeded_generator, sigterm_as_ctrl_c)
+                   KEPT_SUFFIX, check_weights, read_checkpoint, read_log, seeded_generator, sigterm_as_ctrl_c)
 
 # data sources other than token files, by dataset name: each has its train config keys (defaults),
 # presets, check(cfg) (stops with one line) and data(cfg, device) (batches as TextData's)
@@ -97,7 +97,6 @@ RESUME_FREE = ("out_dir", "resume", "overwrite", "init_from", "device", "compile
                "eval_interval", "eval_iters", "log_interval", "sample_block_len", "sample_temperature",
                "data_workers")
 LOCK_NAME = "train.lock"  # out_dir is held by one train.py at a time
-KEPT_SUFFIX = ".before-overwrite"  # --overwrite=True: the earlier run's files until the new run's first checkpoint
 # how torch reports a tensor it cannot allocate (CUDA, CPU, a size past int64)
 ALLOC_FAILED = ("out of memory", "can't allocate memory", "not enough memory", "Storage size calculation overflowed")
 SIZE_KEYS = ("n_layer", "n_embd", "batch_size", "block_size")  # what sets the memory of the model and its step

@@ -429,7 +429,7 @@ def test_a_prompt_file_that_is_not_utf8(base, tmp_path):
         sample.main([f"--out_dir={base}", f"--prompt_file={tmp_path / 'p.txt'}", "--device=cpu"])
 
 
-def test_niah_results_file_is_checked_before_the_evaluation(base, tmp_path, monkeypatch):
+def test_niah_results_file_is_checked_before_the_evaluation(base, tmp_path, monkeypatch, capsys):
     def evaluated(*a, **k):
         raise AssertionError("the evaluation ran")
     monkeypatch.setattr(niah_eval, "generate", evaluated)
@@ -444,6 +444,7 @@ def test_niah_results_file_is_checked_before_the_evaluation(base, tmp_path, monk
         niah_eval.main(argv + [f"--json={tmp_path / 'r.json'}"])
     with pytest.raises(AssertionError, match="the evaluation ran"):  # --overwrite lets it go on
         niah_eval.main(argv + [f"--json={tmp_path / 'r.json'}", "--overwrite"])
+    assert "was trained on text (--dataset=pydoc), not on needle rows" in capsys.readouterr().out  # a text model
     assert (tmp_path / "r.json").read_text() == "earlier results"
     ckpt = os.path.join(base, "ckpt.pt")
     before = open(ckpt, "rb").read()
@@ -609,6 +610,16 @@ def test_overwrite_keeps_the_earlier_run_until_the_new_runs_first_checkpoint(cop
     assert digest(copy / "ckpt.pt") != before
 
 
+def test_a_data_error_after_the_earlier_run_was_kept_aside_puts_it_back(copy, monkeypatch):
+    before = digest(copy / "ckpt.pt")
+    def missing(*a):
+        raise SystemExit("no val split at data/x/val.bin: run python data/x/prepare.py")
+    monkeypatch.setattr(train, "make_data", missing)
+    with pytest.raises(SystemExit, match="no val split"):
+        run(copy, "--max_iters=12", "--overwrite=True")
+    assert sorted(os.listdir(copy)) == ["ckpt.pt", "log.jsonl"] and digest(copy / "ckpt.pt") == before
+
+
 def test_a_run_kept_aside_and_left_by_a_killed_run_is_never_overwritten(copy):
     """A SIGKILL before the first checkpoint cannot put the earlier run back: its kept files
     stop every later run in one line until they are renamed back or deleted."""
@@ -624,6 +635,9 @@ def test_a_run_kept_aside_and_left_by_a_killed_run_is_never_overwritten(copy):
     with pytest.raises(SystemExit, match=r"does not exist: \S*ckpt.pt.before-overwrite is a run --overwrite=True "
                                          r"kept aside; rename it to ckpt.pt to continue it$"):
         run(copy, "--max_iters=12", "--resume=True")
+    with pytest.raises(SystemExit, match=r"^no checkpoint at \S+, but \S+ckpt.pt.before-overwrite holds a run that "
+                                         r"--overwrite=True kept aside .*: rename it to ckpt.pt to use it$"):
+        sample.main([f"--out_dir={copy}", "--prompt=Hi", "--device=cpu"])
     assert digest(copy / "ckpt.pt.before-overwrite") == before
     for p in ("ckpt.pt", "log.jsonl"):
         os.replace(copy / (p + ".before-overwrite"), copy / p)
