@@ -357,7 +357,7 @@ def seeded_generator(seed, step=0, index=0, device="cpu"):
     return torch.Generator(device).manual_seed(seed * 1_000_003 + step * 1009 + index)
 
 
-KEPT_SUFFIX = ".before-overwrite"  # train.py --overwrite=True: the earlier run's files until the new run's first checkpoint
+KEPT_SUFFIX = ".before-overwrite"  # train.py --overwrite=True: the earlier run's files until the new one's first checkpoint
 
 
 def read_checkpoint(path, device="cpu"):
@@ -366,7 +366,8 @@ def read_checkpoint(path, device="cpu"):
     Anything else (a damaged, empty or foreign file, a pickled object) stops with one line."""
     if not os.path.exists(path) and os.path.exists(path + KEPT_SUFFIX):
         raise SystemExit(f"no checkpoint at {path}, but {path}{KEPT_SUFFIX} holds a run that --overwrite=True kept "
-                         f"aside (the run after it was killed before its first checkpoint): rename it to ckpt.pt to use it")
+                         f"aside (the run after it was killed before its first checkpoint): rename it to ckpt.pt to "
+                         f"use it")
     if not os.path.exists(path):
         raise SystemExit(f"no checkpoint at {path}: train one first "
                          f"(python train.py --out_dir={os.path.dirname(path)})")

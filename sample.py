@@ -370,8 +370,9 @@ def _main(argv):
         raise SystemExit("need --num_samples >= 1, a finite --temperature >= 0, --adapt_steps >= 1, "
                          "0 < --adapt_ratio <= 1 and a finite --adapt_lr >= 0")
     if not a.adapt and (given := [f"--{k}" for k in ("adapt_steps", "adapt_lr") if getattr(a, k) is not None]):
-        raise SystemExit(f"{' and '.join(given)} {'set' if len(given) > 1 else 'sets'} the inference-time memory's budget: add --adapt, or leave "
-                         f"{'them' if len(given) > 1 else 'it'} out")
+        several = len(given) > 1
+        raise SystemExit(f"{' and '.join(given)} {'set' if several else 'sets'} the inference-time memory's budget: "
+                         f"add --adapt, or leave {'them' if several else 'it'} out")
     for name in ("gen_len", "steps"):  # 0 is refused, not read as "the default"
         if getattr(a, name) is not None and getattr(a, name) < 1:
             raise SystemExit(f"--{name}={getattr(a, name)}: must be a positive integer (leave it out for the default)")

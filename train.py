@@ -583,10 +583,10 @@ def start_run(cfg):
     log_path = os.path.join(cfg["out_dir"], "log.jsonl")
     left = [p + KEPT_SUFFIX for p in (path, log_path) if os.path.exists(p + KEPT_SUFFIX)]
     if left and not cfg["resume"]:  # a run killed outright before its first checkpoint could not put them back
+        them = "them" if len(left) > 1 else "it"
         raise SystemExit(f"{', '.join(left)}: an earlier run that --overwrite=True kept aside, not put back (a run "
-                         f"killed before its first checkpoint, or one still running): when none runs, rename {'them' if len(left) > 1 else 'it'} back (drop "
-                         f"{KEPT_SUFFIX}) to keep that run, or delete {'them' if len(left) > 1 else 'it'}; then run "
-                         f"the command again")
+                         f"killed before its first checkpoint, or one still running): when none runs, rename {them} "
+                         f"back (drop {KEPT_SUFFIX}) to keep that run, or delete {them}; then run the command again")
     if os.path.exists(path) and not cfg["resume"] and not cfg["overwrite"]:
         raise SystemExit(f"{path} exists, the checkpoint of an earlier run: continue that run with "
                          f"--resume=True, train in another --out_dir, or replace it with --overwrite=True")
@@ -594,7 +594,7 @@ def start_run(cfg):
         raise SystemExit(f"--resume=True but {path} does not exist: " + (
             f"{path}{KEPT_SUFFIX} is a run --overwrite=True kept aside; rename it to ckpt.pt to continue it" if left
             else "train without --resume first"))
-    if os.path.lexists(log_path) and not os.path.isfile(log_path):  # a directory, a FIFO (opening it blocks), a dead link
+    if os.path.lexists(log_path) and not os.path.isfile(log_path):  # a directory, a FIFO (it would block), a dead link
         raise SystemExit(f"{log_path} is not a regular file: move it out of --out_dir, then run the command again")
     earlier_log = os.path.exists(log_path) and os.path.getsize(log_path) > 0
     if earlier_log and not os.path.exists(path) and not cfg["resume"] and not cfg["overwrite"]:
@@ -651,11 +651,12 @@ def free_cores(threads, read_stat=lambda: open("/proc/stat").read()):
         t = [int(v) for v in lines[0].split()[1:]]
         return t[3] + t[4], sum(t), sum(line.startswith("cpu") for line in lines) - 1
     try:
-        (idle0, all0, n), _ = ticks(), time.sleep(0.25)
+        idle0, all0, n = ticks()
+        time.sleep(0.25)
         idle1, all1, _ = ticks()
         busy = n * (1 - (idle1 - idle0) / max(1, all1 - all0))
-    except (OSError, ValueError, IndexError):  # no /proc/stat
-        n, busy = os.cpu_count() or threads, os.getloadavg()[0]
+    except (OSError, ValueError, IndexError):  # no /proc/stat: the load average, where there is one
+        n, busy = os.cpu_count() or threads, os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     return max(1, min(threads, round(n - busy)))
 
 
@@ -670,9 +671,9 @@ def launched_by_torchrun():
         raise SystemExit(f"RANK={os.environ['RANK']} with WORLD_SIZE={os.environ['WORLD_SIZE']}: ranks run from 0 "
                          f"to WORLD_SIZE-1; start several processes with torchrun --nproc_per_node=N train.py ...")
     if wrong:
-        raise SystemExit(f"RANK={os.environ['RANK']} is set but {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} "
-                         f"missing or not a number: start several processes with torchrun --nproc_per_node=N "
-                         f"train.py ..., or unset RANK for one")
+        raise SystemExit(f"RANK={os.environ['RANK']} is set but {', '.join(wrong)} "
+                         f"{'is' if len(wrong) == 1 else 'are'} missing or not a number: start several processes "
+                         f"with torchrun --nproc_per_node=N train.py ..., or unset RANK for one")
     return True
 
 
@@ -824,7 +825,8 @@ def announce(run, raw, start, tokens_per_step):
     if cfg["warmup_iters"] > cfg["max_iters"] > start:
         print(f"note: --warmup_iters={cfg['warmup_iters']} is above --max_iters={cfg['max_iters']}: the learning "
               f"rate never reaches --lr={cfg['lr']}")
-    unread = [k for name, src in SOURCES.items() if cfg["dataset"] != name for k, v in src.defaults.items() if cfg[k] != v]
+    unread = [k for name, src in SOURCES.items() if cfg["dataset"] != name
+              for k, v in src.defaults.items() if cfg[k] != v]
     if unread:
         print(f"note: {', '.join('--' + k for k in unread)} unused: --dataset={cfg['dataset']} does not read "
               f"{'it' if len(unread) == 1 else 'them'}")
