@@ -84,7 +84,8 @@ def read_cells(path):
 
 def table(seeds, against, which, half=3.0):
     """Markdown: every row's mean over seeds per cell, its paired difference with `against`, and
-    the seeds that difference's 95% interval would need for a half-width of `half` points."""
+    the seeds that difference's 95% interval would need for a half-width of `half` points (the
+    last two None where no row has its reference in the results)."""
     order = lambda names, k: (list(names).index(k), "") if k in names else (len(names), k)  # unknown ones last
     rows = sorted({r for s in seeds.values() for r in s},
                   key=lambda r: (order(RUN_NAMES, r[0]), r[2] != "none", r[2], order(VIEW_NAMES, r[1])))
@@ -109,7 +110,7 @@ def table(seeds, against, which, half=3.0):
         diffs += f"| {name(r)} | " + " | ".join(fmt_diff(x) for x in d) + " |\n"
         needed += f"| {name(r)} | " + " | ".join(str(seeds_for(x["stderr"] * x["n"] ** 0.5, half)) if x["n"] > 1
                                                  else "n/a" for x in d) + " |\n"
-    return means, diffs, needed
+    return (means, diffs, needed) if diffs != head else (means, None, None)
 
 
 def main(argv=None):
@@ -140,6 +141,9 @@ def main(argv=None):
         for which, what in ((0, "score (%, the answer whole)"), (1, "digit score (%, characters at their place)")):
             means, diffs, needed = table(seeds, a.against, which)
             print(f"### {what}: mean ± standard error over seeds\n\n{means}")
+            if diffs is None:
+                print(f"(no differences: no row has its reference, {against}, in {pattern}; --against picks another)\n")
+                continue
             print(f"### {what}: minus {against}, paired over seeds [95% t interval]\n\n{diffs}")
             print(f"### {what}: seeds for a 95% interval of ± 3 points at this spread\n\n{needed}")
 

@@ -337,6 +337,8 @@ def test_reach_tables_pair_each_row_with_its_reference_over_seeds(tmp_path, caps
     reach.main([f"--root={tmp_path}"])  # no ft_mdlm evaluated: the means alone, no differences
     out = capsys.readouterr().out
     assert "| out-niah-tiny: cut, memory of the full prompt | 0.0 ± 0.0 |" in out and "tie" not in out
+    assert "(no differences: no row has its reference, Standard MDLM, in reach.json; --against picks another)" in out
+    assert "minus Standard MDLM" not in out  # no empty tables
     with pytest.raises(SystemExit, match="--against=ft_none: use standard, a view"):
         reach.main([f"--root={tmp_path}", "--against=ft_none"])
     with pytest.raises(SystemExit, match="a file name .* no path"):
