@@ -343,6 +343,16 @@ def sigterm_as_ctrl_c():
         signal.signal(signal.SIGTERM, old)
 
 
+@contextmanager
+def ends_in_one_line(message):
+    """Ctrl-C or SIGTERM inside it ends the script with `message` alone: no traceback."""
+    try:
+        with sigterm_as_ctrl_c():
+            yield
+    except KeyboardInterrupt:
+        raise SystemExit(message) from None
+
+
 def seed_arg(text):
     """argparse's type of a --seed: an integer within 0 and 2**32 - 1 (train.py's range too)."""
     import argparse

@@ -41,8 +41,8 @@ from tqdm import tqdm
 
 from data.tokenizer import decode, get_encoding, open_split
 from memory import ADAPT_RATIO, MemoryConfig, adapt as adapt_memory, flat, inner_step, unflat
-from model import (KVCache, autocast, load_model, pick_device, proposal_logits, seed_arg, seeded_generator,
-                   sigterm_as_ctrl_c)
+from model import (KVCache, autocast, ends_in_one_line, load_model, pick_device, proposal_logits, seed_arg,
+                   seeded_generator)
 from niah import make_example, parse_tasks
 
 REMASKING = ("low_confidence", "random")
@@ -320,11 +320,8 @@ def no_checkpoint(out_dir, device, argv):
 
 
 def main(argv=None):
-    try:
-        with sigterm_as_ctrl_c():
-            _main(argv)
-    except KeyboardInterrupt:
-        raise SystemExit("interrupted: sampling stopped (sample.py writes no file); run the command again") from None
+    with ends_in_one_line("interrupted: sampling stopped (sample.py writes no file); run the command again"):
+        _main(argv)
 
 
 def _main(argv):

@@ -35,7 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import model
 import train
-from model import sigterm_as_ctrl_c
+from model import ends_in_one_line
 
 BENCH = dict(steps=30, warmup=8, profile=False, modes="mdlm,memdlm",
              sample_from="", prompt_lens="1024,4096", gen_len=128, block=32, sample_batch=8, threshold=0.9,
@@ -234,11 +234,8 @@ def model_flops_per_token(model, T):
 
 
 def main(argv):
-    try:
-        with sigterm_as_ctrl_c():
-            return _main(argv)
-    except KeyboardInterrupt:
-        raise SystemExit("interrupted: a benchmark writes nothing; run the command again") from None
+    with ends_in_one_line("interrupted: a benchmark writes nothing; run the command again"):
+        return _main(argv)
 
 
 def _main(argv):

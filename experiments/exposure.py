@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from memory import MemoryConfig, adapt
-from model import load_model, pick_device, proposal_logits, seed_arg, sigterm_as_ctrl_c
+from model import ends_in_one_line, load_model, pick_device, proposal_logits, seed_arg
 from experiments.common import mean_stderr, row_label, writable, write_atomic
 from niah import FORMS, NIAH_DEFAULTS, NiahData
 
@@ -185,12 +185,9 @@ def read_measurement(path):
 
 
 def main(argv=None):
-    try:
-        with sigterm_as_ctrl_c():
-            return _main(argv)
-    except KeyboardInterrupt:
-        raise SystemExit("interrupted; a file already written is whole (each is written at once, then renamed): "
-                         "run the command again") from None
+    with ends_in_one_line("interrupted; a file already written is whole (each is written at once, then renamed): "
+                          "run the command again"):
+        return _main(argv)
 
 
 def _main(argv):

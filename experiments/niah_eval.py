@@ -37,7 +37,7 @@ from tqdm import tqdm
 from data.tokenizer import decode, get_encoding
 from experiments.common import int_list, mean_stderr, row_label, writable, write_atomic
 from memory import MemoryConfig
-from model import ROPE_SCALINGS, load_model, pick_device, seed_arg, seeded_generator, sigterm_as_ctrl_c
+from model import ROPE_SCALINGS, ends_in_one_line, load_model, pick_device, seed_arg, seeded_generator
 from niah import FORMS, HAYSTACKS, NIAH_DEFAULTS, TASKS, hide_answers, make_example, parse_tasks, score
 from sample import generate, plan
 
@@ -218,11 +218,8 @@ def print_tables(rows, a, examples):
 
 
 def main(argv=None):
-    try:
-        with sigterm_as_ctrl_c():
-            evaluate(argv)
-    except KeyboardInterrupt:
-        raise SystemExit("interrupted: no results written (an earlier results file is left as it was)") from None
+    with ends_in_one_line("interrupted: no results written (an earlier results file is left as it was)"):
+        evaluate(argv)
 
 
 def evaluate(argv):

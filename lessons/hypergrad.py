@@ -35,7 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data.tokenizer import open_split, windows
 from memory import MemoryConfig, memdlm_loss, memory_layers
-from model import load_model, pick_device, seed_arg, sigterm_as_ctrl_c
+from model import ends_in_one_line, load_model, pick_device, seed_arg
 from niah import NiahData
 
 
@@ -129,11 +129,8 @@ def table(rows):
 
 
 def main(argv=None):
-    try:
-        with sigterm_as_ctrl_c():
-            _main(argv)
-    except KeyboardInterrupt:
-        raise SystemExit("interrupted: the comparison writes nothing; run the command again") from None
+    with ends_in_one_line("interrupted: the comparison writes nothing; run the command again"):
+        _main(argv)
 
 
 def _main(argv):
