@@ -787,7 +787,10 @@ def build(run, ckpt):
                              f"--out_dir") from None
     elif cfg["init_from"]:
         src, _ = load_model(cfg["init_from"], run.device, usable_for="fine-tune from it")
-        if asdict(src.cfg) != asdict(raw.cfg):
+        # a fine-tune may change what holds no weights: the length, the attention's chunks, RoPE at inference
+        free = ("block_size", "attn_chunk", "rope_scaling")
+        ours, theirs = ({k: v for k, v in asdict(c).items() if k not in free} for c in (raw.cfg, src.cfg))
+        if ours != theirs:
             raise SystemExit(f"--init_from={cfg['init_from']}: its model ({src.cfg}) differs from this "
                              f"config's ({raw.cfg}): set the same n_layer/n_head/n_embd/tokenizer")
         raw.load_state_dict(src.state_dict())

@@ -381,6 +381,13 @@ def test_compile_on_the_cpu_is_noted(tmp_path, capsys):
 
 # ---- 8. the memory's settings are not the model's identity ---------------------------------
 
+def test_init_from_a_base_at_another_length_and_chunking(base, tmp_path):
+    # a length curriculum: fine-tune a base at twice its block_size, with chunked attention
+    run(tmp_path, f"--init_from={base}", "--max_iters=1", "--block_size=128", "--attn_chunk=32", "--eval_interval=100")
+    cfg = read_checkpoint(str(tmp_path / "ckpt.pt"))["config"]
+    assert (cfg["block_size"], cfg["attn_chunk"]) == (128, 32) and strict_log(tmp_path / "log.jsonl")[0]["step"] == 0
+
+
 def test_init_from_a_base_with_another_memory_rank_and_alpha(base, tmp_path):
     run(tmp_path, f"--init_from={base}", "--max_iters=1", "--mem_rank=4", "--mem_alpha=16", "--eval_interval=100")
     src, dst = strict_log(base / "log.jsonl"), strict_log(tmp_path / "log.jsonl")
