@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from model import FastWeights, forward_process, masked_ce, mdlm_loss
+from model import FastWeights, forward_process, gathered, masked_ce, mdlm_loss
 
 TARGETS = ("gate_proj", "up_proj", "down_proj")
 TRAJECTORIES = ("anchor", "anchor_only", "pre_only", "progressive")
@@ -86,10 +86,12 @@ class Rows:
 @dataclass
 class State:
     """One state x_k of the inner loop's trajectory: its mask M_k [B, T] and the hidden states
-    of x_k entering the first memory layer (h [B, T, C], the bottom's output)."""
+    of x_k entering the first memory layer (h [B, T, C], the bottom's output); at: model.gathered
+    of the mask, computed outside the compiled inner step (None: masked_ce decides)."""
     rows: Rows
     mask: torch.Tensor
     h: torch.Tensor
+    at: tuple = None
 
 
 def memory_layers(n_layer, layer_frac):
@@ -188,7 +190,7 @@ def inner_loss(model, h, state, weighting):
     authors' code scores the clean tokens, so stage 1 also learns the tokens x_t still hides."""
     n_masked = state.mask.sum(1).clamp(min=1)
     w = state.rows.maskable.sum(1) / n_masked if weighting == "ratio" else torch.ones_like(n_masked)
-    return masked_ce(model, h, state.rows.x0, state.mask, w / n_masked)
+    return masked_ce(model, h, state.rows.x0, state.mask, w / n_masked, at=state.at)
 
 
 def inner_step(model, fast, state, mcfg):
@@ -225,7 +227,7 @@ def inner_loop(model, fast, masks, rows, mcfg, *, bottoms=None, create_graph=Fal
                 h = bottoms[k] if create_graph else bottoms[k].detach()
             else:  # above the anchor: stage 1 (Eq. 7)
                 h = model(torch.where(mask, model.cfg.mask_id, rows.x0), key_pad=rows.key_pad, stop=split)
-            fast, loss = inner_step(model, fast, State(rows, mask, h), mcfg)
+            fast, loss = inner_step(model, fast, State(rows, mask, h, gathered(model, mask)), mcfg)
             losses.append(loss.detach().clone())  # a copy: under CUDA graphs the next replay reuses the output
     return fast, losses
 

@@ -280,18 +280,28 @@ def forward_process(x0, maskable, mask_id, t=None, generator=None):
 GATHER_ABOVE = 2 ** 28
 
 
-def masked_ce(model, h, x0, mask, weight):
+def gathered(model, mask):
+    """The masked positions (b, i) where masked_ce takes logits there alone (a large vocabulary),
+    else None. One host sync: their count. memory.py computes them where a state is made, outside
+    the compiled inner step: a count that depends on the data is a graph break, and one inside
+    torch.func.grad makes torch.compile run the whole step eagerly (torch 2.11)."""
+    return mask.nonzero(as_tuple=True) if mask.numel() * model.cfg.vocab_size > GATHER_ABOVE else None
+
+
+def masked_ce(model, h, x0, mask, weight, at=None):
     """sum over masked positions of weight[b] * -log p(x0_i | .), per sequence: [B].
     With a small vocabulary (the byte tokenizer's 320 rows) logits at every position cost
     less than gathering the masked ones, which needs their count on the host: a sync that
-    stalls the queue of kernels every step. A large vocabulary gets logits only where masked."""
+    stalls the queue of kernels every step. A large vocabulary gets logits only where masked
+    (at: gathered(model, mask), if the caller has it)."""
     def ce(hs, ys):
         logits = model.logits(hs)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
         return F.cross_entropy(logits, ys, reduction="none")
-    if mask.numel() * model.cfg.vocab_size <= GATHER_ABOVE:
+    at = gathered(model, mask) if at is None else at
+    if at is None:
         return (ce(h.flatten(0, 1), x0.flatten()).view(mask.shape) * mask * weight[:, None]).sum(1)
-    b, i = mask.nonzero(as_tuple=True)  # one host sync: the number of masked tokens
+    b, i = at
     loss = ce(h[b, i], x0[b, i])
     return torch.zeros(x0.shape[0], device=x0.device, dtype=loss.dtype).index_add(0, b, loss * weight[b])
 

@@ -13,7 +13,7 @@ import model
 import train
 from data.tokenizer import get_encoding
 from memory import (MemoryConfig, Rows, State, adapt, bernoulli_anchor, clip_per_sequence, extend_mask, flat,
-                    init_fast, inner_loop, inner_loss, memdlm_loss, memory_layers, pre_anchor_count, trajectory,
+                    init_fast, inner_loop, inner_loss, inner_step, memdlm_loss, memory_layers, pre_anchor_count, trajectory,
                     unflat)
 from model import DiffusionLM, FastWeights, ModelConfig, forward_process, load_model, masked_ce, mdlm_loss
 
@@ -250,6 +250,32 @@ def test_inner_step_drives_a_large_gradient_to_the_clip():
     moved = [(q - p.detach()).flatten(1).norm(dim=1) for p, q in zip(flat(fast0), flat(fast1))]
     B_moves = torch.stack(moved[1::2])  # A gets no gradient while B = 0; every B hits the clip
     assert torch.allclose(B_moves, torch.full_like(B_moves, 0.1 * 1e-3))
+
+
+def test_the_inner_step_takes_no_data_dependent_count_when_it_gathers(monkeypatch):
+    # a large vocabulary gathers the masked positions; their count (nonzero), taken inside
+    # torch.func.grad, is a graph break that makes torch.compile run the whole inner step eagerly
+    # (torch 2.11 on CUDA): inner_loop takes it outside, where each state is made
+    monkeypatch.setattr(model, "GATHER_ABOVE", 0)
+    m, x0, maskable, mask_t = _inner_setup()
+    mc = MemoryConfig(rank=4, steps=1)
+    fast0 = init_fast(m, 2, mc, torch.Generator().manual_seed(0))
+    calls = []
+
+    class Watch(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            calls.append(getattr(func, "__name__", ""))
+            return func(*args, **(kwargs or {}))
+
+    def watched(*a):
+        with Watch():
+            return inner_step(*a)
+    fast1, _ = inner_loop(m, fast0, [mask_t], Rows(x0, maskable), mc, inner_step=watched)
+    full, _ = inner_loop(m, fast0, [mask_t], Rows(x0, maskable), mc)  # the same step, unwatched
+    monkeypatch.setattr(model, "GATHER_ABOVE", 2 ** 28)
+    everywhere, _ = inner_loop(m, fast0, [mask_t], Rows(x0, maskable), mc)  # logits at every position
+    assert "nonzero" not in calls and "cross_entropy" in calls
+    assert all(torch.allclose(a, b) and torch.allclose(a, c) for a, b, c in zip(flat(fast1), flat(full), flat(everywhere)))
 
 
 def test_the_memory_scale_alpha_over_r_reaches_the_inner_loop():

@@ -256,10 +256,11 @@ def evaluate(argv):
     bar = tqdm(total=len(runs) * len(a.rope) * len(views) * len(examples), desc="niah", dynamic_ncols=True)
     rows = []
     for d, model, cfg in runs:
-        # one untimed batch first: the device's start-up (CUDA context, kernel plans) is not the sampler's speed
-        generate(model, [e["prompt"] for e in examples[:a.batch_size]], gen_len=answer_len, steps=1,
-                 prefix_cache=a.prefix_cache)
         mcfg = adapt_memory_config(a, cfg)
+        # one untimed batch first: the device's start-up (CUDA context, kernel plans, and for adapt
+        # torch.func's first call, about 4 s on an H200) is not the sampler's speed
+        generate(model, [e["prompt"] for e in examples[:a.batch_size]], gen_len=answer_len, steps=1,
+                 prefix_cache=a.prefix_cache, adapt=any(VIEWS[v][1] for v in views), mcfg=mcfg)
         for rope in a.rope:
             model.cfg.rope_scaling = rope
             for view in views:

@@ -258,7 +258,9 @@ def test_write_then_hide_decodes_the_cut_prompt_with_the_memory_of_the_full_one(
     examples = [niah.make_example("single", 256, d, random.Random(f"0:single:256:{i}"), ENC, "noise", 16, "fixed")
                 for i, d in enumerate((0, 100))]
     cut = [len(niah.hide_answers(e, ENC)) for e in examples]
-    assert written == [[full, full], cut, [full, full]]  # adapt, cut_adapt, hidden: hidden writes the full prompts
+    # the untimed first batch writes a memory too (torch.func's first call); then adapt, cut_adapt, hidden:
+    # hidden writes the full prompts
+    assert written == [[full, full], [full, full], cut, [full, full]]
     # one untimed step of the full prompts first (the device's start-up), then 4 steps a row; hidden decodes the cut ones
     assert len(decoded) == 1 + 5 * 4 and decoded[0] == full + 16 and decoded[17:] == [max(cut) + 16] * 4
     assert res["adapt"]["steps"] == 3 and all(s["distance"] in (0, 1, 2, 3) for s in res["rows"][0]["samples"])
