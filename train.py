@@ -79,12 +79,12 @@ PRESETS = {
     # ~100M parameters at 1K context: for benchmarks and for users with several GPUs
     "base": dict(out_dir="out-base", block_size=1024, batch_size=32, max_iters=5000, n_layer=14, n_head=12,
                  n_embd=768, lr=6e-4, min_lr=6e-5, warmup_iters=200, eval_interval=500),
-    # a 2-core laptop in under 10 minutes: ~0.9M parameters, 64-token windows, MDLM for 3000 steps then 400
-    # MemDLM steps (longer MemDLM can let the memory take over). Its samples decode in blocks of 4 tokens at
-    # temperature 1: in a longer block this weak model is most confident of a space wherever the text is still
+    # a 2-core laptop in under 10 minutes, one core busy or not: ~0.9M parameters, 64-token windows,
+    # MDLM for 1900 steps then 300 MemDLM steps (longer MemDLM can let the memory take over). Its samples
+    # decode in blocks of 4 tokens at temperature 1: in a longer block this weak model is most confident of a space wherever the text is still
     # unknown, low-confidence remasking reveals those first, and each space makes its neighbours' spaces
     # surer; greedy, it loops (spaces after a paragraph's end, "the the the")
-    "cpu": dict(out_dir="out-cpu", block_size=64, batch_size=32, max_iters=3400, mem_start=3000, n_layer=4, n_head=4,
+    "cpu": dict(out_dir="out-cpu", block_size=64, batch_size=32, max_iters=2200, mem_start=1900, n_layer=4, n_head=4,
                 n_embd=128, lr=2e-3, min_lr=2e-4, warmup_iters=100, eval_interval=400, eval_iters=10, log_interval=100,
                 mem_rank=16, mem_alpha=32.0, compile=False, sample_block_len=4, sample_temperature=1.0),
     "tiny": dict(out_dir="out-tiny", block_size=64, batch_size=8, max_iters=40, n_layer=2, n_head=2,
@@ -463,11 +463,12 @@ def max_abs_weight(raw_model):
 
 def cpu_minutes(cfg, n_params, tokens_per_step, start):
     """A rough CPU time of the steps from start, before tqdm's estimate takes over: 6 N FLOPs a
-    token, a MemDLM step (from mem_start on) 1.8 MDLM steps, 4.5e10 FLOP/s a thread (the cpu
-    preset: 127 ms an MDLM step, 236 ms a MemDLM step, on 2 cores)."""
+    token, a MemDLM step (from mem_start on) 1.8 MDLM steps, 5.2e10 FLOP/s on one thread and
+    threads ** 0.68 times that on more (the cpu preset, evals included: 545 s on one thread of a
+    2-core machine, 341 s on two)."""
     mdlm = max(0, min(cfg["max_iters"], cfg["mem_start"] if cfg["mem"] else cfg["max_iters"]) - start)
     mem = cfg["max_iters"] - start - mdlm
-    return 6 * n_params * tokens_per_step * (mdlm + 1.8 * mem) / (4.5e10 * torch.get_num_threads()) / 60
+    return 6 * n_params * tokens_per_step * (mdlm + 1.8 * mem) / (5.2e10 * torch.get_num_threads() ** 0.68) / 60
 
 
 def resume_command(argv, world):

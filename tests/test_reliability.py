@@ -367,10 +367,12 @@ def test_resume_takes_neither_overwrite_nor_init_from(args):
 
 
 def test_the_cpu_estimate_counts_memdlm_steps_from_mem_start():
-    cfg = train.parse_config(["--config", "cpu"])  # MDLM for 3000 steps, then MemDLM for 400
+    cfg = train.parse_config(["--config", "cpu"])  # MDLM for mem_start steps, then MemDLM
+    n, m = cfg["mem_start"], cfg["max_iters"] - cfg["mem_start"]
+    assert n > 0 and m > 0
     minutes = lambda c, start=0: train.cpu_minutes(c, 1e6, 2048, start)
-    assert minutes(cfg) == pytest.approx(minutes({**cfg, "mem": False}) * (3000 + 1.8 * 400) / 3400)
-    assert minutes(cfg, start=3000) == pytest.approx(minutes(cfg) * 1.8 * 400 / (3000 + 1.8 * 400))
+    assert minutes(cfg) == pytest.approx(minutes({**cfg, "mem": False}) * (n + 1.8 * m) / (n + m))
+    assert minutes(cfg, start=n) == pytest.approx(minutes(cfg) * 1.8 * m / (n + 1.8 * m))
     assert minutes({**cfg, "mem_start": 0}) == pytest.approx(minutes({**cfg, "mem": False}) * 1.8)
 
 
