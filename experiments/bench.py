@@ -96,7 +96,7 @@ def peak_flops(device):
     return None, f"{name}: peak unknown"
 
 
-def flop_floor(model_cfg, mem_cfg, T):
+def flop_floor(model_cfg, mem_cfg, T, gathered=False):
     """MemDLM's step FLOPs over MDLM's, by the design's own count (paper default: anchor
     trajectory, scope response). Per token, a forward of L layers costs L f + h (f: a layer's
     matmuls and full attention, h: the vocabulary projection); a backward twice its forward.
@@ -105,15 +105,22 @@ def flop_floor(model_cfg, mem_cfg, T):
     backward for x_t (3 F_bot), a no-grad bottom forward for each of the K - 1 states above
     the anchor, K inner stages of a top forward and a backward to the fast weights only
     (2 F_top each: activation gradients, no weight gradients of theta), and the outer top
-    forward and backward (3 F_top). LoRA's own matmuls are counted in F_top."""
+    forward and backward (3 F_top). LoRA's own matmuls are counted in F_top.
+    gathered: masked_ce takes the head's logits at the masked tokens alone (model.gathered), so
+    each pass's h is scaled by its expected masked share: E[t] = 1/2 at x_t, E[min(1, s t)] =
+    1 - 1/(2s) at x_pre (s: pre_scale), the states between in proportion."""
     from memory import memory_layers
-    d, H, V, L = model_cfg.n_embd, model_cfg.ffn_hidden, model_cfg.vocab_size, model_cfg.n_layer
+    d, H, V, L, K = model_cfg.n_embd, model_cfg.ffn_hidden, model_cfg.vocab_size, model_cfg.n_layer, mem_cfg.steps
     f = 2 * (4 * d * d + 3 * d * H) + 4 * keys_seen(model_cfg, T) * d  # qkv + proj + gate/up/down, then QK^T and AV
     n_top = len(memory_layers(L, mem_cfg.layer_frac))
     lora = 2 * mem_cfg.rank * ((d + H) * 2 + (H + d)) if mem_cfg.adapter == "lora" else 2 * 3 * d * H
-    F_bot, F_top = (L - n_top) * f, n_top * (f + lora) + 2 * d * V
-    mdlm = 3 * (L * f + 2 * d * V)
-    memdlm = 3 * F_bot + (mem_cfg.steps - 1) * F_bot + 2 * mem_cfg.steps * F_top + 3 * F_top
+    at_t, at_pre = (0.5, 1 - 0.5 / mem_cfg.pre_scale) if gathered else (1.0, 1.0)
+    # the K states, noisiest first: x_pre ... x_t (K = 1: x_t alone)
+    shares = [at_t + (at_pre - at_t) * (K - 1 - k) / max(K - 1, 1) for k in range(K)]
+    F_bot, top = (L - n_top) * f, n_top * (f + lora)
+    h = 2 * d * V
+    mdlm = 3 * (L * f + at_t * h)
+    memdlm = 3 * F_bot + (K - 1) * F_bot + sum(2 * (top + a * h) for a in shares) + 3 * (top + at_t * h)
     return memdlm / mdlm
 
 
@@ -276,7 +283,7 @@ def _main(argv):
             if on_gpu:
                 torch.cuda.empty_cache()
         if "mdlm" in rows and "memdlm" in rows:
-            print_ratio(rows["memdlm"] / rows["mdlm"], model_cfg, cfg, backend)
+            print_ratio(rows["memdlm"] / rows["mdlm"], model_cfg, cfg, bench, backend)
 
 
 @contextmanager
@@ -297,12 +304,14 @@ def measured_under(bench, backend):
         model.GATHER_ABOVE = default_gather
 
 
-def print_ratio(ratio, model_cfg, cfg, backend):
+def print_ratio(ratio, model_cfg, cfg, bench, backend):
     mem_cfg = train.MemoryConfig.from_config(cfg)
     if mem_cfg.trajectory == "anchor" and mem_cfg.scope == "response":
-        floor = flop_floor(model_cfg, mem_cfg, cfg["block_size"])
-        print(f"SDPA {backend}: step-time ratio MemDLM/MDLM: {ratio:.2f}; FLOP floor {floor:.2f} "
-              f"(measured {100 * (ratio / floor - 1):+.1f}% over it)")
+        # as masked_ce decides under --gather (measured_under sets model.GATHER_ABOVE)
+        gathered = cfg["batch_size"] * cfg["block_size"] * model_cfg.vocab_size > GATHER[bench["gather"]]
+        floor = flop_floor(model_cfg, mem_cfg, cfg["block_size"], gathered=gathered)
+        print(f"SDPA {backend}: step-time ratio MemDLM/MDLM: {ratio:.2f}; FLOP floor {floor:.2f}"
+              f"{' (the head at the masked tokens)' if gathered else ''} (measured {100 * (ratio / floor - 1):+.1f}% over it)")
     else:
         print(f"SDPA {backend}: step-time ratio MemDLM/MDLM: {ratio:.2f}")
 

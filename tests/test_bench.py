@@ -60,6 +60,10 @@ def test_flop_floor_counts_each_pass_of_the_memdlm_step():
     # more inner steps or more memory layers cost more
     assert bench.flop_floor(cfg, MemoryConfig(rank=4, steps=3), 16) > memdlm / mdlm
     assert bench.flop_floor(cfg, MemoryConfig(rank=4, layer_frac=0.5), 16) > memdlm / mdlm
+    # with the gather each pass's head runs at its expected masked share: 1/2 at x_t, 1 - 1/(2 s) = 2/3 at x_pre
+    top_at = lambda share: layer + lora + share * head
+    gathered = (3 * bottom + bottom + 2 * top_at(2 / 3) + 2 * top_at(0.5) + 3 * top_at(0.5)) / (3 * (8 * layer + head / 2))
+    assert bench.flop_floor(cfg, MemoryConfig(rank=4), 16, gathered=True) == pytest.approx(gathered)
     # attention in chunks of 16 at T = 64 costs what full attention at 16 does
     chunked = ModelConfig(n_layer=8, n_head=2, n_embd=64, block_size=64, attn_chunk=16)
     assert bench.flop_floor(chunked, MemoryConfig(rank=4), 64) == pytest.approx(memdlm / mdlm)
