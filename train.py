@@ -17,7 +17,9 @@ import math
 import os
 import shlex
 import signal
+import socket
 import sys
+import threading
 import time
 from contextlib import nullcontext, suppress
 from dataclasses import asdict, dataclass, field, fields
@@ -603,7 +605,7 @@ def start_run(cfg):
                          f"to replace it, or another --out_dir")
     run = Run(cfg, device=pick_device(cfg["device"]))
     if launched_by_torchrun():
-        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        join_process_group()
         run.rank, run.world, run.ddp = torch.distributed.get_rank(), torch.distributed.get_world_size(), True
         run.device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
         if run.device != "cpu":
@@ -676,6 +678,31 @@ def launched_by_torchrun():
                          f"{'is' if len(wrong) == 1 else 'are'} missing or not a number: start several processes "
                          f"with torchrun --nproc_per_node=N train.py ..., or unset RANK for one")
     return True
+
+
+def join_process_group(patience=20.0):
+    """init_process_group, which waits for all WORLD_SIZE processes at MASTER_ADDR:MASTER_PORT,
+    retrying through Ctrl-C (c10d). An address that does not resolve stops first in one line;
+    during the wait, when nothing is written yet, Ctrl-C and SIGTERM end the process at once,
+    and a wait past `patience` seconds says what it waits for."""
+    addr, port, world = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), os.environ["WORLD_SIZE"]
+    try:
+        socket.getaddrinfo(addr, port)
+    except (socket.gaierror, UnicodeError) as e:
+        raise SystemExit(f"MASTER_ADDR={addr} does not resolve ({e}): use the address of rank 0's machine "
+                         f"(torchrun sets it), or unset RANK to train in one process") from None
+    note = threading.Timer(patience, print, [f"note: waiting {patience:g} s so far for the {world} processes of "
+                                             f"WORLD_SIZE={world} at {addr}:{port}: torchrun --nproc_per_node=N "
+                                             f"starts them all; Ctrl-C stops this one", ], kwargs=dict(flush=True))
+    kept = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGTERM)}
+    note.daemon = True
+    note.start()
+    try:
+        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    finally:
+        note.cancel()
+        for sig, handler in kept.items():
+            signal.signal(sig, handler)
 
 
 def rank_mismatch(configs):

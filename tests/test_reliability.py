@@ -871,6 +871,38 @@ def test_a_torchrun_environment_that_is_partial_or_malformed_is_one_line(tmp_pat
     assert not (tmp_path / "r").exists()  # before any work
 
 
+def test_a_master_addr_that_does_not_resolve_is_one_line(tmp_path, monkeypatch):
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="no.such.host.invalid",
+                     MASTER_PORT="29500").items():
+        monkeypatch.setenv(k, v)
+
+    def unresolved(host, port, *a, **k):  # as a resolver answers, without asking one
+        raise socket.gaierror(-2, "Name or service not known")
+    monkeypatch.setattr(socket, "getaddrinfo", unresolved)
+    with pytest.raises(SystemExit, match=r"^MASTER_ADDR=no.such.host.invalid does not resolve \(.*\): use the "
+                                         r"address of rank 0's machine"):
+        run(tmp_path / "r", "--max_iters=2")
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_rendezvous_wait_says_what_it_waits_for_and_dies_on_ctrl_c(monkeypatch, capsys):
+    # a process of WORLD_SIZE=2 started alone waits in c10d, which retries through Ctrl-C: there
+    # Ctrl-C and SIGTERM kill it outright (nothing is written yet), and after a while a note says why it waits
+    for k, v in dict(WORLD_SIZE="2", MASTER_ADDR="localhost", MASTER_PORT="29500").items():
+        monkeypatch.setenv(k, v)
+    seen = {}
+
+    def waiting(backend):
+        time.sleep(0.5)
+        seen.update({s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)})
+    monkeypatch.setattr(torch.distributed, "init_process_group", waiting)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    train.join_process_group(patience=0.1)
+    assert set(seen.values()) == {signal.SIG_DFL}
+    assert {s: signal.getsignal(s) for s in before} == before  # put back after the wait
+    assert "waiting 0.1 s so far for the 2 processes of WORLD_SIZE=2 at localhost:29500: torchrun" in capsys.readouterr().out
+
+
 # ---- sizes that cannot be allocated ------------------------------------------------------
 
 @pytest.mark.parametrize("arg", ["--n_embd=1099511627776",  # a 1.4 PB embedding: refused at once, nothing taken
