@@ -270,11 +270,10 @@ def bernoulli_anchor(maskable, ratio, generator=None):
 def adapt(model, prompt_ids, mcfg=None, *, key_pad=None, ratio=ADAPT_RATIO, steps=None, lr=None, generator=None,
           inner_step=inner_step):
     """Inference-time memory (Sec. 4.5, "Train & Inference"): the inner loop on each prompt alone,
-    into its own fresh fast weights. The anchor masks each (non-padding) prompt token with
-    probability `ratio`, the pre-anchor pre_scale times as many; uniform weights (the mean NLL
-    over the masked tokens). K and eta: mcfg's (a checkpoint's mem_steps, mem_lr) unless steps,
-    lr say otherwise. inner_step: inner_step, or a wrapper of it (sample.py counts the steps).
-    Returns (phi, losses)."""
+    into its own fresh fast weights, from an anchor that masks each (non-padding) prompt token with
+    probability `ratio`, uniformly weighted (the mean NLL of the masked tokens). K and eta: mcfg's
+    (the checkpoint's) unless steps, lr say otherwise. inner_step: it, or a wrapper (sample.py
+    counts the steps). Returns (phi, losses)."""
     mcfg = replace(mcfg or MemoryConfig(), weighting="uniform", trajectory="anchor")
     mcfg = replace(mcfg, steps=mcfg.steps if steps is None else steps, lr=mcfg.lr if lr is None else lr)
     rows = Rows(prompt_ids, torch.ones_like(prompt_ids, dtype=torch.bool) if key_pad is None else ~key_pad, key_pad)

@@ -54,8 +54,7 @@ PROGRESS_DELAY = 1.0  # seconds of work before a progress bar shows: long work n
 
 
 def pad_batch(seqs, pad_id):
-    """Right-pad token lists into ids [B, T] and key_pad [B, T] (True at padding). Right padding
-    keeps each row's positions (and so its RoPE angles) those of the row alone."""
+    """Right-pad token lists into ids and key_pad [B, T] (True at padding): each row keeps its positions alone."""
     T = max(len(s) for s in seqs)
     return (torch.tensor([list(s) + [pad_id] * (T - len(s)) for s in seqs], dtype=torch.long),
             torch.tensor([[False] * len(s) + [True] * (T - len(s)) for s in seqs], dtype=torch.bool))
@@ -121,14 +120,12 @@ def write_memory(model, prompts, mcfg, *, ratio=ADAPT_RATIO, generator=None, pro
         raise ValueError("adapt=True writes the prompt into the memory: every row needs a non-empty prompt")
     device = next(model.parameters()).device
     per_row = isinstance(generator, (list, tuple))
-    bar = tqdm(total=mcfg.steps * (len(prompts) if per_row else 1), disable=not progress, desc="adapt", leave=False,
-               delay=PROGRESS_DELAY, dynamic_ncols=True)
-
-    def counted(*a):  # memory.inner_step, one tick of the bar each
-        out = inner_step(*a)
-        bar.update()
-        return out
-    with bar:
+    with tqdm(total=mcfg.steps * (len(prompts) if per_row else 1), disable=not progress, desc="adapt", leave=False,
+              delay=PROGRESS_DELAY, dynamic_ncols=True) as bar:
+        def counted(*a):  # memory.inner_step, one tick of the bar each
+            out = inner_step(*a)
+            bar.update()
+            return out
         if not per_row:  # one padded batch, the rows sharing one stream
             ids, key_pad = pad_batch(prompts, model.cfg.eot_id)
             return adapt_memory(model, ids.to(device), mcfg, key_pad=key_pad.to(device) if key_pad.any() else None,
@@ -141,16 +138,12 @@ def write_memory(model, prompts, mcfg, *, ratio=ADAPT_RATIO, generator=None, pro
     return fast, [torch.cat(ls) for ls in zip(*(losses for _, losses in rows))]
 
 
-def token_logits(model, h):
-    """Float logits of hidden states over what may be proposed (model.proposal_logits)."""
-    return proposal_logits(model.logits(h).float(), model.cfg)
-
-
 def block_logits(model, canvas, block, fast, key_pad, cache=None):
-    """token_logits [B, L, n_vocab] at the block's canvas positions [B, L], from a forward of the
-    whole canvas (recording its keys/values into cache, if given)."""
+    """model.proposal_logits, in float, [B, L, n_vocab] at the block's canvas positions [B, L], from a
+    forward of the whole canvas (recording its keys/values into cache, if given)."""
     h = model(canvas, fast=fast, key_pad=key_pad, cache=cache)
-    return token_logits(model, h.gather(1, block[..., None].expand(-1, -1, h.shape[-1])))
+    h = h.gather(1, block[..., None].expand(-1, -1, h.shape[-1]))
+    return proposal_logits(model.logits(h).float(), model.cfg)
 
 
 def block_logits_cached(model, canvas, active, block_len, fast, key_pad, cache):
@@ -166,24 +159,21 @@ def block_logits_cached(model, canvas, active, block_len, fast, key_pad, cache):
         cache.keep_prefix(active[:, 0], active)
         return logits
     h = model(canvas.gather(1, active), fast=fast, cache=cache)
-    return token_logits(model, h[:, :block_len])
+    return proposal_logits(model.logits(h[:, :block_len]).float(), model.cfg)
 
 
 @torch.no_grad()
 def generate(model, prompts, *, gen_len=64, steps=64, block_len=None, temperature=0.0,
              remasking="low_confidence", threshold=None, generator=None, adapt=False, mcfg=None,
              adapt_ratio=ADAPT_RATIO, memory_prompts=None, prefix_cache=False, progress=False, on_step=None):
-    """prompts: lists of token ids (of any lengths; empty: unconditional). Returns (the generated
-    tokens [B, gen_len], adapt's inner losses or None). block_len: blocks decoded left to right,
-    steps / n_blocks steps each (None: one block). remasking: a step reveals the most confident
-    ("low_confidence") or random masked positions; threshold: also every one above it (the
-    steps are then a budget). generator: one shared by the batch, or one per row, which then
-    decodes exactly as it would alone. adapt: first write each prompt into its own fresh memory
-    (write_memory: mcfg's K and inner lr, anchor ratio adapt_ratio), or with memory_prompts the
-    memory of those prompts instead, one per row (write-then-hide decodes a prompt with its needle
-    cut out with the memory of the whole one). prefix_cache: see
-    block_logits_cached. progress: bars (stderr) of the adapt and the unmasking steps, once they
-    take PROGRESS_DELAY seconds. on_step(generated part) after every step (--show)."""
+    """prompts: lists of token ids (any lengths; empty: unconditional). Returns (the generated tokens
+    [B, gen_len], adapt's inner losses or None). Blocks of block_len (None: one) decode left to right,
+    steps / n_blocks steps each; a step reveals the most confident ("low_confidence") or random masked
+    positions, with a threshold also every one above it (the steps are then a budget). generator: one
+    for the batch, or one per row, which then decodes exactly as it would alone. adapt: first write
+    each prompt, or memory_prompts[b] (write-then-hide), into its own fresh memory (write_memory).
+    prefix_cache: see block_logits_cached. progress: bars (stderr) after PROGRESS_DELAY seconds;
+    on_step(generated part) after every step (--show)."""
     if remasking not in REMASKING or not 0 <= temperature < math.inf:
         raise ValueError(f"remasking must be one of {REMASKING} and temperature a finite number >= 0, got "
                          f"{remasking!r}, {temperature}")
@@ -198,30 +188,28 @@ def generate(model, prompts, *, gen_len=64, steps=64, block_len=None, temperatur
     # canvas positions of the generated tokens: each row's start at its own prompt length
     gen_pos = torch.tensor([len(p) for p in prompts], device=device)[:, None] + torch.arange(gen_len, device=device)
     with autocast(device):
-        written = prompts if memory_prompts is None else memory_prompts
-        fast, losses = write_memory(model, written, mcfg or MemoryConfig(), ratio=adapt_ratio, generator=generator,
-                                    progress=progress) if adapt else (None, None)
-        bar = tqdm(total=steps, disable=not progress, desc="unmasking", leave=False, delay=PROGRESS_DELAY,
-                   dynamic_ncols=True)
-        for start in range(0, gen_len, block_len):
-            active = gen_pos[:, start:]  # this block and the masked blocks after it
-            block = active[:, :block_len]  # the canvas positions of this block [B, L]
-            cache = KVCache() if prefix_cache else None
-            for n_reveal in schedule:
-                tokens = canvas.gather(1, block)
-                masked = tokens == cfg.mask_id
-                rows_left = masked.any(1).tolist()
-                if not any(rows_left):  # threshold mode finished the block early
-                    break
-                logits = block_logits(model, canvas, block, fast, key_pad) if cache is None else \
-                    block_logits_cached(model, canvas, active, block_len, fast, key_pad, cache)
-                proposal, confidence = propose(logits, temperature, remasking, gens, rows_left)
-                reveal = choose(confidence, masked, n_reveal, threshold)
-                canvas.scatter_(1, block, torch.where(reveal, proposal, tokens))
-                bar.update()
-                if on_step is not None:
-                    on_step(canvas.gather(1, gen_pos))
-        bar.close()
+        fast, losses = write_memory(model, prompts if memory_prompts is None else memory_prompts, mcfg or MemoryConfig(),
+                                    ratio=adapt_ratio, generator=generator, progress=progress) if adapt else (None, None)
+        with tqdm(total=steps, disable=not progress, desc="unmasking", leave=False, delay=PROGRESS_DELAY,
+                  dynamic_ncols=True) as bar:
+            for start in range(0, gen_len, block_len):
+                active = gen_pos[:, start:]  # this block and the masked blocks after it
+                block = active[:, :block_len]  # the canvas positions of this block [B, L]
+                cache = KVCache() if prefix_cache else None
+                for n_reveal in schedule:
+                    tokens = canvas.gather(1, block)
+                    masked = tokens == cfg.mask_id
+                    rows_left = masked.any(1).tolist()
+                    if not any(rows_left):  # threshold mode finished the block early
+                        break
+                    logits = block_logits(model, canvas, block, fast, key_pad) if cache is None else \
+                        block_logits_cached(model, canvas, active, block_len, fast, key_pad, cache)
+                    proposal, confidence = propose(logits, temperature, remasking, gens, rows_left)
+                    reveal = choose(confidence, masked, n_reveal, threshold)
+                    canvas.scatter_(1, block, torch.where(reveal, proposal, tokens))
+                    bar.update()
+                    if on_step is not None:
+                        on_step(canvas.gather(1, gen_pos))
     return canvas.gather(1, gen_pos), losses
 
 

@@ -1,8 +1,11 @@
 """Tests of the first run and the lessons: sample.py with no arguments (a held-out prompt),
 sample.py --show, hypergrad.py (its table, and the exact hypergradient against finite
-differences). CPU only, seconds: python -m pytest -q test_teach.py"""
+differences), and the reading budget of one MemDLM step and one adaptive sampling call. CPU only,
+seconds: python -m pytest -q tests/test_teach.py"""
+import inspect
 import os
 import re
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -128,3 +131,53 @@ def test_the_paper_to_code_map_names_functions_that_exist():
     for name, path in refs:
         with open(os.path.join(here, path)) as f:
             assert re.search(rf"^(def|class) {name}\b", f.read(), re.M), f"README names {name} in {path}, which has no def {name}"
+
+
+# ---- the reading budget of the teaching core --------------------------------------------
+
+CORE = [os.path.abspath(f) for f in ("train.py", "memory.py", "model.py", "sample.py", "niah.py", "data/tokenizer.py")]
+
+
+def functions_run(fn):
+    """{(file, first line): line count} of the core's functions that fn() runs, each once,
+    docstrings and untaken branches included (a reader reads them); nested ones (closures,
+    comprehensions) are inside their parent's lines."""
+    codes = set()
+
+    def tracer(frame, event, arg):
+        if event == "call" and os.path.abspath(frame.f_code.co_filename) in CORE:
+            codes.add(frame.f_code)
+    sys.settrace(tracer)
+    try:
+        fn()
+    finally:
+        sys.settrace(None)
+    spans = {}
+    for c in codes:
+        if not c.co_name.startswith("<"):
+            src, first = inspect.getsourcelines(c)
+            spans[(c.co_filename, first)] = first + len(src) - 1
+    return {(f, a): b - a + 1 for (f, a), b in spans.items()
+            if not any(g == f and a2 < a and b <= b2 for (g, a2), b2 in spans.items())}
+
+
+def test_one_memdlm_step_and_one_adaptive_sampling_call_read_in_350_and_150_lines():
+    # the step: train_step on a batch, the batch drawn (StepBatches), lr_at, and train_run's loop body
+    cfg = train.parse_config(["--config", "tiny", "--batch_size=2"])
+    raw = train.DiffusionLM(train.model_config(cfg, ENC))
+    nets, opt, mcfg = train.compiled(raw, cfg, "cpu"), train.make_optimizer(raw, cfg, False), MemoryConfig.from_config(cfg)
+    data = train.make_data(cfg, "cpu")
+
+    def step():
+        batch = train.StepBatches(data, cfg["seed"], 0)[0]
+        train.lr_at(0, cfg)
+        train.train_step(nets, opt, batch, cfg, mcfg, train.step_generator(cfg["seed"], 0, 0, "cpu")[0])
+    read = functions_run(step)
+    src = inspect.getsource(train.train_run).split("\n")
+    loop = next(i for i, line in enumerate(src) if line.strip() == "for step in bar:")
+    indent = len(src[loop]) - len(src[loop].lstrip())
+    body = next(i for i in range(loop + 1, len(src)) if src[i].strip() and len(src[i]) - len(src[i].lstrip()) <= indent)
+    assert sum(read.values()) + body - loop <= 350
+    sampled = functions_run(lambda: sample.generate(raw.eval(), [[1, 2, 3, 4]], gen_len=8, steps=8, block_len=4,
+                                                    threshold=0.9, adapt=True, mcfg=mcfg))
+    assert sum(n for k, n in sampled.items() if k not in read) <= 150
