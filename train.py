@@ -847,6 +847,9 @@ def announce(run, raw, start, tokens_per_step):
     if start >= cfg["max_iters"] > 0:
         print(f"note: the checkpoint is at step {start} and --max_iters={cfg['max_iters']}: nothing is left to "
               f"train (raise --max_iters to go on)")
+    elif cfg["max_iters"] == 0:
+        print(f"note: --max_iters=0 trains no step: {run.ckpt_path} will hold the "
+              f"{'initial' if start == 0 and not cfg['init_from'] else 'loaded'} weights")
     if on_gpu and cfg["exact_hypergrad"]:
         print("note: --exact_hypergrad=True runs uncompiled and in float32 (torch.compile has no double backward, "
               "and bf16 autocast breaks it)")

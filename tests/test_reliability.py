@@ -1120,6 +1120,13 @@ def test_a_rank_outside_the_world_is_one_line(tmp_path, monkeypatch):
         run(tmp_path / "r", "--max_iters=2")  # init_process_group would wait for rank 0 forever
 
 
+def test_max_iters_0_says_the_checkpoint_holds_untrained_weights(tmp_path, capsys):
+    run(tmp_path, "--max_iters=0")
+    assert f"note: --max_iters=0 trains no step: {tmp_path / 'ckpt.pt'} will hold the initial weights" in \
+        capsys.readouterr().out
+    assert read_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 0
+
+
 def test_notes_for_a_dtype_the_cpu_ignores_and_a_resume_with_nothing_left(copy, capsys):
     run(copy, "--max_iters=10", "--resume=True", "--dtype=float16")
     out = capsys.readouterr().out
