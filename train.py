@@ -83,9 +83,10 @@ PRESETS = {
                  n_embd=768, lr=6e-4, min_lr=6e-5, warmup_iters=200, eval_interval=500),
     # a 2-core laptop in under 10 minutes, one core busy or not: ~0.9M parameters, 64-token windows,
     # MDLM for 1900 steps then 300 MemDLM steps (longer MemDLM can let the memory take over). Its samples
-    # decode in blocks of 4 tokens at temperature 1: in a longer block this weak model is most confident of a space wherever the text is still
-    # unknown, low-confidence remasking reveals those first, and each space makes its neighbours' spaces
-    # surer; greedy, it loops (spaces after a paragraph's end, "the the the")
+    # decode in blocks of 4 tokens at temperature 1: in a longer block this weak model is most confident
+    # of a space wherever the text is still unknown, low-confidence remasking reveals those first, and
+    # each space makes its neighbours' spaces surer; greedy, it loops (spaces after a paragraph's end,
+    # "the the the")
     "cpu": dict(out_dir="out-cpu", block_size=64, batch_size=32, max_iters=2200, mem_start=1900, n_layer=4, n_head=4,
                 n_embd=128, lr=2e-3, min_lr=2e-4, warmup_iters=100, eval_interval=400, eval_iters=10, log_interval=100,
                 mem_rank=16, mem_alpha=32.0, compile=False, sample_block_len=4, sample_temperature=1.0),
@@ -691,11 +692,11 @@ def join_process_group(patience=20.0):
     except (socket.gaierror, UnicodeError) as e:
         raise SystemExit(f"MASTER_ADDR={addr} does not resolve ({e}): use the address of rank 0's machine "
                          f"(torchrun sets it), or unset RANK to train in one process") from None
-    note = threading.Timer(patience, print, [f"note: waiting {patience:g} s so far for the {world} processes of "
-                                             f"WORLD_SIZE={world} at {addr}:{port}: torchrun --nproc_per_node=N "
-                                             f"starts them all; Ctrl-C stops this one", ], kwargs=dict(flush=True))
-    kept = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGTERM)}
+    line = (f"note: waiting {patience:g} s so far for the {world} processes of WORLD_SIZE={world} at "
+            f"{addr}:{port}: torchrun --nproc_per_node=N starts them all; Ctrl-C stops this one")
+    note = threading.Timer(patience, print, [line], dict(flush=True))
     note.daemon = True
+    kept = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGTERM)}
     note.start()
     try:
         torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")

@@ -311,7 +311,8 @@ def print_ratio(ratio, model_cfg, cfg, bench, backend):
         gathered = cfg["batch_size"] * cfg["block_size"] * model_cfg.vocab_size > GATHER[bench["gather"]]
         floor = flop_floor(model_cfg, mem_cfg, cfg["block_size"], gathered=gathered)
         print(f"SDPA {backend}: step-time ratio MemDLM/MDLM: {ratio:.2f}; FLOP floor {floor:.2f}"
-              f"{' (the head at the masked tokens)' if gathered else ''} (measured {100 * (ratio / floor - 1):+.1f}% over it)")
+              f"{' (the head at the masked tokens)' if gathered else ''} "
+              f"(measured {100 * (ratio / floor - 1):+.1f}% over it)")
     else:
         print(f"SDPA {backend}: step-time ratio MemDLM/MDLM: {ratio:.2f}")
 
