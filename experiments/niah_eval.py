@@ -213,8 +213,13 @@ def print_tables(rows, a, examples):
                   for ld in dists]
             print(f"| {r['label']} | " + " | ".join(f"{100 * c['mean']:.1f} ± {100 * c['stderr']:.1f} ({c['n']})"
                                                     for c in by) + " |")
-    for r in rows:  # the sampler's speed: --threshold and --prefix_cache trade it against the table
-        print(f"{r['label']}: {r['decode_s']:.1f} s decoding, {len(examples) / r['decode_s']:.1f} answers/s")
+    # the sampler's speed (--threshold and --prefix_cache trade it against the table), and adapt's
+    # share of its row: the row's time over the plain row's (decoding with the memory costs a little more)
+    plain = {(r["out_dir"], r["rope"]): r["decode_s"] for r in rows if r["view"] == "plain"}
+    for r in rows:
+        p = plain.get((r["out_dir"], r["rope"])) if r["view"] == "adapt" else None
+        share = "" if p is None else f", writing the memory about {100 * max(0.0, 1 - p / r['decode_s']):.0f}% of it"
+        print(f"{r['label']}: {r['decode_s']:.1f} s decoding, {len(examples) / r['decode_s']:.1f} answers/s{share}")
 
 
 def main(argv=None):

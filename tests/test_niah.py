@@ -195,7 +195,9 @@ def test_cli_end_to_end(tmp_path, capsys):
         assert f"| {label} {dirs[d]} |" in out
     assert re.search(r"\| \d+\.\d ± \d+\.\d \(2\) \|", out)
     assert "matplotlib" in out or "niah_adapt.png" in out
-    assert re.search(rf"Standard MDLM {re.escape(dirs[1])}: \d+\.\d s decoding, \d+\.\d answers/s", out)
+    assert re.search(rf"Standard MDLM {re.escape(dirs[1])}: \d+\.\d s decoding, \d+\.\d answers/s\n", out)
+    assert re.search(rf"Standard MDLM \+ adapt {re.escape(dirs[1])}: \d+\.\d s decoding, \d+\.\d answers/s, "
+                     r"writing the memory about \d+% of it\n", out)
     res = json.loads(out_json.read_text())
     assert [(r["out_dir"], r["adapt"]) for r in res["rows"]] == [(d, s) for d in dirs for s in (False, True)]
     assert all(r["decode_s"] > 0 for r in res["rows"])
