@@ -280,12 +280,17 @@ def forward_process(x0, maskable, mask_id, t=None, generator=None):
 GATHER_ABOVE = 2 ** 28
 
 
+def gathers(n_positions, vocab_size):
+    """Whether masked_ce takes the logits at the masked positions alone: more than GATHER_ABOVE logits."""
+    return n_positions * vocab_size > GATHER_ABOVE
+
+
 def gathered(model, mask):
     """The masked positions (b, i) where masked_ce takes logits there alone (a large vocabulary),
     else None. One host sync: their count. memory.py computes them where a state is made, outside
     the compiled inner step: a count that depends on the data is a graph break, and one inside
     torch.func.grad makes torch.compile run the whole step eagerly (torch 2.11)."""
-    return mask.nonzero(as_tuple=True) if mask.numel() * model.cfg.vocab_size > GATHER_ABOVE else None
+    return mask.nonzero(as_tuple=True) if gathers(mask.numel(), model.cfg.vocab_size) else None
 
 
 def masked_ce(model, h, x0, mask, weight, at=None):

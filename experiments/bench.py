@@ -269,6 +269,7 @@ def _main(argv):
             try:
                 with measured_under(bench, backend):
                     dt, mem_gib, raw_model, kernel = bench_training(cfg, mode == "memdlm", bench, device)
+                    gathered = model.gathers(tokens, raw_model.cfg.vocab_size)  # as masked_ce decided
             except RuntimeError as e:  # a backend this card, dtype or shape does not support
                 if "No viable backend" not in str(e):
                     raise
@@ -283,7 +284,7 @@ def _main(argv):
             if on_gpu:
                 torch.cuda.empty_cache()
         if "mdlm" in rows and "memdlm" in rows:
-            print_ratio(rows["memdlm"] / rows["mdlm"], model_cfg, cfg, bench, backend)
+            print_ratio(rows["memdlm"] / rows["mdlm"], model_cfg, cfg, backend, gathered)
 
 
 @contextmanager
@@ -304,11 +305,9 @@ def measured_under(bench, backend):
         model.GATHER_ABOVE = default_gather
 
 
-def print_ratio(ratio, model_cfg, cfg, bench, backend):
+def print_ratio(ratio, model_cfg, cfg, backend, gathered):
     mem_cfg = train.MemoryConfig.from_config(cfg)
     if mem_cfg.trajectory == "anchor" and mem_cfg.scope == "response":
-        # as masked_ce decides under --gather (measured_under sets model.GATHER_ABOVE)
-        gathered = cfg["batch_size"] * cfg["block_size"] * model_cfg.vocab_size > GATHER[bench["gather"]]
         floor = flop_floor(model_cfg, mem_cfg, cfg["block_size"], gathered=gathered)
         print(f"SDPA {backend}: step-time ratio MemDLM/MDLM: {ratio:.2f}; FLOP floor {floor:.2f}"
               f"{' (the head at the masked tokens)' if gathered else ''} "
