@@ -698,6 +698,40 @@ class Recorder:
         self.raw.zero_grad(set_to_none=set_to_none)
 
 
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # the GPU path's autocast, on a CPU-only build
+def test_an_eval_with_memory_leaves_every_compiled_graph_of_the_step_running(monkeypatch):
+    """train.compiled on the GPU path, with dynamo's eager backend (CPU tensors): the compiled top
+    and loss live on the compiled module, not on raw, so evaluate's eager inner loop on raw (inside
+    torch.func.grad) cannot make dynamo skip their code; the step after it runs every graph again."""
+    runs = []
+    def counting(gm, example_inputs):
+        runs.append(0)
+        key = len(runs) - 1
+        def run(*a):
+            runs[key] += 1
+            return gm.forward(*a)
+        return run
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: real_compile(fn, backend=counting))
+    cfg = train.parse_config(["--config", "tiny", "--batch_size=2", "--compile=True"])
+    torch.manual_seed(0)
+    raw = DiffusionLM(train.model_config(cfg, get_encoding("byte")))
+    nets, mcfg = train.compiled(raw, cfg, "cuda"), MemoryConfig.from_config(cfg)
+    assert not {"top", "nll"} & set(vars(raw))
+    x0 = torch.randint(0, 256, (2, 64))
+    maskable = torch.ones_like(x0, dtype=torch.bool)
+
+    def step():
+        before = list(runs)
+        for mem in (True, False):
+            train.batch_loss(nets, (x0, maskable, None), {**cfg, "mem": mem}, mcfg, torch.Generator().manual_seed(0))[0].backward()
+        return [n - (before[i] if i < len(before) else 0) for i, n in enumerate(runs)]
+    first = step()
+    with torch.no_grad():  # evaluate's memory loss: raw, the eager inner step
+        memdlm_loss(raw, x0, maskable, mcfg, generator=torch.Generator().manual_seed(0))
+    assert step() == first and all(first) and len(first) >= 4  # bottom, inner step, top, loss
+
+
 def _ddp_rank(rank, ports, out):
     """One of two gloo ranks: two MemDLM steps wrapped as train.py wraps them (the weights saved),
     then train.py itself as torchrun starts it (the training batches it drew saved)."""

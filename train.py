@@ -300,14 +300,19 @@ class Nets:
 
 
 def compiled(raw, cfg, device, ddp=False):
-    """Nets of raw: torch.compile of the model's forward, of its top and of the inner SGD step (its
-    backward, clip and update included) on the GPU only; the DDP wrapper under torchrun."""
+    """Nets of raw: torch.compile of the model's forward, of its top, of its loss and of the inner SGD
+    step (its backward, clip and update included) on the GPU only; the DDP wrapper under torchrun."""
     on_gpu = device.startswith("cuda")
     model, step = raw, inner_step
     if cfg["compile"] and on_gpu and not cfg["exact_hypergrad"]:  # torch.compile has no double backward
         mode = None if cfg["compile_mode"] == "default" else cfg["compile_mode"]
         model, step = torch.compile(raw, mode=mode), torch.compile(inner_step, mode=mode)
-        model.top = torch.compile(raw.top, mode=mode)  # the layers above the memory split: memdlm_loss's outer pass
+        # set on the compiled module alone (its setattr sets raw's): evaluate's eager inner loop calls
+        # raw's inside torch.func.grad, which makes dynamo skip a compiled function's code for good
+        object.__setattr__(model, "top", torch.compile(raw.top, mode=mode))  # memdlm_loss's outer pass
+        # the head and the loss (MDLM's, the outer pass's), without CUDA graphs: where masked_ce gathers
+        # its length changes every step, and CUDA graphs would record a graph for each
+        object.__setattr__(model, "nll", torch.compile(raw.nll))
     wrapper = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if on_gpu else None) if ddp else None
     # the exact hypergradient runs in float32: on the GPU its double backward fails under bf16 autocast
     # ("expected input and grad types to match", torch 2.11, H200)

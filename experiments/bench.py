@@ -16,9 +16,11 @@ the first one's (PyTorch issue 185449); the kernel column shows the one that ran
 model.GATHER_ABOVE decides by size (auto).
 Steps are timed with CUDA events after a warm-up (compilation included there); the median
 of --steps steps is reported. MFU counts the model's useful work per token,
-6 N + 12 n_layer n_embd T (N: the matmuls' weights, the token embedding left out as a lookup;
+6 N + 12 n_layer n_embd T (N: the matmuls' weights, the token embedding left out as a lookup
+and the head counted where it runs: the masked half of the positions when masked_ce gathers;
 the second term: bidirectional attention over the T keys a query sees, forward and backward;
-with --attn_chunk T is the chunk), for both modes, against the card's dense bf16 peak (989 TFLOP/s for H100/H200 SXM).
+with --attn_chunk T is the chunk), for both modes, against the card's dense bf16 peak (989 TFLOP/s
+for H100/H200 SXM). The FLOP floor is MemDLM's step FLOPs over MDLM's, as torch counts them.
 """
 
 if not __package__:  # run as a file: the imports below need the repository root on the path
@@ -96,32 +98,47 @@ def peak_flops(device):
     return None, f"{name}: peak unknown"
 
 
-def flop_floor(model_cfg, mem_cfg, T, gathered=False):
-    """MemDLM's step FLOPs over MDLM's, by the design's own count (paper default: anchor
-    trajectory, scope response). Per token, a forward of L layers costs L f + h (f: a layer's
-    matmuls and full attention, h: the vocabulary projection); a backward twice its forward.
-    MDLM: 3 (L f + h). MemDLM, with the stack cut below the first memory layer into a bottom
-    (L_b layers) and a top (the memory layers and the head): the shared bottom forward and
-    backward for x_t (3 F_bot), a no-grad bottom forward for each of the K - 1 states above
-    the anchor, K inner stages of a top forward and a backward to the fast weights only
-    (2 F_top each: activation gradients, no weight gradients of theta), and the outer top
-    forward and backward (3 F_top). LoRA's own matmuls are counted in F_top.
-    gathered: masked_ce takes the head's logits at the masked tokens alone (model.gathered), so
-    each pass's h is scaled by its expected masked share: E[t] = 1/2 at x_t, E[min(1, s t)] =
-    1 - 1/(2s) at x_pre (s: pre_scale), the states between in proportion."""
+def flop_floor(model_cfg, mem_cfg, T, head_share=(1.0, 1.0)):
+    """MemDLM's step FLOPs over MDLM's (paper default: anchor trajectory, scope response): the
+    matmuls each step runs, as torch's FLOP counter counts them (tests/test_bench.py). A backward
+    computes only the gradients the step needs: weights' and activations' for theta (twice the
+    forward), activations' alone to reach phi (once the forward, attention's twice: all its
+    matmuls are activation gradients). The stack is cut below the first memory layer into a
+    bottom (L_b layers) and a top (the n memory layers and the head h). MDLM: 3 (L f + h).
+    MemDLM: the shared bottom forward and backward for x_t; a no-grad bottom forward for each of
+    the K - 1 states above the anchor; K inner stages, each a top forward and a backward to phi
+    that stops at the first memory layer's fast weights (no backward through its attention, nor
+    to its FFN's input); the outer top forward and backward, phi_K a constant.
+    head_share: the share of positions where the head runs at x_t and at x_pre (the states
+    between in proportion): 1 for logits everywhere, the masked share where masked_ce gathers
+    (expected_head_share)."""
     from memory import memory_layers
     d, H, V, L, K = model_cfg.n_embd, model_cfg.ffn_hidden, model_cfg.vocab_size, model_cfg.n_layer, mem_cfg.steps
-    f = 2 * (4 * d * d + 3 * d * H) + 4 * keys_seen(model_cfg, T) * d  # qkv + proj + gate/up/down, then QK^T and AV
-    n_top = len(memory_layers(L, mem_cfg.layer_frac))
-    lora = 2 * mem_cfg.rank * ((d + H) * 2 + (H + d)) if mem_cfg.adapter == "lora" else 2 * 3 * d * H
-    at_t, at_pre = (0.5, 1 - 0.5 / mem_cfg.pre_scale) if gathered else (1.0, 1.0)
-    # the K states, noisiest first: x_pre ... x_t (K = 1: x_t alone)
-    shares = [at_t + (at_pre - at_t) * (K - 1 - k) / max(K - 1, 1) for k in range(K)]
-    F_bot, top = (L - n_top) * f, n_top * (f + lora)
-    h = 2 * d * V
+    proj, att = 2 * (4 * d * d + 3 * d * H), 4 * keys_seen(model_cfg, T) * d  # qkv, out, gate/up/down; QK^T and AV
+    f, h = proj + att, 2 * d * V
+    n = len(memory_layers(L, mem_cfg.layer_frac))
+
+    def adapter(d_in, d_out):  # one projection's fast weights: forward, and backward to phi alone
+        if mem_cfg.adapter == "lora":  # u = x A^T, y = u B^T: dB and du from dy, dA from du
+            r = mem_cfg.rank
+            return 2 * r * (d_in + d_out), 2 * r * (2 * d_out + d_in)
+        return 2 * d_in * d_out, 2 * d_in * d_out
+    (gate_f, gate_phi), (down_f, _) = adapter(d, H), adapter(H, d)
+    fast = 2 * gate_f + down_f                           # gate, up and down, forward; to phi and x: twice that
+    split = 2 * d * H + 2 * down_f + 2 * gate_phi        # the first memory layer: down's input, then gate/up's phi
+    at_t, at_pre = head_share
+    shares = [at_t + (at_pre - at_t) * (K - 1 - k) / max(K - 1, 1) for k in range(K)]  # x_pre ... x_t
+    F_bot, F_top = (L - n) * f, n * (f + fast)
+    inner = sum(F_top + 2 * a * h + (n - 1) * (proj + 2 * att + 2 * fast) + split for a in shares)
+    outer = 3 * (n * f + at_t * h) + 2 * n * fast       # phi_K a constant: its matmuls' backward to x alone
     mdlm = 3 * (L * f + at_t * h)
-    memdlm = 3 * F_bot + (K - 1) * F_bot + sum(2 * (top + a * h) for a in shares) + 3 * (top + at_t * h)
-    return memdlm / mdlm
+    return (3 * F_bot + (K - 1) * F_bot + inner + outer) / mdlm
+
+
+def expected_head_share(mem_cfg):
+    """The expected masked share of the positions at x_t and at x_pre: E[t] = 1/2, and
+    E[min(1, s t)] = 1 - 1/(2 s) (s: pre_scale), t ~ U(0, 1)."""
+    return 0.5, 1 - 0.5 / mem_cfg.pre_scale
 
 
 def bench_training(cfg, mem, bench, device):
@@ -231,12 +248,13 @@ def keys_seen(model_cfg, T):
     return model_cfg.attn_chunk if 0 < model_cfg.attn_chunk < T else T
 
 
-def model_flops_per_token(model, T):
+def model_flops_per_token(model, T, head_share=1.0):
     """The model's useful work per token of a training step (PaLM, Appendix B): 6 N for the
     matmuls' forward and backward (N without the token embedding: a lookup, no matmul; the
-    untied head is counted), and 12 L d T for bidirectional attention (QK^T and AV, 2 L d T each
-    forward, x3 with the backward), T the keys a query sees."""
-    n = model.num_params() - model.tok_emb.weight.numel()
+    untied head is counted at head_share, the share of positions where it runs: all of them, or
+    the masked ones where masked_ce gathers), and 12 L d T for bidirectional attention (QK^T and
+    AV, 2 L d T each forward, x3 with the backward), T the keys a query sees."""
+    n = model.num_params() - model.tok_emb.weight.numel() - (1 - head_share) * model.lm_head.weight.numel()
     return 6 * n + 12 * model.cfg.n_layer * model.cfg.n_embd * keys_seen(model.cfg, T)
 
 
@@ -260,6 +278,7 @@ def _main(argv):
     if not (peak and on_gpu):
         print("note: " + ("on the CPU, MFU and peak memory are not measured (no peak FLOP/s, no CUDA memory "
                           "statistics): -" if not on_gpu else "MFU is not measured (this GPU's peak is unknown): -"))
+    mcfg = train.MemoryConfig.from_config(cfg)
     print("| SDPA | mode | parameters | step (median) | tokens/s | MFU | peak memory | kernel |\n"
           "|---|---|---|---|---|---|---|---|")
     for backend in bench["sdpa"].split(","):
@@ -269,14 +288,17 @@ def _main(argv):
             try:
                 with measured_under(bench, backend):
                     dt, mem_gib, raw_model, kernel = bench_training(cfg, mode == "memdlm", bench, device)
-                    gathered = model.gathers(tokens, raw_model.cfg.vocab_size)  # as masked_ce decided
+                    # where the head runs, as masked_ce decided: every position, or the masked ones
+                    head_share = (expected_head_share(mcfg) if model.gathers(tokens, raw_model.cfg.vocab_size)
+                                  else (1.0, 1.0))
             except RuntimeError as e:  # a backend this card, dtype or shape does not support
                 if "No viable backend" not in str(e):
                     raise
                 print(f"| {backend} | {mode} | | | | | | not available here |")
                 continue
             n = raw_model.num_params()
-            mfu = model_flops_per_token(raw_model, cfg["block_size"]) * tokens / dt / peak if peak else None
+            useful = model_flops_per_token(raw_model, cfg["block_size"], head_share[0]) * tokens
+            mfu = useful / dt / peak if peak else None
             rows[mode], model_cfg = dt, raw_model.cfg
             print(f"| {backend} | {mode} | {n / 1e6:.1f}M | {dt * 1e3:.2f} ms | {tokens / dt:,.0f} tok/s | "
                   f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | {f'{mem_gib:.2f} GiB' if on_gpu else '-'} | {kernel} |")
@@ -284,7 +306,7 @@ def _main(argv):
             if on_gpu:
                 torch.cuda.empty_cache()
         if "mdlm" in rows and "memdlm" in rows:
-            print_ratio(rows["memdlm"] / rows["mdlm"], model_cfg, cfg, backend, gathered)
+            print_ratio(rows["memdlm"] / rows["mdlm"], model_cfg, mcfg, cfg["block_size"], backend, head_share)
 
 
 @contextmanager
@@ -305,12 +327,11 @@ def measured_under(bench, backend):
         model.GATHER_ABOVE = default_gather
 
 
-def print_ratio(ratio, model_cfg, cfg, backend, gathered):
-    mem_cfg = train.MemoryConfig.from_config(cfg)
+def print_ratio(ratio, model_cfg, mem_cfg, T, backend, head_share):
     if mem_cfg.trajectory == "anchor" and mem_cfg.scope == "response":
-        floor = flop_floor(model_cfg, mem_cfg, cfg["block_size"], gathered=gathered)
+        floor = flop_floor(model_cfg, mem_cfg, T, head_share=head_share)
         print(f"SDPA {backend}: step-time ratio MemDLM/MDLM: {ratio:.2f}; FLOP floor {floor:.2f}"
-              f"{' (the head at the masked tokens)' if gathered else ''} "
+              f"{' (the head at the masked tokens)' if head_share != (1.0, 1.0) else ''} "
               f"(measured {100 * (ratio / floor - 1):+.1f}% over it)")
     else:
         print(f"SDPA {backend}: step-time ratio MemDLM/MDLM: {ratio:.2f}")

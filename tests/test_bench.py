@@ -2,6 +2,11 @@
 import re
 
 import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+from torch.utils.flop_counter import flop_registry
 
 from data.tokenizer import get_encoding
 from experiments import bench
@@ -44,29 +49,64 @@ def test_sampling_bench_and_its_errors(tmp_path, capsys):
         bench.main([f"--sample_from={tmp_path / 'niah'}", "--device=cpu"])
 
 
-def test_flop_floor_counts_each_pass_of_the_memdlm_step():
-    """8 layers of width 64 (SwiGLU hidden 192), 320 vocabulary rows, T = 16, one memory layer of
-    rank 4: counted by hand, pass by pass, per token."""
+class CountedFlops(TorchDispatchMode):
+    """The FLOPs of the matmuls and attention run under it, as torch.utils.flop_counter counts each
+    op (its FlopCounterMode tracks modules with hooks that torch.func.grad refuses)."""
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func._overloadpacket in flop_registry:
+            shape = lambda x: x.shape if isinstance(x, torch.Tensor) else x
+            self.total += flop_registry[func._overloadpacket](*tree_map(shape, args), **tree_map(shape, kwargs or {}),
+                                                              out_val=tree_map(shape, out))
+        return out
+
+
+@pytest.mark.parametrize("model_kw, mem_kw, gather", [
+    ({}, {}, False),                                         # the paper's default: K = 2, one memory layer of 8
+    ({}, {"steps": 1}, False), ({}, {"steps": 3}, False),    # x_t alone; a state between x_pre and x_t
+    ({}, {"layer_frac": 0.5}, False),                        # four memory layers
+    ({}, {"adapter": "full", "layer_frac": 0.3}, False),     # full-rank fast weights
+    ({"block_size": 64, "attn_chunk": 16}, {}, False),       # attention in chunks
+    ({}, {}, True),                                          # the head at the masked positions alone
+])
+def test_flop_floor_is_what_torch_counts_in_the_two_steps(monkeypatch, model_kw, mem_kw, gather):
+    """flop_floor equals the ratio of the FLOPs torch counts in an MDLM and a MemDLM loss and
+    backward of one batch (8 layers of width 64, attention on the math kernel so that its matmuls
+    are counted), at the masked shares this batch drew when the head gathers."""
+    import memory
+    import model
+    cfg = model.ModelConfig(**{"n_layer": 8, "n_head": 2, "n_embd": 64, "block_size": 32, **model_kw})
+    mcfg = memory.MemoryConfig(**{"rank": 4, **mem_kw})
+    monkeypatch.setattr(model, "GATHER_ABOVE", 0 if gather else float("inf"))
+    shares, gathered = [], memory.gathered
+    monkeypatch.setattr(memory, "gathered", lambda m, mask: shares.append(mask.float().mean().item()) or gathered(m, mask))
+    torch.manual_seed(0)
+    net = model.DiffusionLM(cfg)
+    x0, maskable = torch.randint(0, 256, (4, cfg.block_size)), torch.ones(4, cfg.block_size, dtype=torch.bool)
+
+    def counted(loss):
+        with sdpa_kernel(SDPBackend.MATH), CountedFlops() as c:
+            loss(torch.Generator().manual_seed(0)).backward()
+        return c.total
+    def mdlm(g):
+        x_t, mask, t = model.forward_process(x0, maskable, cfg.mask_id, generator=g)
+        return model.mdlm_loss(net, net(x_t), x0, mask, t, maskable)
+    ratio = counted(lambda g: memory.memdlm_loss(net, x0, maskable, mcfg, generator=g)[0]) / counted(mdlm)
+    head_share = (shares[1], shares[0]) if gather else (1.0, 1.0)  # the states noisiest first: x_pre, x_t
+    assert bench.flop_floor(cfg, mcfg, cfg.block_size, head_share=head_share) == pytest.approx(ratio, rel=1e-9)
+    assert ratio > 1.05
+
+
+def test_expected_head_share_is_the_mean_masked_share():
     from memory import MemoryConfig
-    from model import ModelConfig
-    cfg = ModelConfig(n_layer=8, n_head=2, n_embd=64, block_size=16)
-    layer = 2 * (4 * 64 * 64 + 3 * 64 * 192) + 4 * 16 * 64   # matmuls + QK^T and AV
-    lora = 2 * 4 * ((64 + 192) * 2 + (192 + 64))            # gate, up (64 -> 192), down (192 -> 64)
-    head = 2 * 64 * 320
-    bottom, top = 7 * layer, layer + lora + head
-    mdlm = 3 * (8 * layer + head)
-    memdlm = 3 * bottom + 1 * bottom + 2 * 2 * top + 3 * top  # shared bottom, x_pre's bottom, 2 inner, outer
-    assert bench.flop_floor(cfg, MemoryConfig(rank=4), 16) == pytest.approx(memdlm / mdlm)
-    # more inner steps or more memory layers cost more
-    assert bench.flop_floor(cfg, MemoryConfig(rank=4, steps=3), 16) > memdlm / mdlm
-    assert bench.flop_floor(cfg, MemoryConfig(rank=4, layer_frac=0.5), 16) > memdlm / mdlm
-    # with the gather each pass's head runs at its expected masked share: 1/2 at x_t, 1 - 1/(2 s) = 2/3 at x_pre
-    top_at = lambda share: layer + lora + share * head
-    gathered = (3 * bottom + bottom + 2 * top_at(2 / 3) + 2 * top_at(0.5) + 3 * top_at(0.5)) / (3 * (8 * layer + head / 2))
-    assert bench.flop_floor(cfg, MemoryConfig(rank=4), 16, gathered=True) == pytest.approx(gathered)
-    # attention in chunks of 16 at T = 64 costs what full attention at 16 does
-    chunked = ModelConfig(n_layer=8, n_head=2, n_embd=64, block_size=64, attn_chunk=16)
-    assert bench.flop_floor(chunked, MemoryConfig(rank=4), 64) == pytest.approx(memdlm / mdlm)
+    t = torch.rand(200_000, generator=torch.Generator().manual_seed(0))
+    for s in (1.25, 1.5, 2.0):
+        at_t, at_pre = bench.expected_head_share(MemoryConfig(pre_scale=s))
+        assert at_t == 0.5 and at_pre == pytest.approx((s * t).clamp(max=1).mean().item(), abs=3e-3)
 
 
 def test_mfu_counts_6n_and_full_attention(monkeypatch, capsys):
@@ -79,6 +119,8 @@ def test_mfu_counts_6n_and_full_attention(monkeypatch, capsys):
     assert bench.model_flops_per_token(model, 64) == 6 * N + 12 * 2 * 64 * 64
     chunked = train.DiffusionLM(train.model_config({**cfg, "attn_chunk": 16}, get_encoding("byte")))
     assert bench.model_flops_per_token(chunked, 64) == 6 * N + 12 * 2 * 64 * 16  # attention within 16 keys
+    # where masked_ce gathers, the head counts at the share of positions where it runs
+    assert bench.model_flops_per_token(model, 64, 0.5) == 6 * (N - 320 * 64 / 2) + 12 * 2 * 64 * 64
     dt, tokens = 0.5, 8 * 64
     peak = (6 * N + 12 * 2 * 64 * 64) * tokens / dt / 0.5  # 50% MFU exactly
     monkeypatch.setattr(bench, "peak_flops", lambda device: (peak, "a fake peak"))
