@@ -398,6 +398,9 @@ def read_checkpoint(path, device="cpu"):
         raise SystemExit(f"no checkpoint at {path}, but {path}{KEPT_SUFFIX} holds a run that --overwrite=True kept "
                          f"aside (the run after it was killed before its first checkpoint): rename it to ckpt.pt to "
                          f"use it")
+    if os.path.isfile(os.path.dirname(path)):  # --out_dir=run/ckpt.pt: the file where its directory belongs
+        raise SystemExit(f"{os.path.dirname(path)} is a file: give the run's directory "
+                         f"({os.path.dirname(os.path.dirname(path)) or '.'}), not its checkpoint")
     if not os.path.exists(path):
         raise SystemExit(f"no checkpoint at {path}: train one first "
                          f"(python train.py --out_dir={os.path.dirname(path)})")

@@ -43,7 +43,7 @@ from data.tokenizer import decode, get_encoding, open_split
 from memory import ADAPT_RATIO, MemoryConfig, adapt as adapt_memory, flat, inner_step, unflat
 from model import (KVCache, autocast, ends_in_one_line, load_model, pick_device, proposal_logits, seed_arg,
                    seeded_generator)
-from niah import make_example, parse_tasks
+from niah import NIAH_DEFAULTS, make_example, parse_tasks
 
 REMASKING = ("low_confidence", "random")
 GEN_LEN, BLOCK_LEN = 128, 32  # the command line's defaults: 4 blocks of 32, one token per step (a checkpoint's
@@ -219,12 +219,12 @@ def held_out_prompt(cfg, enc, n_tokens, seed):
     document, from a line start (else a word start) to a word end inside a sentence of prose
     (after a paragraph's end, a footnote or a table row the corpus goes on with whitespace, and
     so does a model that learned it); for the needle corpus (dataset niah) a needle example of
-    niah.make_example, n_tokens to block_size long."""
+    niah.make_example, a quarter of block_size to n_tokens long."""
     rng = random.Random(seed)
     if cfg["dataset"] == "niah":
         task, depth = rng.choice(parse_tasks(cfg["niah_tasks"])), rng.randrange(0, 101, 25)
         try:
-            ex = make_example(task, (n_tokens, cfg["block_size"]), depth, rng, enc, cfg["niah_haystack"])
+            ex = make_example(task, (cfg["block_size"] // 4, n_tokens), depth, rng, enc, cfg["niah_haystack"])
         except ValueError as e:
             raise SystemExit(f"{e}: give a --prompt") from None
         return decode(enc, ex["prompt"]), f"a needle example ({task}, depth {depth}%, answer {ex['target'].strip()})"
@@ -323,7 +323,8 @@ def _main(argv):
     src.add_argument("--unconditional", action="store_true", help="no prompt: samples from nothing (as --prompt=)")
     p.add_argument("--num_samples", type=int, default=1, help="samples of the prompt, decoded as one batch")
     p.add_argument("--gen_len", type=int, default=None,
-                   help=f"tokens to generate (default {GEN_LEN}, at most half the training context)")
+                   help=f"tokens to generate (default {GEN_LEN}, at most half the training context; a needle "
+                        f"checkpoint: its answer window, niah_answer_len)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps in all (default gen_len)")
     p.add_argument("--block_len", type=int, default=None,
                    help=f"semi-autoregressive block (default: the checkpoint's sample_block_len, {BLOCK_LEN} "
@@ -363,9 +364,14 @@ def _main(argv):
             raise SystemExit(f"--{name}={getattr(a, name)}: must be a positive integer (leave it out for the default)")
     if a.threshold is not None and not 0 <= a.threshold <= 1:
         raise SystemExit(f"--threshold={a.threshold}: must be within 0 and 1 (a confidence)")
+    if a.threshold is not None and a.remasking != "low_confidence":
+        raise SystemExit(f"--threshold reveals the tokens the model is sure of: it needs --remasking=low_confidence, "
+                         f"not {a.remasking}")
     if a.gen_len is not None and a.block_len is not None:  # a bad layout fails before the checkpoint loads
         layout(a, a.gen_len)
     text = "" if a.unconditional else a.prompt
+    if text and any("\udc80" <= c <= "\udcff" for c in text):  # bytes the shell passed that are not UTF-8
+        raise SystemExit("--prompt holds bytes that are not UTF-8 text: give it as UTF-8, or in a UTF-8 --prompt_file")
     if a.prompt_file:
         try:
             with open(a.prompt_file, encoding="utf-8") as f:
@@ -385,10 +391,15 @@ def _main(argv):
     if a.out_dir == p.get_default("out_dir") and not os.path.exists(os.path.join(a.out_dir, "ckpt.pt")):
         raise SystemExit(no_checkpoint(a.out_dir, device, sys.argv[1:] if argv is None else argv))
     model, cfg = load_model(a.out_dir, device, usable_for="sample")
+    if a.prefix_cache and model.cfg.attn_chunk:
+        raise SystemExit(f"--prefix_cache attends to a whole prefix: leave it out for this checkpoint, trained with "
+                         f"attn_chunk={model.cfg.attn_chunk}")
     enc = get_encoding(cfg["tokenizer"])
     if a.stats and cfg["dataset"] == "niah":  # before any sampling
         raise SystemExit("--stats compares samples with a text corpus; this checkpoint trained on needle rows")
-    a.gen_len = min(GEN_LEN, model.cfg.block_size // 2) if a.gen_len is None else a.gen_len
+    if a.gen_len is None:  # a needle checkpoint writes its answer window, as it trained
+        a.gen_len = (cfg.get("niah_answer_len", NIAH_DEFAULTS["niah_answer_len"]) if cfg["dataset"] == "niah"
+                     else min(GEN_LEN, model.cfg.block_size // 2))
     steps, block_len = layout(a, a.gen_len, cfg.get("sample_block_len", BLOCK_LEN))
     temperature = cfg.get("sample_temperature", 0.0) if a.temperature is None else a.temperature
     if a.num_samples > 1 and temperature == 0 and a.remasking == "low_confidence" and not a.adapt:

@@ -42,6 +42,7 @@ from model import ends_in_one_line
 BENCH = dict(steps=30, warmup=8, profile=False, modes="mdlm,memdlm",
              sample_from="", prompt_lens="1024,4096", gen_len=128, block=32, sample_batch=8, threshold=0.9,
              sdpa="default", gather="auto")
+SAMPLING_KEYS = ("sample_from", "prompt_lens", "gen_len", "block", "sample_batch", "threshold", "device")  # --sample_from's
 GATHER = {"auto": model.GATHER_ABOVE, "on": 0, "off": float("inf")}  # model.GATHER_ABOVE for each --gather
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
 # the aten op of each SDPA backend, as the profiler names it (its _backward too)
@@ -210,7 +211,7 @@ def bench_sampling(bench, device):
 
     from model import autocast, load_model
     from sample import generate, write_memory
-    net, cfg = load_model(bench["sample_from"], device)
+    net, cfg = load_model(bench["sample_from"], device, usable_for="benchmark")
     on_gpu = device.startswith("cuda")
     mcfg = train.MemoryConfig.from_config(cfg)
     data = train.make_data(cfg, "cpu")
@@ -220,11 +221,15 @@ def bench_sampling(bench, device):
     val = np.memmap(data.files["val"], dtype=data.dtype, mode="r")
     B, G, blk = bench["sample_batch"], bench["gen_len"], bench["block"]
     print(f"sampling: {bench['sample_from']}, batch {B}, gen_len {G}, blocks of {blk}, steps = gen_len")
-    print("| prompt | setting | s/batch | tok/s | note |\n|---|---|---|---|---|")
-    if too_long := [L for L in map(int, bench["prompt_lens"].split(",")) if L >= len(val)]:
+    lens = list(map(int, bench["prompt_lens"].split(",")))
+    if too_long := [L for L in lens if L >= len(val)]:
         raise SystemExit(f"--prompt_lens: {too_long[0]} tokens is not shorter than the held-out split "
                          f"({len(val)} tokens): choose shorter prompts")
-    for L in map(int, bench["prompt_lens"].split(",")):
+    if max(lens) + G > net.cfg.block_size:
+        print(f"note: the model trained at block_size={net.cfg.block_size}; prompts of up to {max(lens)} tokens and "
+              f"{G} generated run past it (RoPE extrapolates: the speed holds, the text may not; --prompt_lens sets the lengths)")
+    print("| prompt | setting | s/batch | tok/s | note |\n|---|---|---|---|---|")
+    for L in lens:
         prompts = [val[i * 997 % (len(val) - L):][:L].astype(int).tolist() for i in range(B)]
         run = lambda **kw: generate(net, prompts, gen_len=G, steps=G, block_len=blk,
                                     generator=torch.Generator(device).manual_seed(0), mcfg=mcfg, **kw)
@@ -237,6 +242,9 @@ def bench_sampling(bench, device):
         print(f"| {L} | --adapt | {dt:.3f} | {B * G / dt:,.0f} | adaptation {100 * mem / dt:.0f}% of the time |")
         for name, kw in ((f"threshold {bench['threshold']}", dict(threshold=bench["threshold"])),
                          ("prefix cache", dict(prefix_cache=True))):
+            if kw.get("prefix_cache") and net.cfg.attn_chunk:
+                print(f"| {L} | {name} | | | not for attn_chunk={net.cfg.attn_chunk} (the cache attends to a whole prefix) |")
+                continue
             dt, (out, _) = timed(lambda: run(**kw), on_gpu)
             same = (out == ref).float().mean().item()
             print(f"| {L} | {name} | {dt:.3f} | {B * G / dt:,.0f} | {base / dt:.1f}x plain, "
@@ -266,6 +274,10 @@ def main(argv):
 def _main(argv):
     bench, cfg = parse(argv)
     if bench["sample_from"]:
+        unused = [a.split("=")[0] for a in argv if a.startswith("--") and a[2:].split("=")[0] not in SAMPLING_KEYS]
+        if unused:
+            print(f"note: --sample_from times the sampler alone; {', '.join(unused)} "
+                  f"{'set' if len(unused) > 1 else 'sets'} the training benchmark and {'are' if len(unused) > 1 else 'is'} left out")
         return bench_sampling(bench, train.pick_device(cfg["device"]))
     device = train.pick_device(cfg["device"])
     on_gpu = device.startswith("cuda")

@@ -4,6 +4,8 @@ the tables (mean and standard error over seeds or examples, the paired differenc
 t interval)."""
 import os
 
+from model import KEPT_SUFFIX
+
 RUN_FILES = ("ckpt.pt", "log.jsonl", "train.lock")  # what train.py writes into an out_dir
 
 
@@ -23,7 +25,8 @@ def writable(path, what, overwrite=False):
         raise SystemExit(f"{what}={path}: the directory {folder} does not exist: create it or choose another path")
     if os.path.isdir(path):
         raise SystemExit(f"{what}={path} is a directory: give a file name in it")
-    if os.path.basename(path) in RUN_FILES or path.endswith(".pt"):
+    name = os.path.basename(path).removesuffix(KEPT_SUFFIX)  # also the copies --overwrite=True keeps aside
+    if name in RUN_FILES or name.endswith(".pt"):
         raise SystemExit(f"{what}={path} is a training run's file (checkpoint or log): choose another file name")
     if os.path.exists(path) and not os.path.isfile(path):
         raise SystemExit(f"{what}={path} is not a regular file: choose another path")

@@ -78,7 +78,7 @@ def curves(model, x0, maskable, key_pad=None, fast=None, generator=None):
 
 def measure(dirs, n, batch_size, device, forms=None, seed=0):
     """The curves of every row of the checkpoints in dirs on the same n rows and static masks."""
-    runs = [(d, *load_model(d, device)) for d in dirs]
+    runs = [(d, *load_model(d, device, usable_for="evaluate")) for d in dirs]
     for d, _, cfg in runs:  # one set of rows for every checkpoint: needle rows of one shape
         if cfg.get("dataset") != "niah":
             raise SystemExit(f"{d} was trained on dataset={cfg.get('dataset')}: the ratio is measured on needle rows, "
@@ -214,8 +214,14 @@ def _main(argv):
             raise SystemExit(f"no checkpoint at {os.path.join(d, 'ckpt.pt')}: train one first "
                              f"(python train.py --config niah --out_dir={d})")
     path = a.json or (os.path.join(a.out_dir[0], "exposure.json") if a.out_dir else None)
-    for what, f in (("--json", path), ("--md", a.md), ("--png", a.png)):
+    outputs = [(what, f) for what, f in (("--json", path), ("--md", a.md), ("--png", a.png)) if f]
+    for i, (what, f) in enumerate(outputs):
         writable(f, what, a.overwrite)
+        same = next((w for w, g in outputs[:i] if os.path.realpath(g) == os.path.realpath(f)), None)
+        if same:
+            raise SystemExit(f"{same} and {what} name the same file ({f}): give each its own")
+    if a.png and os.path.splitext(a.png)[1].lower() not in (".png", ".pdf", ".svg"):
+        raise SystemExit(f"--png={a.png}: name a .png, .pdf or .svg file")
     if a.out_dir:
         results = [measure(a.out_dir, a.n, a.batch_size, pick_device(a.device), a.forms, a.seed)]
         out = results[0]

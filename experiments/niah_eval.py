@@ -123,7 +123,7 @@ def parse(argv):
     p.add_argument("--threshold", type=float, default=None, help="sampler: also reveal all above this confidence")
     p.add_argument("--prefix_cache", action="store_true", help="sampler: approximate prefix KV cache")
     p.add_argument("--json", default=None, help="results file (default: niah.json in the first out_dir)")
-    p.add_argument("--overwrite", action="store_true", help="replace the results file if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace the results file (and --plot's heatmaps) if they exist")
     p.add_argument("--plot", action="store_true", help="a length x depth heatmap PNG per row (matplotlib)")
     a = p.parse_args(argv)
     if a.n < 1 or a.batch_size < 1 or min(a.lengths) < 1 or not all(0 <= d <= 100 for d in a.depths):
@@ -137,6 +137,10 @@ def parse(argv):
         raise SystemExit(f"--threshold={a.threshold}: a confidence within 0 and 1")
     if a.adapt_ratio is not None and not 0 < a.adapt_ratio <= 1:
         raise SystemExit(f"--adapt_ratio={a.adapt_ratio}: must be within 0 (exclusive) and 1")
+    budget = [k for k in ("adapt_steps", "adapt_lr", "adapt_rank", "adapt_ratio") if getattr(a, k) is not None]
+    if budget and a.adapt == "off" and not a.hide:
+        raise SystemExit(f"--{budget[0]} sets the memory of --adapt=on or both (and of --hide's rows): "
+                         f"leave it out with --adapt=off")
     a.rope = a.rope.split(",")
     if not set(a.rope) <= set(ROPE_SCALINGS):
         raise SystemExit(f"--rope={','.join(a.rope)}: use {', '.join(ROPE_SCALINGS)} or a comma list of them")
@@ -222,6 +226,11 @@ def print_tables(rows, a, examples):
         print(f"{r['label']}: {r['decode_s']:.1f} s decoding, {len(examples) / r['decode_s']:.1f} answers/s{share}")
 
 
+def heatmap_path(out_dir, rope, view):
+    name = {"plain": "base"}.get(view, view) + ("" if rope == "none" else "_" + rope)
+    return os.path.join(out_dir, f"niah_{name}.png")
+
+
 def main(argv=None):
     with ends_in_one_line("interrupted: no results written (an earlier results file is left as it was)"):
         evaluate(argv)
@@ -230,8 +239,11 @@ def main(argv=None):
 def evaluate(argv):
     a = parse(argv)
     dirs = a.out_dir + a.more_dirs
+    twice = next((d for i, d in enumerate(dirs) if os.path.realpath(d) in map(os.path.realpath, dirs[:i])), None)
+    if twice is not None:
+        raise SystemExit(f"--out_dir: {twice} is named twice: give each checkpoint once")
     device = pick_device(a.device)
-    runs = [(d, *load_model(d, device)) for d in dirs]
+    runs = [(d, *load_model(d, device, usable_for="evaluate")) for d in dirs]
     path = a.json or os.path.join(dirs[0], "niah.json")  # checked now, not after the evaluation
     writable(path, "--json", a.overwrite)
     tokenizers = {cfg["tokenizer"] for _, _, cfg in runs}
@@ -255,9 +267,16 @@ def evaluate(argv):
                   f"a text model answers them")
         if max(a.lengths) > model.cfg.block_size:
             print(f"note: {d} was trained at block_size={model.cfg.block_size}; longer lengths test extrapolation")
+        if set(a.rope) - {"none"} and min(a.lengths) <= model.cfg.block_size:
+            print(f"note: RoPE scaling changes the angles only past {d}'s block_size={model.cfg.block_size}: "
+                  f"up to it the --rope rows equal the none rows")
 
     views = {"off": ["plain"], "on": ["adapt"], "both": ["plain", "adapt"]}[a.adapt] + \
         (["cut", "cut_adapt", "hidden"] if a.hide else [])
+    pngs = {(d, rope, view): heatmap_path(d, rope, view) for d in dirs for rope in a.rope for view in views}
+    taken = next((p for p in pngs.values() if os.path.exists(p)), None) if a.plot and not a.overwrite else None
+    if taken:
+        raise SystemExit(f"--plot: {taken} exists (an earlier heatmap): pass --overwrite to replace it, or move it away")
     bar = tqdm(total=len(runs) * len(a.rope) * len(views) * len(examples), desc="niah", dynamic_ncols=True)
     rows = []
     for d, model, cfg in runs:
@@ -292,8 +311,7 @@ def evaluate(argv):
             print("note: --plot needs matplotlib (pip install matplotlib); no heatmaps written")
             return
         for r in rows:
-            name = {"plain": "base"}.get(r["view"], r["view"]) + ("" if r["rope"] == "none" else "_" + r["rope"])
-            png = os.path.join(r["out_dir"], f"niah_{name}.png")
+            png = pngs[r["out_dir"], r["rope"], r["view"]]
             plot(r, a.lengths, a.depths, png)
             print(f"wrote {png}")
 

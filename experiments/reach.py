@@ -66,6 +66,9 @@ def seed_cells(path):
     for row in result["rows"]:
         key = (os.path.basename(row["out_dir"].rstrip("/")), row.get("view", "adapt" if row["adapt"] else "plain"),
                row.get("rope", "none"))
+        if key in cells:  # runs pair across seeds by their directory's name
+            raise SystemExit(f"{path}: two checkpoints are named {key[0]}: the tables pair runs across seeds by "
+                             f"their directory's name; evaluate them under distinct names")
         by = {}
         for s, ref in zip(row["samples"], refs):
             by.setdefault((s["length"], s["distance"]), []).append((s["score"], digit_score(s["output"], ref)))
@@ -125,10 +128,13 @@ def main(argv=None):
     a = p.parse_args(argv)
     if os.sep in a.pattern or a.pattern in (".", ".."):
         raise SystemExit(f"--pattern={a.pattern}: a file name (wildcards allowed) in each seed's directory, no path")
-    files = sorted(f for f in glob.glob(os.path.join(glob.escape(a.root), "s*", a.pattern))
-                   if a.seeds is None or f.split(os.sep)[-2] in {f"s{s}" for s in a.seeds})
-    if not files:
+    every = sorted(glob.glob(os.path.join(glob.escape(a.root), "s*", a.pattern)))
+    files = [f for f in every if a.seeds is None or f.split(os.sep)[-2] in {f"s{s}" for s in a.seeds}]
+    if not every:
         raise SystemExit(f"no {a.pattern} under {a.root}/s*/: run python -m experiments.niah_eval --hide first")
+    if not files:
+        raise SystemExit(f"--seeds={','.join(map(str, a.seeds))}: no {a.pattern} in those seeds' directories; "
+                         f"{a.root} has {', '.join(sorted({f.split(os.sep)[-2] for f in every}))}")
     for pattern in sorted({os.path.basename(f) for f in files}):
         seeds = {f.split(os.sep)[-2]: read_cells(f) for f in files if os.path.basename(f) == pattern}
         runs = {r[0] for s in seeds.values() for r in s}

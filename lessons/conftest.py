@@ -24,6 +24,13 @@ def pytest_addoption(parser):
                      help="what to grade: solution (default), reference, wrong, or a directory of solutions")
 
 
+def pytest_configure(config):
+    impl = config.getoption("impl")
+    if impl not in ("solution", "reference", "wrong") and not Path(impl).is_dir():
+        raise pytest.UsageError(f"--impl={impl}: use solution, reference, wrong or a directory holding "
+                                f"<lesson>/solution.py")
+
+
 def pytest_report_header(config):
     return f"grading: {config.getoption('impl')}"
 

@@ -152,7 +152,7 @@ def _main(argv):
             (a.clip is not None and not (math.isfinite(a.clip) and a.clip > 0)):  # nan <= 0 is False: ask for finite
         raise SystemExit("need --batches >= 1, every K >= 1, --batch_size >= 1 and a finite --clip > 0")
     device = pick_device(a.device)
-    model, cfg = load_model(a.out_dir, device)
+    model, cfg = load_model(a.out_dir, device, usable_for="measure")
     mcfg = MemoryConfig.from_config(cfg)
     mcfg = replace(mcfg, clip=mcfg.clip if a.clip is None else a.clip)
     try:  # an unknown trajectory (or any bad mem_* value) would otherwise run as the anchor one

@@ -108,3 +108,10 @@ def test_hypergrad_takes_no_abbreviations(capsys):
     with pytest.raises(SystemExit) as e:
         hypergrad.main(["--batch=2"])  # not --batches, nor --batch_size
     assert e.value.code == 2 and "unrecognized arguments: --batch=2" in capsys.readouterr().err
+
+
+def test_an_impl_that_names_nothing_is_one_line():
+    run = subprocess.run([sys.executable, "-m", "pytest", "lessons", "--impl=refrence", "-q"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "Traceback" not in run.stdout + run.stderr
+    assert "--impl=refrence: use solution, reference, wrong or a directory holding <lesson>/solution.py" in run.stderr

@@ -1132,3 +1132,114 @@ def test_notes_for_a_dtype_the_cpu_ignores_and_a_resume_with_nothing_left(copy, 
     out = capsys.readouterr().out
     assert "note: --dtype=float16 sets the GPU's autocast; the CPU trains in float32" in out
     assert "note: the checkpoint is at step 10 and --max_iters=10: nothing is left to train (raise --max_iters" in out
+
+
+# ---- the inference and evaluation scripts: inputs a careless user gives -----------------------
+
+@pytest.fixture(scope="module")
+def needle(tmp_path_factory):
+    d = tmp_path_factory.mktemp("needle") / "run"
+    train.main(["--config", "niah_tiny", f"--out_dir={d}", "--max_iters=1", "--eval_iters=1"])
+    return d
+
+
+@pytest.fixture(scope="module")
+def chunked(tmp_path_factory):
+    d = tmp_path_factory.mktemp("chunked") / "run"
+    run(d, "--max_iters=1", "--attn_chunk=16")
+    return d
+
+
+def test_sample_refuses_a_random_threshold_bytes_that_are_not_utf8_and_a_checkpoint_as_out_dir(base, chunked):
+    argv = [f"--out_dir={base}", "--prompt=Hi", "--device=cpu"]
+    with pytest.raises(SystemExit, match=r"^--threshold reveals the tokens the model is sure of: it needs "
+                                         r"--remasking=low_confidence, not random$"):
+        sample.main(argv + ["--threshold=0.5", "--remasking=random"])
+    with pytest.raises(SystemExit, match=r"^--prompt holds bytes that are not UTF-8 text"):  # as the shell passes \xff
+        sample.main([f"--out_dir={base}", "--prompt=abc" + b"\xff".decode("utf-8", "surrogateescape"), "--device=cpu"])
+    with pytest.raises(SystemExit, match=rf"^{re.escape(str(base / 'ckpt.pt'))} is a file: give the run's directory "
+                                         rf"\({re.escape(str(base))}\), not its checkpoint$"):
+        sample.main([f"--out_dir={base / 'ckpt.pt'}", "--prompt=Hi", "--device=cpu"])
+    with pytest.raises(SystemExit, match=r"^--prefix_cache attends to a whole prefix: .*attn_chunk=16$"):
+        sample.main([f"--out_dir={chunked}", "--prompt=Hi", "--device=cpu", "--prefix_cache"])
+
+
+def test_the_default_needle_prompt_leaves_room_for_the_answer(needle, capsys):
+    for seed in range(3):
+        sample.main([f"--out_dir={needle}", "--device=cpu", f"--seed={seed}"])
+        out, err = capsys.readouterr()
+        assert "a needle example" in out and "exceeds the training context" not in err
+
+
+@pytest.mark.parametrize("script", ["niah_eval", "exposure", "bench"])
+def test_every_script_that_loads_a_model_refuses_non_finite_weights(needle, base, tmp_path, script):
+    from experiments import exposure
+    src = needle if script != "bench" else base
+    ckpt = torch.load(src / "ckpt.pt", weights_only=True)
+    ckpt["model"]["lm_head.weight"][0, 0] = math.nan
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    argv = {"niah_eval": [f"--out_dir={tmp_path}", "--device=cpu", "--tasks=single", "--lengths=100", "--n=1"],
+            "exposure": [f"--out_dir={tmp_path}", "--device=cpu", "--n=1"],
+            "bench": [f"--sample_from={tmp_path}", "--device=cpu"]}[script]
+    main = {"niah_eval": niah_eval.main, "exposure": exposure.main, "bench": bench.main}[script]
+    with pytest.raises(SystemExit, match=r"weight lm_head.weight is not finite .*: cannot (evaluate|benchmark): train again$"):
+        main(argv)
+
+
+def test_niah_eval_refuses_a_kept_checkpoint_a_run_twice_an_unused_budget_and_an_earlier_heatmap(
+        needle, tmp_path, monkeypatch, capsys):
+    def evaluated(*a, **k):
+        raise AssertionError("the evaluation ran")
+    monkeypatch.setattr(niah_eval, "generate", evaluated)
+    argv = [f"--out_dir={needle}", "--device=cpu", "--tasks=single", "--lengths=200", "--n=1"]
+    kept = tmp_path / "ckpt.pt.before-overwrite"
+    kept.write_bytes(b"an earlier run")
+    with pytest.raises(SystemExit, match=r"is a training run's file \(checkpoint or log\)"):
+        niah_eval.main(argv + [f"--json={kept}", "--overwrite"])
+    assert kept.read_bytes() == b"an earlier run"
+    with pytest.raises(SystemExit, match=rf"^--out_dir: {re.escape(str(needle))}/ is named twice: give each checkpoint once$"):
+        niah_eval.main(argv + [f"{needle}/"])
+    with pytest.raises(SystemExit, match=r"^--adapt_steps sets the memory of --adapt=on or both .*leave it out with --adapt=off$"):
+        niah_eval.main(argv + ["--adapt=off", "--adapt_steps=5"])
+    (needle / "niah_base.png").write_bytes(b"an earlier heatmap")
+    try:
+        with pytest.raises(SystemExit, match=r"^--plot: .*niah_base.png exists \(an earlier heatmap\): pass --overwrite"):
+            niah_eval.main(argv + ["--adapt=off", "--plot", f"--json={tmp_path / 'r.json'}"])
+    finally:
+        os.remove(needle / "niah_base.png")
+    with pytest.raises(AssertionError, match="the evaluation ran"):
+        niah_eval.main(argv + ["--rope=none,ntk", f"--json={tmp_path / 'r.json'}"])
+    assert "up to it the --rope rows equal the none rows" in capsys.readouterr().out
+
+
+def test_exposure_refuses_one_file_for_two_outputs_and_a_figure_it_cannot_draw(needle, tmp_path):
+    from experiments import exposure
+    argv = [f"--out_dir={needle}", "--device=cpu", "--n=1", f"--json={tmp_path / 'e.json'}"]
+    with pytest.raises(SystemExit, match=r"^--json and --md name the same file .*: give each its own$"):
+        exposure.main(argv + [f"--md={tmp_path / 'e.json'}"])
+    with pytest.raises(SystemExit, match=r"^--png=.*e.xyz: name a .png, .pdf or .svg file$"):
+        exposure.main(argv + [f"--png={tmp_path / 'e.xyz'}"])
+    assert not os.listdir(tmp_path)
+
+
+def test_the_sampling_bench_skips_the_cache_for_chunks_and_names_what_it_leaves_out(chunked, capsys):
+    bench.main([f"--sample_from={chunked}", "--prompt_lens=40", "--gen_len=32", "--block=8", "--sample_batch=1",
+                "--device=cpu", "--sdpa=math", "--steps=3"])
+    out = capsys.readouterr().out
+    assert out.startswith("note: --sample_from times the sampler alone; --sdpa, --steps set the training benchmark "
+                          "and are left out\n")
+    assert "note: the model trained at block_size=64; prompts of up to 40 tokens and 32 generated run past it" in out
+    assert "| 40 | prefix cache | | | not for attn_chunk=16 (the cache attends to a whole prefix) |" in out
+
+
+def test_reach_refuses_two_runs_of_one_name_and_names_the_seeds_it_has(tmp_path):
+    from experiments import reach
+    (tmp_path / "s1").mkdir()
+    row = dict(out_dir="a/ft_mem", adapt=False, view="plain", rope="none", samples=[])
+    args = dict(tasks=[], lengths=[], n=0, depths=[0], seed=0, haystack="noise")
+    (tmp_path / "s1" / "reach.json").write_text(json.dumps(dict(args=args, answer_len=8, forms="fixed",
+                                                                rows=[row, {**row, "out_dir": "b/ft_mem"}])))
+    with pytest.raises(SystemExit, match=r"reach.json: two checkpoints are named ft_mem: .*distinct names$"):
+        reach.main([f"--root={tmp_path}"])
+    with pytest.raises(SystemExit, match=rf"^--seeds=7: no reach.json in those seeds' directories; {re.escape(str(tmp_path))} has s1$"):
+        reach.main([f"--root={tmp_path}", "--seeds=7"])
