@@ -21,7 +21,7 @@ import socket
 import sys
 import threading
 import time
-from contextlib import nullcontext, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -108,14 +108,18 @@ DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 def parse_config(argv):
     """--config NAME (or --config=NAME) picks a preset; --key=value overrides it, typed as the default."""
-    name, overrides, args = "small", [], iter(argv)
+    names, overrides, args = [], [], iter(argv)
     for a in args:
         if a == "--config":
-            name = next(args, "")
+            names.append(next(args, ""))
         elif a.startswith("--config="):
-            name = a.split("=", 1)[1]
+            names.append(a.split("=", 1)[1])
         else:
             overrides.append(a)
+    if len(names) > 1:
+        raise SystemExit(f"--config is given {len(names)} times ({', '.join(names)}): pick one preset, then "
+                         f"override its keys with --key=value")
+    name = names[0] if names else "small"
     if name not in PRESETS:
         raise SystemExit(f"unknown config '{name}': choose one of {', '.join(PRESETS)}")
     cfg = {**DEFAULTS, **PRESETS[name], "config": name}
@@ -155,6 +159,7 @@ def check_config(cfg):
     for k in ("block_size", "batch_size", "n_layer", "n_head", "n_embd", "eval_interval", "eval_iters",
               "log_interval", "sample_block_len"):
         need(cfg[k] >= 1, f"--{k}={cfg[k]}: must be a positive integer")
+        need(cfg[k] < 2**63, f"--{k}={cfg[k]}: too large for any machine to allocate")
     for k in ("max_iters", "warmup_iters", "mem_start", "attn_chunk", "data_workers"):
         need(cfg[k] >= 0, f"--{k}={cfg[k]}: must be >= 0")
     head = cfg["n_embd"] / cfg["n_head"]
@@ -355,6 +360,24 @@ def lr_at(it, cfg):
     return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * min(1.0, frac))) * (cfg["lr"] - cfg["min_lr"])
 
 
+@contextmanager
+def signals_held(act=True):
+    """Ctrl-C and SIGTERM inside the block act when it ends (as KeyboardInterrupt), not in it;
+    act=False drops them (a stop already under way: a second Ctrl-C would break its clean-up)."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    got = []
+    kept = {sig: signal.signal(sig, lambda sig, frame: got.append(sig)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in kept.items():
+            signal.signal(sig, handler)
+    if got and act:
+        raise KeyboardInterrupt
+
+
 def save_checkpoint(path, obj):
     """torch.save to a temporary file of this process, flushed to the disk, then renamed over
     path: a crash, Ctrl-C or a full disk never leaves a broken checkpoint, only the previous one.
@@ -552,16 +575,19 @@ class Run:
         self.kept = []
 
     def checkpoint(self, step, raw, opt, last_loss):
-        """Save, atomically, unless the last train loss or a weight is not finite (one host sync)."""
+        """Save, atomically, unless the last train loss or a weight is not finite (one host sync).
+        A Ctrl-C or SIGTERM during the save waits for it: the interval's steps are then kept."""
         self.stop_unless_finite(step, {"the largest |weight|": max_abs_weight(raw),
                                        **({"the train loss": last_loss.item()} if last_loss is not None else {})})
-        save_checkpoint(self.ckpt_path, {"model": raw.state_dict(), "optimizer": opt.state_dict(), "config": self.cfg,
-                                         "model_args": asdict(raw.cfg), "step": step, "wall_s": self.wall()})
-        self.saved = step
-        for p in self.kept:  # the new run has its checkpoint: the earlier run's files go
-            with suppress(FileNotFoundError):
-                os.remove(p)
-        self.kept = []
+        with signals_held():
+            save_checkpoint(self.ckpt_path, {"model": raw.state_dict(), "optimizer": opt.state_dict(),
+                                             "config": self.cfg, "model_args": asdict(raw.cfg), "step": step,
+                                             "wall_s": self.wall()})
+            self.saved = step
+            for p in self.kept:  # the new run has its checkpoint: the earlier run's files go
+                with suppress(FileNotFoundError):
+                    os.remove(p)
+            self.kept = []
 
     def evaluate(self, step, nets, data):
         """Evaluate, log and print; stop at a non-finite eval loss."""
@@ -676,6 +702,9 @@ def launched_by_torchrun():
         return False
     env = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     wrong = [k for k in env if k not in os.environ or (k != "MASTER_ADDR" and not os.environ[k].isdigit())]
+    if not wrong and not 1 <= int(os.environ["MASTER_PORT"]) <= 65535:
+        raise SystemExit(f"MASTER_PORT={os.environ['MASTER_PORT']}: a port within 1 and 65535 (torchrun picks "
+                         f"one; --master_port sets it)")
     if not wrong and not int(os.environ["RANK"]) < int(os.environ["WORLD_SIZE"]) >= 1:
         raise SystemExit(f"RANK={os.environ['RANK']} with WORLD_SIZE={os.environ['WORLD_SIZE']}: ranks run from 0 "
                          f"to WORLD_SIZE-1; start several processes with torchrun --nproc_per_node=N train.py ...")
@@ -705,6 +734,10 @@ def join_process_group(patience=20.0):
     note.start()
     try:
         torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    except torch.distributed.DistNetworkError as e:  # the port is taken, or rank 0 cannot be reached
+        why = (f"another process holds MASTER_PORT={port}; pass torchrun another --master_port"
+               if "EADDRINUSE" in str(e) else "check MASTER_ADDR and MASTER_PORT (torchrun sets them)")
+        raise SystemExit(f"the ranks cannot meet at {addr}:{port} ({' '.join(str(e).split())[:160]}): {why}") from None
     finally:
         note.cancel()
         for sig, handler in kept.items():
@@ -825,8 +858,9 @@ def build(run, ckpt):
         free = ("block_size", "attn_chunk", "rope_scaling")
         ours, theirs = ({k: v for k, v in asdict(c).items() if k not in free} for c in (raw.cfg, src.cfg))
         if ours != theirs:
-            raise SystemExit(f"--init_from={cfg['init_from']}: its model ({src.cfg}) differs from this "
-                             f"config's ({raw.cfg}): set the same n_layer/n_head/n_embd/tokenizer")
+            differ = ", ".join(f"{k} {theirs[k]} (here {ours[k]})" for k in ours if ours[k] != theirs[k])
+            raise SystemExit(f"--init_from={cfg['init_from']}: its model differs from this config's in {differ}: "
+                             f"set the same n_layer/n_head/n_embd/tokenizer")
         raw.load_state_dict(src.state_dict())
     opt = make_optimizer(raw, cfg, run.device.startswith("cuda"))
     if ckpt is not None:
@@ -862,6 +896,11 @@ def announce(run, raw, start, tokens_per_step):
     if cfg["mem"] and cfg["mem_start"] >= cfg["max_iters"] > start:
         print(f"note: --mem_start={cfg['mem_start']} is not below --max_iters={cfg['max_iters']}: every step trains "
               f"plain MDLM (MemDLM starts at step mem_start)")
+    if not cfg["mem"] and cfg["mem_start"] != {**DEFAULTS, **PRESETS[cfg["config"]]}["mem_start"]:
+        print(f"note: --mem_start={cfg['mem_start']} unused: --mem=False trains plain MDLM at every step")
+    if 0 < cfg["block_size"] <= cfg["attn_chunk"]:
+        print(f"note: --attn_chunk={cfg['attn_chunk']} is not below --block_size={cfg['block_size']}: training "
+              f"attends to the whole window; the chunks apply only to longer inputs at inference")
     if cfg["warmup_iters"] > cfg["max_iters"] > start:
         print(f"note: --warmup_iters={cfg['warmup_iters']} is above --max_iters={cfg['max_iters']}: the learning "
               f"rate never reaches --lr={cfg['lr']}")
@@ -909,9 +948,10 @@ def main(argv):
             raise
         raise SystemExit(run.too_big(e)) from None
     finally:
-        if run is not None:
-            run.put_back()  # nothing unless a stop came before the first checkpoint of an --overwrite=True run
-            release_lock(run)
+        with signals_held(act=False):
+            if run is not None:
+                run.put_back()  # nothing unless a stop came before the first checkpoint of an --overwrite=True run
+                release_lock(run)
 
 
 def train_run(run, argv):
@@ -965,9 +1005,12 @@ def train_run(run, argv):
     except KeyboardInterrupt:
         raise SystemExit(run.interrupted(step, argv)) from None
     finally:
-        bar.close()
-        finish(run, nets)
+        with signals_held(act=False):
+            bar.close()
+            batches = None  # the data workers shut down now, not at the interpreter's exit
+            finish(run, nets)
 
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # all is saved: a Ctrl-C in the interpreter's exit changes nothing

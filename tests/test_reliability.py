@@ -1243,3 +1243,53 @@ def test_reach_refuses_two_runs_of_one_name_and_names_the_seeds_it_has(tmp_path)
         reach.main([f"--root={tmp_path}"])
     with pytest.raises(SystemExit, match=rf"^--seeds=7: no reach.json in those seeds' directories; {re.escape(str(tmp_path))} has s1$"):
         reach.main([f"--root={tmp_path}", "--seeds=7"])
+
+
+def test_a_master_port_out_of_range_or_taken_is_one_line(tmp_path, monkeypatch):
+    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MASTER_PORT", "99999")
+    with pytest.raises(SystemExit, match=r"^MASTER_PORT=99999: a port within 1 and 65535"):
+        run(tmp_path / "r", "--max_iters=2")
+    with socket.socket() as held:  # another process listens on the port rank 0 would take
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        with no_hang(30), pytest.raises(SystemExit, match=rf"^the ranks cannot meet at 127.0.0.1:{port} \(.*EADDRINUSE.*\): "
+                                                          rf"another process holds MASTER_PORT={port}; pass torchrun "
+                                                          r"another --master_port$"):
+            run(tmp_path / "r", "--max_iters=2")
+    assert not (tmp_path / "r").exists()
+
+
+def test_two_presets_and_a_size_past_any_machine_are_one_line():
+    with pytest.raises(SystemExit, match=r"^--config is given 2 times \(tiny, niah_tiny\): pick one preset"):
+        train.parse_config(["--config", "tiny", "--config=niah_tiny"])
+    with pytest.raises(SystemExit, match=r"^--batch_size=\d+: too large for any machine to allocate$"):
+        train.parse_config(["--config", "tiny", f"--batch_size={10**23}"])
+
+
+def test_a_chunk_over_the_window_and_mem_start_without_memory_are_noted(tmp_path, capsys):
+    run(tmp_path / "a", "--max_iters=1", "--attn_chunk=100", "--mem=False", "--mem_start=5")
+    out = capsys.readouterr().out
+    assert "note: --mem_start=5 unused: --mem=False trains plain MDLM at every step" in out
+    assert ("note: --attn_chunk=100 is not below --block_size=64: training attends to the whole window; the chunks "
+            "apply only to longer inputs at inference") in out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_a_stop_while_a_checkpoint_is_written_keeps_it(tmp_path, monkeypatch, sig):
+    real, saves = train.save_checkpoint, []
+
+    def signalled(path, obj):  # the signal arrives in the middle of the save
+        saves.append(obj["step"])
+        if obj["step"] == 5:
+            os.kill(os.getpid(), sig)
+        real(path, obj)
+    monkeypatch.setattr(train, "save_checkpoint", signalled)
+    with pytest.raises(SystemExit, match=r"^interrupted at step 5; the last checkpoint is step 5 \(.*ckpt.pt\): continue"):
+        run(tmp_path / "r", "--max_iters=10", "--eval_interval=5", "--log_interval=5")
+    assert saves == [0, 5] or saves == [5]
+    assert read_checkpoint(str(tmp_path / "r" / "ckpt.pt"))["step"] == 5
