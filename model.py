@@ -350,17 +350,23 @@ def autocast(device, dtype="bfloat16"):
 
 
 @contextmanager
-def sigterm_as_ctrl_c():
-    """Inside it a SIGTERM (kill, a scheduler, torchrun stopping its workers) raises KeyboardInterrupt,
-    so every script ends it as it ends Ctrl-C: in one line. The handler it replaced comes back after."""
+def signal_handlers(handler, sigs=(signal.SIGINT, signal.SIGTERM)):
+    """Inside it `handler` takes the signals `sigs`; the handlers it replaced come back after."""
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield
         return
-    old = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    kept = {sig: signal.signal(sig, handler) for sig in sigs}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, old in kept.items():
+            signal.signal(sig, old)
+
+
+def sigterm_as_ctrl_c():
+    """Inside it a SIGTERM (kill, a scheduler, torchrun stopping its workers) raises KeyboardInterrupt,
+    so every script ends it as it ends Ctrl-C: in one line. The handler it replaced comes back after."""
+    return signal_handlers(signal.default_int_handler, (signal.SIGTERM,))
 
 
 @contextmanager

@@ -33,7 +33,8 @@ import niah
 from data.tokenizer import check_tokenizer, get_encoding, open_split, windows
 from memory import MemoryConfig, inner_step, memdlm_loss, memory_layers
 from model import (DiffusionLM, ModelConfig, autocast, forward_process, load_model, mdlm_loss, pick_device,
-                   KEPT_SUFFIX, check_weights, read_checkpoint, read_log, seeded_generator, sigterm_as_ctrl_c)
+                   KEPT_SUFFIX, check_weights, read_checkpoint, read_log, seeded_generator, sigterm_as_ctrl_c,
+                   signal_handlers)
 
 # data sources other than token files, by dataset name: each has its train config keys (defaults),
 # presets, check(cfg) (stops with one line) and data(cfg, device) (batches as TextData's)
@@ -364,16 +365,9 @@ def lr_at(it, cfg):
 def signals_held(act=True):
     """Ctrl-C and SIGTERM inside the block act when it ends (as KeyboardInterrupt), not in it;
     act=False drops them (a stop already under way: a second Ctrl-C would break its clean-up)."""
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield
-        return
     got = []
-    kept = {sig: signal.signal(sig, lambda sig, frame: got.append(sig)) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with signal_handlers(lambda sig, frame: got.append(sig)):
         yield
-    finally:
-        for sig, handler in kept.items():
-            signal.signal(sig, handler)
     if got and act:
         raise KeyboardInterrupt
 
@@ -730,18 +724,16 @@ def join_process_group(patience=20.0):
             f"{addr}:{port}: torchrun --nproc_per_node=N starts them all; Ctrl-C stops this one")
     note = threading.Timer(patience, print, [line], dict(flush=True))
     note.daemon = True
-    kept = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGTERM)}
     note.start()
     try:
-        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        with signal_handlers(signal.SIG_DFL):
+            torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     except torch.distributed.DistNetworkError as e:  # the port is taken, or rank 0 cannot be reached
         why = (f"another process holds MASTER_PORT={port}; pass torchrun another --master_port"
                if "EADDRINUSE" in str(e) else "check MASTER_ADDR and MASTER_PORT (torchrun sets them)")
         raise SystemExit(f"the ranks cannot meet at {addr}:{port} ({' '.join(str(e).split())[:160]}): {why}") from None
     finally:
         note.cancel()
-        for sig, handler in kept.items():
-            signal.signal(sig, handler)
 
 
 def rank_mismatch(configs):

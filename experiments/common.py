@@ -14,6 +14,16 @@ def int_list(s):
     return [int(v) for v in s.split(",")]
 
 
+def repeat(paths):
+    """(j, i) of the first path i that names the same file as an earlier one j, or None."""
+    seen = {}
+    for i, p in enumerate(paths):
+        j = seen.setdefault(os.path.realpath(p), i)
+        if j != i:
+            return j, i
+    return None
+
+
 def writable(path, what, overwrite=False):
     """Stop now, before the work, when path cannot take the results: its directory missing, a
     directory or other non-file, a run's checkpoint or log, a file that exists (unless

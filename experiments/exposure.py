@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from memory import MemoryConfig, adapt
 from model import ends_in_one_line, load_model, pick_device, proposal_logits, seed_arg
-from experiments.common import mean_stderr, row_label, writable, write_atomic
+from experiments.common import mean_stderr, repeat, row_label, writable, write_atomic
 from niah import FORMS, NIAH_DEFAULTS, NiahData
 
 
@@ -215,18 +215,18 @@ def _main(argv):
                              f"(python train.py --config niah --out_dir={d})")
     path = a.json or (os.path.join(a.out_dir[0], "exposure.json") if a.out_dir else None)
     outputs = [(what, f) for what, f in (("--json", path), ("--md", a.md), ("--png", a.png)) if f]
-    for i, (what, f) in enumerate(outputs):
+    for what, f in outputs:
         writable(f, what, a.overwrite)
-        same = next((w for w, g in outputs[:i] if os.path.realpath(g) == os.path.realpath(f)), None)
-        if same:
-            raise SystemExit(f"{same} and {what} name the same file ({f}): give each its own")
+    if same := repeat([f for _, f in outputs]):
+        (first, _), (what, f) = outputs[same[0]], outputs[same[1]]
+        raise SystemExit(f"{first} and {what} name the same file ({f}): give each its own")
     if a.png and os.path.splitext(a.png)[1].lower() not in (".png", ".pdf", ".svg"):
         raise SystemExit(f"--png={a.png}: name a .png, .pdf or .svg file")
     if a.out_dir:
         results = [measure(a.out_dir, a.n, a.batch_size, pick_device(a.device), a.forms, a.seed)]
         out = results[0]
     else:
-        if len(set(map(os.path.realpath, a.summary))) < len(a.summary):
+        if repeat(a.summary):
             raise SystemExit("--summary names a file twice: give each measurement once")
         results = [read_measurement(f) for f in a.summary]
     t, kinds = summary(results)

@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from data.tokenizer import decode, get_encoding
-from experiments.common import int_list, mean_stderr, row_label, writable, write_atomic
+from experiments.common import int_list, mean_stderr, repeat, row_label, writable, write_atomic
 from memory import MemoryConfig
 from model import ROPE_SCALINGS, ends_in_one_line, load_model, pick_device, seed_arg, seeded_generator
 from niah import FORMS, HAYSTACKS, NIAH_DEFAULTS, TASKS, hide_answers, make_example, parse_tasks, score
@@ -239,9 +239,8 @@ def main(argv=None):
 def evaluate(argv):
     a = parse(argv)
     dirs = a.out_dir + a.more_dirs
-    twice = next((d for i, d in enumerate(dirs) if os.path.realpath(d) in map(os.path.realpath, dirs[:i])), None)
-    if twice is not None:
-        raise SystemExit(f"--out_dir: {twice} is named twice: give each checkpoint once")
+    if twice := repeat(dirs):
+        raise SystemExit(f"--out_dir: {dirs[twice[1]]} is named twice: give each checkpoint once")
     device = pick_device(a.device)
     runs = [(d, *load_model(d, device, usable_for="evaluate")) for d in dirs]
     path = a.json or os.path.join(dirs[0], "niah.json")  # checked now, not after the evaluation
