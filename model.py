@@ -493,4 +493,7 @@ def load_model(out_dir, device="cpu", usable_for=None):
         model.load_state_dict(ckpt["model"])
     except (AttributeError, TypeError, RuntimeError) as e:
         raise SystemExit(f"{path} is not a checkpoint of this model ({type(e).__name__}: {str(e)[:200]})") from None
+    if model.cfg.rope_scaling not in ROPE_SCALINGS:  # rope_tables would read it as "none" without a word
+        raise SystemExit(f"{path} holds rope_scaling={model.cfg.rope_scaling!r}, not one of {', '.join(ROPE_SCALINGS)}: "
+                         f"the checkpoint was edited or damaged; set it to one of them (torch.load, then torch.save)")
     return model.to(device).eval(), ckpt["config"]

@@ -561,9 +561,13 @@ class Run:
 
     def put_back(self):
         """A stop before this run's first checkpoint: the earlier run's files, kept aside by
-        --overwrite=True, return to their place (this run's log, with nothing to resume, goes)."""
+        --overwrite=True, return to their place (this run's log, with nothing to resume, goes). A
+        new run that wrote nothing (refused in its setup) leaves no empty log behind."""
         if self.log is not None:
             self.log.close()
+            if self.saved is None and not self.records and not self.cfg["resume"]:
+                with suppress(FileNotFoundError):
+                    os.remove(self.log.name)
         for aside in self.kept:
             os.replace(aside, aside[:-len(KEPT_SUFFIX)])
         self.kept = []
@@ -962,9 +966,12 @@ def train_run(run, argv):
     bar = tqdm(range(start, cfg["max_iters"]), initial=start, total=cfg["max_iters"], disable=not master,
                dynamic_ncols=True)
     run.t_start = t_log = time.time()
+    earlier = read_log(run.log.name) if ckpt is not None and master else []
     # the log holds the evaluation of the resumed checkpoint's step (made before it was saved): not again
-    evaluated = ckpt is not None and master and any(r.get("step") == start and "eval_loss" in r
-                                                    for r in read_log(run.log.name))
+    evaluated = any(r.get("step") == start and "eval_loss" in r for r in earlier)
+    if any(r.get("step", 0) > start for r in earlier):  # an interrupted run logged steps past its checkpoint
+        run.write({"step": start, "resumed": f"the lines above of steps after {start} are of an interrupted run; "
+                                             f"this run trains those steps again"})
     step, loss = start, None
     try:
         for step in bar:

@@ -1,6 +1,7 @@
 """Nothing lost, nothing run: checkpoints, bad input, interrupted and diverging runs. CPU, tiny runs."""
 import contextlib
 import errno
+import glob
 import hashlib
 import importlib
 import json
@@ -390,6 +391,14 @@ def test_init_from_a_base_at_another_length_and_chunking(base, tmp_path):
     assert (cfg["block_size"], cfg["attn_chunk"]) == (128, 32) and strict_log(tmp_path / "log.jsonl")[0]["step"] == 0
 
 
+def test_a_refused_init_from_leaves_no_log_and_the_next_run_goes_in(base, tmp_path):
+    with pytest.raises(SystemExit, match=r"--init_from=\S+: its model differs from this config's in n_layer"):
+        run(tmp_path, f"--init_from={base}", "--max_iters=1", "--n_layer=3")
+    assert not (tmp_path / "log.jsonl").exists() and not (tmp_path / "ckpt.pt").exists()
+    run(tmp_path, f"--init_from={base}", "--max_iters=1", "--eval_interval=100")  # no --overwrite needed
+    assert [r["step"] for r in strict_log(tmp_path / "log.jsonl") if "eval_loss" in r] == [0, 1]
+
+
 def test_init_from_a_base_with_another_memory_rank_and_alpha(base, tmp_path):
     run(tmp_path, f"--init_from={base}", "--max_iters=1", "--mem_rank=4", "--mem_alpha=16", "--eval_interval=100")
     src, dst = strict_log(base / "log.jsonl"), strict_log(tmp_path / "log.jsonl")
@@ -748,6 +757,14 @@ def test_sample_refuses_a_checkpoint_with_non_finite_or_integer_weights(base, tm
         sample.main([f"--out_dir={tmp_path}", "--prompt=Hi", "--gen_len=4", "--device=cpu"])
 
 
+def test_an_unknown_rope_scaling_in_a_checkpoint_is_one_line(base, tmp_path):
+    ckpt = torch.load(base / "ckpt.pt", weights_only=True)
+    d = _edited(base, tmp_path, model_args={**ckpt["model_args"], "rope_scaling": "yarn"})
+    with pytest.raises(SystemExit, match=r"holds rope_scaling='yarn', not one of none, ntk, pi: the checkpoint was "
+                                         r"edited or damaged"):
+        sample.main([f"--out_dir={d}", "--prompt=Hi", "--gen_len=4", "--device=cpu"])
+
+
 # ---- what a checkpoint holds is checked, and a non-file is never opened ----------------------
 
 @pytest.mark.parametrize("kind", ["fifo", "dir"])
@@ -1018,12 +1035,51 @@ def test_a_resumed_step_missing_from_the_log_is_evaluated(tmp_path):
     assert [r["step"] for r in strict_log(tmp_path / "log.jsonl") if "eval_loss" in r] == [0, 2]
 
 
+def test_a_resume_marks_the_logged_steps_it_trains_again(tmp_path, monkeypatch):
+    real, calls = train.train_step, []
+
+    def interrupted(*a):
+        calls.append(1)
+        if len(calls) == 9:  # during step 8: steps 6-8 are logged, the checkpoint is step 5's
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(train, "train_step", interrupted)
+    args = ["--max_iters=10", "--eval_interval=5", "--log_interval=1"]
+    with pytest.raises(SystemExit, match="interrupted at step 8; the last checkpoint is step 5"):
+        run(tmp_path, *args)
+    monkeypatch.setattr(train, "train_step", real)
+    run(tmp_path, *args, "--resume=True")
+    log = strict_log(tmp_path / "log.jsonl")
+    mark = next(i for i, r in enumerate(log) if "resumed" in r)
+    assert log[mark]["step"] == 5 and "after 5" in log[mark]["resumed"]
+    assert [r["step"] for r in log[:mark] if "loss" in r][-3:] == [6, 7, 8]  # the interrupted run's lines
+    assert [r["step"] for r in log[mark:] if "loss" in r] == list(range(6, 11))  # trained again
+    train_recs, evals, _ = protocol.run_records(str(tmp_path))  # each step once, the last time
+    assert [r["step"] for r in train_recs] == list(range(1, 11)) and [r["step"] for r in evals] == [0, 5, 10]
+    run(tmp_path, "--max_iters=12", "--eval_interval=5", "--log_interval=1", "--resume=True")
+    assert sum("resumed" in r for r in strict_log(tmp_path / "log.jsonl")) == 1  # nothing past step 10 to mark
+
+
 @pytest.mark.parametrize("path", ["experiments/bench.py", "experiments/protocol.py", "experiments/reach.py",
                                   "experiments/exposure.py", "experiments/niah_eval.py", "lessons/hypergrad.py"])
 def test_a_module_run_as_a_file_says_how_to_run_it(path):
     p = subprocess.run([sys.executable, path, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     module = path[:-3].replace("/", ".")
     assert p.returncode == 1 and p.stderr == f"run it from the repository root as a module: python -m {module}\n"
+
+
+GRADERS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "lessons", "*", "grade_*.py")))
+
+
+@pytest.mark.parametrize("grader", GRADERS)
+def test_a_grader_run_as_a_file_says_to_grade_it_with_pytest(grader):
+    p = subprocess.run([sys.executable, grader], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    lesson = os.path.dirname(grader)
+    assert p.returncode == 1 and p.stderr == f"grade it from the repository root with pytest: python -m pytest {lesson}\n"
+
+
+def test_every_lesson_has_a_grader():
+    assert len(GRADERS) == 7
 
 
 def test_settings_that_do_nothing_are_named_at_the_start(tmp_path, capsys):

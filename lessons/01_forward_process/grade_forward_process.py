@@ -1,4 +1,7 @@
 """Grader of lesson 1: the forward process (Eq. 1) and the MDLM loss (Eq. 2)."""
+if __name__ == "__main__":  # a grader is a pytest module, run from the repository root
+    raise SystemExit("grade it from the repository root with pytest: python -m pytest lessons/01_forward_process")
+
 import torch
 import torch.nn.functional as F
 

@@ -1,4 +1,7 @@
 """Grader of lesson 2: the per-sequence LoRA fast-weight forward."""
+if __name__ == "__main__":  # a grader is a pytest module, run from the repository root
+    raise SystemExit("grade it from the repository root with pytest: python -m pytest lessons/02_fast_linear")
+
 import torch
 import torch.nn as nn
 

@@ -1,4 +1,7 @@
 """Grader of lesson 3: the anchor-consistent trajectory (Sec. 3.2)."""
+if __name__ == "__main__":  # a grader is a pytest module, run from the repository root
+    raise SystemExit("grade it from the repository root with pytest: python -m pytest lessons/03_trajectory")
+
 import math
 
 import pytest

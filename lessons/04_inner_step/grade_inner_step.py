@@ -1,4 +1,7 @@
 """Grader of lesson 4: one inner step with the per-tensor, per-sequence clip (Eq. 6-8)."""
+if __name__ == "__main__":  # a grader is a pytest module, run from the repository root
+    raise SystemExit("grade it from the repository root with pytest: python -m pytest lessons/04_inner_step")
+
 import pytest
 import torch
 

@@ -1,4 +1,7 @@
 """Grader of lesson 6: the exact hypergradient through the inner updates (vs Eq. 10)."""
+if __name__ == "__main__":  # a grader is a pytest module, run from the repository root
+    raise SystemExit("grade it from the repository root with pytest: python -m pytest lessons/06_hypergradient")
+
 from functools import partial
 
 import torch

@@ -1,4 +1,7 @@
 """Grader of lesson 7: inference-time adaptation (Sec. 4.5)."""
+if __name__ == "__main__":  # a grader is a pytest module, run from the repository root
+    raise SystemExit("grade it from the repository root with pytest: python -m pytest lessons/07_adapt")
+
 import pytest
 import torch
 
