@@ -275,8 +275,11 @@ def ignore_stop_signals(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     hook = sys.excepthook
-    sys.excepthook = lambda kind, value, tb: None if issubclass(kind, (ConnectionError, EOFError)) else \
-        hook(kind, value, tb)
+
+    def unless_a_closed_connection(kind, value, tb):
+        if not issubclass(kind, (ConnectionError, EOFError)):
+            hook(kind, value, tb)
+    sys.excepthook = unless_a_closed_connection
 
 
 # ---------------------------------------------------------------------------------------
