@@ -310,7 +310,7 @@ def test_ctrl_c_or_sigterm_in_a_real_process_gives_one_line_and_no_traceback(tmp
 
 def test_a_data_worker_passes_a_connection_the_stopped_loop_dropped_quietly():
     # the worker's resource_sharer thread reports through sys.excepthook; a loop stopped mid-batch
-    # (about 2% of SIGTERMs to the group with --data_workers=2) left it a reset or broken connection
+    # (5 of 332 SIGTERMs to the group with --data_workers=2, LOG.md) left it a reset or broken connection
     code = ("import sys, train; seen = []; sys.excepthook = lambda k, v, tb: seen.append(k.__name__); "
             "train.ignore_stop_signals(0); "
             "[sys.excepthook(k, k(), None) for k in (ConnectionResetError, BrokenPipeError, EOFError, ValueError)]; "
