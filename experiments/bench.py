@@ -8,10 +8,11 @@
 
 Prints tokens/s, model FLOPs utilisation, peak memory, the attention kernel that ran and the
 step-time ratio MemDLM/MDLM (on the CPU: no MFU and no peak memory, "-" in the table).
---sdpa times each named SDPA backend in turn (default: torch's own choice), each compiled afresh
-under torch.nn.attention.sdpa_kernel with Inductor's caches off: the compiled step takes its
-kernel when it is traced, and a cached graph (whose key leaves the backend out) would bring back
-the first one's (PyTorch issue 185449); the kernel column shows the one that ran.
+--sdpa times each named SDPA backend in turn (default: torch's own choice), each in a process
+of its own, compiled afresh under torch.nn.attention.sdpa_kernel with Inductor's caches off:
+the compiled step takes its kernel when it is traced, and a cached graph (whose key leaves the
+backend out) would bring back the first one's (PyTorch issue 185449); the kernel column shows
+the one that ran. (In one process, flash as the third backend's compile stalled on an H100.)
 --gather: masked_ce's logits at the masked positions only (on), at every position (off), or as
 model.GATHER_ABOVE decides by size (auto).
 Steps are timed with CUDA events after a warm-up (compilation included there); the median
@@ -26,6 +27,8 @@ for H100/H200 SXM). The FLOP floor is MemDLM's step FLOPs over MDLM's, as torch 
 if not __package__:  # run as a file: the imports below need the repository root on the path
     raise SystemExit("run it from the repository root as a module: python -m experiments.bench")
 
+import multiprocessing
+import signal
 import statistics
 import sys
 import time
@@ -281,45 +284,77 @@ def _main(argv):
         return bench_sampling(bench, train.pick_device(cfg["device"]))
     device = train.pick_device(cfg["device"])
     on_gpu = device.startswith("cuda")
-    if on_gpu:
-        torch.backends.cuda.matmul.allow_tf32 = True
     peak, peak_note = peak_flops(device)
-    tokens = cfg["batch_size"] * cfg["block_size"]
     print(f"bench: config {cfg['config']}, block_size {cfg['block_size']}, batch {cfg['batch_size']}, "
           f"compile {cfg['compile']}, gather {bench['gather']}, {peak_note}")
     if not (peak and on_gpu):
         print("note: " + ("on the CPU, MFU and peak memory are not measured (no peak FLOP/s, no CUDA memory "
                           "statistics): -" if not on_gpu else "MFU is not measured (this GPU's peak is unknown): -"))
-    mcfg = train.MemoryConfig.from_config(cfg)
     print("| SDPA | mode | parameters | step (median) | tokens/s | MFU | peak memory | kernel |\n"
           "|---|---|---|---|---|---|---|---|")
-    for backend in bench["sdpa"].split(","):
-        rows = {}
-        for mode in bench["modes"].split(","):
-            torch._dynamo.reset()  # compile afresh under this backend
-            try:
-                with measured_under(bench, backend):
-                    dt, mem_gib, raw_model, kernel = bench_training(cfg, mode == "memdlm", bench, device)
-                    # where the head runs, as masked_ce decided: every position, or the masked ones
-                    head_share = (expected_head_share(mcfg) if model.gathers(tokens, raw_model.cfg.vocab_size)
-                                  else (1.0, 1.0))
-            except RuntimeError as e:  # a backend this card, dtype or shape does not support
-                if "No viable backend" not in str(e):
-                    raise
-                print(f"| {backend} | {mode} | | | | | | not available here |")
-                continue
-            n = raw_model.num_params()
-            useful = model_flops_per_token(raw_model, cfg["block_size"], head_share[0]) * tokens
-            mfu = useful / dt / peak if peak else None
-            rows[mode], model_cfg = dt, raw_model.cfg
-            print(f"| {backend} | {mode} | {n / 1e6:.1f}M | {dt * 1e3:.2f} ms | {tokens / dt:,.0f} tok/s | "
-                  f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | {f'{mem_gib:.2f} GiB' if on_gpu else '-'} | {kernel} |")
-            del raw_model
-            if on_gpu:
-                torch.cuda.empty_cache()
-        if "mdlm" in rows and "memdlm" in rows:
-            print_ratio(rows["memdlm"] / rows["mdlm"], model_cfg, mcfg, cfg["block_size"], backend, head_share)
+    backends = bench["sdpa"].split(",")
+    for backend in backends:
+        args = (cfg, bench, backend, device, peak)
+        if len(backends) == 1:
+            bench_backend(*args)
+        else:  # a process for each: in one, flash as the third fresh compile stalled (RESULTS.md, H100)
+            in_own_process(bench_backend, args, f"--sdpa={backend}")
 
+
+def bench_backend(cfg, bench, backend, device, peak):
+    """The table's rows for one SDPA backend: each mode compiled afresh and timed; then the ratio."""
+    on_gpu = device.startswith("cuda")
+    if on_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    tokens = cfg["batch_size"] * cfg["block_size"]
+    mcfg = train.MemoryConfig.from_config(cfg)
+    rows = {}
+    for mode in bench["modes"].split(","):
+        torch._dynamo.reset()  # compile afresh under this backend
+        try:
+            with measured_under(bench, backend):
+                dt, mem_gib, raw_model, kernel = bench_training(cfg, mode == "memdlm", bench, device)
+                # where the head runs, as masked_ce decided: every position, or the masked ones
+                head_share = (expected_head_share(mcfg) if model.gathers(tokens, raw_model.cfg.vocab_size)
+                              else (1.0, 1.0))
+        except RuntimeError as e:  # a backend this card, dtype or shape does not support
+            if "No viable backend" not in str(e):
+                raise
+            print(f"| {backend} | {mode} | | | | | | not available here |")
+            continue
+        n = raw_model.num_params()
+        useful = model_flops_per_token(raw_model, cfg["block_size"], head_share[0]) * tokens
+        mfu = useful / dt / peak if peak else None
+        rows[mode], model_cfg = dt, raw_model.cfg
+        print(f"| {backend} | {mode} | {n / 1e6:.1f}M | {dt * 1e3:.2f} ms | {tokens / dt:,.0f} tok/s | "
+              f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | {f'{mem_gib:.2f} GiB' if on_gpu else '-'} | {kernel} |")
+        del raw_model
+        if on_gpu:
+            torch.cuda.empty_cache()
+    if "mdlm" in rows and "memdlm" in rows:
+        print_ratio(rows["memdlm"] / rows["mdlm"], model_cfg, mcfg, cfg["block_size"], backend, head_share)
+
+
+def in_own_process(fn, args, what):
+    """fn(*args) in a fresh Python process (spawned: nothing of this one's CUDA or compiler state),
+    its lines in order with ours. Ctrl-C or SIGTERM here ends it too; it fails in one line."""
+    sys.stdout.flush()
+    child = multiprocessing.get_context("spawn").Process(target=quiet_on_ctrl_c, args=(fn, args))
+    child.start()
+    try:
+        child.join()
+    finally:  # ends it on a Ctrl-C or SIGTERM here (raised in join), after its own
+        child.terminate()
+        child.join()
+    if child.exitcode:
+        raise SystemExit(f"{what}: its process failed (exit code {child.exitcode}; its error is above)")
+
+
+def quiet_on_ctrl_c(fn, args):
+    """A child's target: Ctrl-C reaches the whole terminal's process group, and the parent ends
+    the child itself, so the child ignores it rather than print a traceback of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    fn(*args)
 
 @contextmanager
 def measured_under(bench, backend):

@@ -1,5 +1,11 @@
 """bench.py on the CPU: the tables it prints (timings themselves are GPU benchmarks, not tests)."""
+import multiprocessing
+import os
 import re
+import signal
+import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -10,12 +16,14 @@ from torch.utils.flop_counter import flop_registry
 
 from data.tokenizer import get_encoding
 from experiments import bench
+from model import ends_in_one_line
 import train
 
 
-def test_training_bench_prints_both_modes_the_kernel_and_the_ratio(capsys):
+def test_training_bench_prints_both_modes_the_kernel_and_the_ratio(capfd):
+    # two backends: each in a process of its own, its lines in order with the parent's (capfd: at the fd)
     bench.main(["--config", "tiny", "--steps=2", "--warmup=1", "--device=cpu", "--sdpa=default,math"])
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     # a table with its header; on the CPU what is not measured is "-", and a note says so (no "nan")
     assert ("| SDPA | mode | parameters | step (median) | tokens/s | MFU | peak memory | kernel |\n"
             "|---|---|---|---|---|---|---|---|\n") in out
@@ -28,7 +36,7 @@ def test_training_bench_prints_both_modes_the_kernel_and_the_ratio(capsys):
                          r"\(measured [+-]\d+\.\d% over it\)", out)
     assert "note: on the CPU, MFU and peak memory are not measured" in out and "nan" not in out
     bench.main(["--config", "tiny", "--steps=1", "--warmup=0", "--device=cpu", "--sdpa=efficient", "--modes=mdlm"])
-    assert "| efficient | mdlm | | | | | | not available here |" in capsys.readouterr().out  # a CUDA kernel
+    assert "| efficient | mdlm | | | | | | not available here |" in capfd.readouterr().out  # a CUDA kernel
     with pytest.raises(SystemExit, match=r"^--sdpa=flash,fast: a comma list of default, cudnn, flash, efficient, math$"):
         bench.main(["--config", "tiny", "--device=cpu", "--sdpa=flash,fast"])
 
@@ -149,12 +157,23 @@ def test_gather_and_the_inductor_caches_hold_while_a_step_is_timed_and_are_resto
     monkeypatch.setattr(bench, "bench_training", spy)
     argv = ["--config", "tiny", "--steps=1", "--warmup=0", "--device=cpu", "--modes=mdlm"]
     for extra, expected in ((["--gather=on"], (0, caches_off)), (["--gather=off"], (float("inf"), caches_off)),
-                            (["--gather=auto", "--sdpa=default,math"], (default, True))):
+                            (["--gather=auto", "--sdpa=math"], (default, True))):
         bench.main(argv + extra)
         assert seen[-1] == expected and (model.GATHER_ABOVE, inductor.force_disable_caches) == (default, caches_off)
     assert "gather on" in capsys.readouterr().out.split("gather off")[0]
     with pytest.raises(SystemExit, match=r"^--gather=yes: use auto, on or off$"):
         bench.main(argv + ["--gather=yes"])
+
+
+def test_a_backend_in_its_own_process_fails_in_one_line_and_ends_with_its_parent():
+    with pytest.raises(SystemExit, match=r"^--sdpa=math: its process failed \(exit code 3; its error is above\)$"):
+        bench.in_own_process(sys.exit, (3,), "--sdpa=math")
+    # a SIGTERM (or Ctrl-C) to the parent while the child runs: the parent ends it and stops in one line
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    start = time.monotonic()
+    with pytest.raises(SystemExit, match="^stopped$"), ends_in_one_line("stopped"):
+        bench.in_own_process(time.sleep, (60,), "--sdpa=math")
+    assert time.monotonic() - start < 30 and not multiprocessing.active_children()
 
 
 def test_bench_help_lists_its_settings(capsys):
