@@ -343,7 +343,7 @@ def in_own_process(fn, args, what):
     child.start()
     try:
         child.join()
-    finally:  # ends it on a Ctrl-C or SIGTERM here (raised in join), after its own
+    finally:  # a Ctrl-C or SIGTERM here (raised in join) ends the child too
         child.terminate()
         child.join()
     if child.exitcode:
@@ -355,6 +355,7 @@ def quiet_on_ctrl_c(fn, args):
     the child itself, so the child ignores it rather than print a traceback of its own."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     fn(*args)
+
 
 @contextmanager
 def measured_under(bench, backend):
